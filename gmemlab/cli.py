@@ -1,0 +1,57 @@
+"""The ``gmemlab`` command.
+
+Each tool lives in its own module and registers its subcommand here through a
+``register(subparsers)`` function, so the command line stays one file per tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+# Modules that contribute a subcommand, in the order ``gmemlab --help`` lists them.
+COMMAND_MODULES = (
+    "gmemlab.commands.run",
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """Bad input on the command line: printed as ``gmemlab: error: ...``, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gmemlab",
+        description=(
+            "Model, twin and tools for guest_memfd direct map removal "
+            "(GUEST_MEMFD_FLAG_NO_DIRECT_MAP, the v12 series)."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except UsageError as e:
+        parser.error(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
