@@ -103,7 +103,10 @@ class UnknownExit:
     reason: int
 
 
-VcpuExit = IoOut | IoIn | MmioRead | MmioWrite | Hlt | Shutdown | InternalError | FailEntry | MemoryFault | UnknownExit
+VcpuExit = (
+    IoOut | IoIn | MmioRead | MmioWrite | Hlt | Shutdown | InternalError | FailEntry | MemoryFault
+    | UnknownExit
+)
 
 
 @dataclass(frozen=True, slots=True)

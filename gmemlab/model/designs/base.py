@@ -1,0 +1,283 @@
+"""The design interface, and the kernel without the series (``base``).
+
+A *design* is the kernel code of one version of the series for the paths the
+series touches: what ``KVM_CAP_GUEST_MEMFD_FLAGS`` advertises, the guest_memfd
+user fault, ``kvm_gmem_get_pfn()``, ``->free_folio``, the zap/restore helpers,
+GUP's refusal, secretmem's fault and free, and (for the page-cache-level
+proposal) hooks in the page cache.  Every other path is shared code in
+``gmemlab.model``.
+
+:class:`Design` itself is mainline without the series (guest_memfd with
+``MMAP``/``INIT_SHARED`` only; secretmem special-cased by GUP), which is what
+the kernel on our machines runs (``realkernel.md``), so the model can be held
+to it.
+
+Pieces several versions share verbatim are functions here, named for the
+kernel lines they stand for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+from gmemlab.model.kvm.guest_memfd import (
+    __kvm_gmem_get_pfn,
+    folio_inode,
+    kvm_arch_gmem_invalidate,
+    kvm_arch_gmem_prepare,
+    kvm_gmem_get_file,
+    kvm_gmem_get_folio,
+    kvm_gmem_get_index,
+)
+from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
+from gmemlab.model.mm.filemap import FGP_LOCK, AddressSpace, filemap_add_folio, filemap_get_folio
+from gmemlab.model.mm.folio import folio_mark_uptodate, folio_put, folio_unlock
+from gmemlab.model.mm.memory import (
+    VM_FAULT_LOCKED,
+    VM_FAULT_OOM,
+    VM_FAULT_RETRY,
+    VM_FAULT_SIGBUS,
+    Vma,
+    vmf_error,
+)
+from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page, clear_page
+from gmemlab.model.mm.tlb import flush_tlb_kernel_range
+from gmemlab.model.task import KGen
+from gmemlab.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT
+
+if TYPE_CHECKING:
+    from gmemlab.model.fs import File
+    from gmemlab.model.kvm.kvm_main import Kvm, Memslot
+    from gmemlab.model.machine import Machine
+
+EAGAIN, EEXIST, EINVAL = 11, 17, 22
+KVM_GMEM_FOLIO_NO_DIRECT_MAP = 1 << 0  # BIT(0) of folio->private
+
+FaultResult = tuple[int, int]  # (vm_fault_t, pfn of the locked folio or -1)
+GetPfnResult = tuple[int, int]  # (0 or -errno, pfn)
+Hook = Callable[["Machine", AddressSpace, int], KGen[int]]
+
+
+class Design:
+    """Mainline without the series: the reference the series is applied to."""
+
+    name: ClassVar[str] = "base"
+    title: ClassVar[str] = "mainline without the series"
+    source: ClassVar[str] = "torvalds/linux virt/kvm/guest_memfd.c, mm/secretmem.c, mm/gup.c"
+    series: ClassVar[bool] = False  # AS_NO_DIRECT_MAP and GUEST_MEMFD_FLAG_NO_DIRECT_MAP exist
+    uses_marker: ClassVar[bool] = False  # KVM_GMEM_FOLIO_NO_DIRECT_MAP in folio->private
+    flushes: ClassVar[bool] = True  # a zap is followed by a kernel TLB flush
+    filemap_add_hook: Hook | None = None
+    filemap_remove_hook: Callable[[Machine, AddressSpace, int], KGen[None]] | None = None
+
+    # --- capability --------------------------------------------------------------------
+    def kvm_arch_gmem_supports_no_direct_map(self, m: Machine, vm_type: int | None) -> bool:
+        return False
+
+    def kvm_gmem_get_supported_flags(self, m: Machine, vm_type: int | None) -> int:
+        """``kvm_gmem_get_supported_flags(kvm)``; ``vm_type=None`` is the system-wide query."""
+        flags = GUEST_MEMFD_FLAG_MMAP
+        if vm_type is None or m.profile.supports_gmem_init_shared(vm_type):
+            flags |= GUEST_MEMFD_FLAG_INIT_SHARED
+        return flags
+
+    # --- mm --------------------------------------------------------------------------------
+    def mapping_refuses_gup(self, m: Machine, mapping: AddressSpace) -> bool:
+        """GUP's refusal: ``secretmem_mapping()`` before the series."""
+        return mapping.kind == "secretmem"
+
+    # --- guest_memfd ---------------------------------------------------------------------------
+    def kvm_gmem_fault_user_mapping(self, m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:
+        ret, folio = yield from kvm_gmem_fault_uptodate_folio(m, vma, page)
+        if ret:
+            return ret, -1
+        return VM_FAULT_LOCKED, folio
+
+    def kvm_gmem_get_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int) -> KGen[GetPfnResult]:
+        file, folio = yield from kvm_gmem_get_pfn_folio(m, slot, gfn)
+        if folio < 0:
+            return (yield from kvm_gmem_get_pfn_done(m, file, folio, -1))
+        yield from zero_if_not_uptodate(m, folio, "kvm_gmem_get_pfn")
+        r = yield from kvm_arch_gmem_prepare(m, kvm, gfn, folio)
+        return (yield from kvm_gmem_get_pfn_done(m, file, r, folio))
+
+    def kvm_gmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
+        yield from kvm_arch_gmem_invalidate(m, pfn)
+
+    # --- secretmem ---------------------------------------------------------------------------
+    secretmem_sets_no_direct_map: ClassVar[bool] = False
+
+    def secretmem_fault(self, m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:
+        """``secretmem_fault()`` before v11: invalid_noflush, insert, then flush."""
+        return (yield from secretmem_fault_common(m, vma, page, self._secretmem_insert))
+
+    def _secretmem_insert(self, m: Machine, mapping: AddressSpace, folio: int,
+                          offset: int) -> KGen[int]:
+        err = yield from set_direct_map_valid_noflush(m, folio, 1, False)
+        if err:
+            return err
+        yield from folio_mark_uptodate(m, folio)
+        err = yield from filemap_add_folio(m, mapping, folio, offset)
+        if err:
+            # "If a split of large page was required, it already happened when we
+            # marked the page invalid which guarantees that this call won't fail."
+            yield from set_direct_map_valid_noflush(m, folio, 1, True)
+            return err
+        yield from flush_tlb_kernel_range(m, folio, folio + 1, "secretmem_fault")
+        return 0
+
+    def secretmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
+        """``secretmem_free_folio()``: restore the direct map, then zero the folio."""
+        yield from set_direct_map_valid_noflush(m, pfn, 1, True)
+        yield from clear_page(m, pfn, "secretmem_free_folio")
+
+    def filemap_add_undo(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[None]:
+        """Undo ``filemap_add_hook`` when the insertion lost a race (-EEXIST)."""
+        yield from ()
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.title}"
+
+
+# --- shared pieces ---------------------------------------------------------------------------------
+def secretmem_fault_common(m: Machine, vma: Vma, page: int,
+                           insert: Callable[[Machine, AddressSpace, int, int], KGen[int]]
+                           ) -> KGen[FaultResult]:
+    """``secretmem_fault()`` around the version-specific "remove, insert, flush" step.
+
+    SIGBUS past i_size; under the shared invalidate lock: find-and-lock, or
+    allocate a zeroed folio and ``insert`` it (retrying on -EEXIST).
+    """
+    from gmemlab.model.mm.locks import down_read, up_read
+
+    assert vma.file is not None
+    inode = vma.file.inode
+    mapping = inode.mapping
+    offset = vma.pgoff + page
+    if offset << PAGE_SHIFT >= inode.size:
+        return vmf_error(-EINVAL), -1
+    yield from down_read(m, mapping.invalidate_lock)
+    ret: FaultResult
+    while True:
+        folio = yield from filemap_get_folio(m, mapping, offset, FGP_LOCK)
+        if folio >= 0:
+            ret = VM_FAULT_LOCKED, folio
+            break
+        folio = yield from alloc_page(m, GFP_HIGHUSER_ZERO, kind="file")
+        if folio < 0:
+            ret = VM_FAULT_OOM, -1
+            break
+        err = yield from insert(m, mapping, folio, offset)
+        if err:
+            yield from folio_put(m, folio)
+            if err == -EEXIST:
+                continue
+            ret = vmf_error(err), -1
+            break
+        ret = VM_FAULT_LOCKED, folio
+        break
+    yield from up_read(m, mapping.invalidate_lock)
+    return ret
+
+
+def zero_if_not_uptodate(m: Machine, folio: int, fn: str) -> KGen[None]:
+    """``if (!folio_test_uptodate(folio)) { clear_highpage(); folio_mark_uptodate(); }``."""
+    if not m.mem.test_uptodate(folio):
+        yield from clear_page(m, folio, fn)
+        yield from folio_mark_uptodate(m, folio)
+
+
+def kvm_gmem_fault_uptodate_folio(m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:
+    """``kvm_gmem_fault_user_mapping()`` up to the zeroing, as every version has it.
+
+    SIGBUS past ``i_size`` and without ``INIT_SHARED``; ``kvm_gmem_get_folio()``
+    (``-EAGAIN`` -> ``VM_FAULT_RETRY``); zero a folio that is not uptodate.
+    Returns ``(0, locked folio)`` or ``(vm_fault_t, -1)``.
+    """
+    assert vma.file is not None
+    inode = vma.file.inode
+    pgoff = vma.pgoff + page
+    if pgoff << PAGE_SHIFT >= inode.size:
+        return VM_FAULT_SIGBUS, -1
+    if not inode.private & GUEST_MEMFD_FLAG_INIT_SHARED:
+        return VM_FAULT_SIGBUS, -1
+    folio = yield from kvm_gmem_get_folio(m, inode, pgoff)
+    if folio < 0:
+        return (VM_FAULT_RETRY if folio == -EAGAIN else vmf_error(folio)), -1
+    yield from zero_if_not_uptodate(m, folio, "kvm_gmem_fault_user_mapping")
+    return 0, folio
+
+
+def fault_fail(m: Machine, folio: int, ret: int) -> KGen[FaultResult]:
+    """``out_folio:``: unlock and put the folio, return the fault code."""
+    yield from folio_unlock(m, folio)
+    yield from folio_put(m, folio)
+    return ret, -1
+
+
+def kvm_gmem_get_pfn_folio(m: Machine, slot: Memslot, gfn: int) -> KGen[tuple[File | None, int]]:
+    """``kvm_gmem_get_pfn()`` up to ``__kvm_gmem_get_pfn()``: (file, locked folio or -errno)."""
+    index = kvm_gmem_get_index(slot, gfn)
+    file = yield from kvm_gmem_get_file(m, slot)
+    if file is None:
+        return None, -14  # -EFAULT
+    folio = yield from __kvm_gmem_get_pfn(m, file, slot, index)
+    return file, folio
+
+
+def kvm_gmem_get_pfn_done(m: Machine, file: File | None, r: int, folio: int) -> KGen[GetPfnResult]:
+    """The tail of ``kvm_gmem_get_pfn()``: unlock; on error also put; drop the file ref."""
+    from gmemlab.model.fs import fput
+
+    if folio >= 0:
+        yield from folio_unlock(m, folio)
+        if r:
+            yield from folio_put(m, folio)
+    if file is not None:
+        yield from fput(m, file)
+    if r:
+        m.trace.emit("kvm_gmem_get_pfn", "get_pfn_error", folio, {"err": -r})
+        return r, -1
+    m.trace.emit("kvm_gmem_get_pfn", "get_pfn", folio)
+    return 0, folio
+
+
+def set_marker(m: Machine, pfn: int, fn: str) -> KGen[None]:
+    """``folio->private |= KVM_GMEM_FOLIO_NO_DIRECT_MAP``."""
+    yield ("folio", pfn)
+    m.mem.private[pfn] |= KVM_GMEM_FOLIO_NO_DIRECT_MAP
+    m.trace.emit(fn, "marker_set", pfn)
+
+
+def clear_marker(m: Machine, pfn: int, fn: str) -> KGen[None]:
+    """``folio->private &= ~KVM_GMEM_FOLIO_NO_DIRECT_MAP``."""
+    yield ("folio", pfn)
+    m.mem.private[pfn] &= ~KVM_GMEM_FOLIO_NO_DIRECT_MAP
+    m.trace.emit(fn, "marker_clear", pfn)
+
+
+def has_marker(m: Machine, pfn: int) -> bool:
+    """``kvm_gmem_folio_no_direct_map()``."""
+    return bool(m.mem.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP)
+
+
+def inode_no_direct_map(m: Machine, pfn: int) -> bool:
+    """``GMEM_I(folio_inode(folio))->flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP``."""
+    from gmemlab.model.kvm.guest_memfd import kvm_gmem_no_direct_map
+
+    return kvm_gmem_no_direct_map(folio_inode(m, pfn))
+
+
+def arch_supports_no_direct_map(m: Machine, vm_type: int | None, *, exclude: tuple[int, ...]) -> bool:
+    """``kvm_arch_gmem_supports_no_direct_map()``, per arch, with the VM types a version excludes.
+
+    x86: ``can_set_direct_map()`` minus ``exclude``; arm64: ``can_set_direct_map() &&
+    cpus_have_final_cap(ARM64_HAS_STAGE2_FWB)``; other arches: not defined (false).
+    """
+    prof = m.profile
+    if prof.arch == "x86_64":
+        return prof.can_set_direct_map and vm_type not in exclude
+    if prof.arch == "arm64":
+        return prof.can_set_direct_map and prof.s2fwb
+    return False

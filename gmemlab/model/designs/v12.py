@@ -1,0 +1,169 @@
+"""v12, the reference design (Nikita Kalyazin, 2026-04-10).
+
+Patches 02 (``folio_{zap,restore}_direct_map`` in ``mm/memory.c``), 03
+(secretmem on those helpers), 06 (``AS_NO_DIRECT_MAP``), 08/09 (arch hooks) and
+10 (the flag), Message-ID ``20260410151746.61150-*-kalyazin@amazon.com``.
+
+* Zap when a mapping is established (user fault, ``kvm_gmem_get_pfn``), under
+  the folio lock, marker set only after a successful zap; zap then prepare.
+* ``folio_zap_direct_map()`` always flushes the kernel TLB after the attribute
+  change, even when the change failed; it rejects large folios.
+* ``->free_folio``: invalidate then restore (if marked), restore clears the marker.
+* Advertised per VM: x86 except TDX and SNP; arm64 with can_set_direct_map() and
+  S2FWB; always in the system-wide answer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from gmemlab.model.designs.base import (
+    Design,
+    FaultResult,
+    GetPfnResult,
+    arch_supports_no_direct_map,
+    clear_marker,
+    fault_fail,
+    has_marker,
+    inode_no_direct_map,
+    kvm_gmem_fault_uptodate_folio,
+    kvm_gmem_get_pfn_done,
+    kvm_gmem_get_pfn_folio,
+    secretmem_fault_common,
+    set_marker,
+    zero_if_not_uptodate,
+)
+from gmemlab.model.kvm.guest_memfd import (
+    folio_inode,
+    kvm_arch_gmem_invalidate,
+    kvm_arch_gmem_prepare,
+    kvm_gmem_no_direct_map,
+)
+from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
+from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP, AddressSpace, filemap_add_folio
+from gmemlab.model.mm.folio import folio_mark_uptodate
+from gmemlab.model.mm.memory import VM_FAULT_LOCKED, Vma, vmf_error
+from gmemlab.model.mm.page_alloc import clear_page
+from gmemlab.model.mm.tlb import flush_tlb_kernel_range
+from gmemlab.model.task import KGen
+from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_X86_SNP_VM, KVM_X86_TDX_VM
+
+if TYPE_CHECKING:
+    from gmemlab.model.kvm.kvm_main import Kvm, Memslot
+    from gmemlab.model.machine import Machine
+
+EINVAL = 22
+
+
+class V12(Design):
+    name: ClassVar[str] = "v12"
+    title: ClassVar[str] = "v12 as posted (reference): zap then prepare, invalidate then restore"
+    source: ClassVar[str] = "20260410151746.61150-1-kalyazin@amazon.com"
+    series: ClassVar[bool] = True
+    uses_marker: ClassVar[bool] = True
+    secretmem_sets_no_direct_map: ClassVar[bool] = True
+    # TDX excluded since v10, SNP since v12 (both use kvm_gmem_populate()).
+    excluded_vm_types: ClassVar[tuple[int, ...]] = (KVM_X86_TDX_VM, KVM_X86_SNP_VM)
+
+    # --- capability (v12 10/16, include/linux/kvm_host.h) ---------------------------------
+    def kvm_arch_gmem_supports_no_direct_map(self, m: Machine, vm_type: int | None) -> bool:
+        return arch_supports_no_direct_map(m, vm_type, exclude=self.excluded_vm_types)
+
+    def kvm_gmem_get_supported_flags(self, m: Machine, vm_type: int | None) -> int:
+        flags = super().kvm_gmem_get_supported_flags(m, vm_type)
+        if vm_type is None or self.kvm_arch_gmem_supports_no_direct_map(m, vm_type):
+            flags |= GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+        return flags
+
+    def mapping_refuses_gup(self, m: Machine, mapping: AddressSpace) -> bool:
+        """``mapping_no_direct_map()`` in ``gup_fast_folio_allowed``/``check_vma_flags``."""
+        return mapping.test(AS_NO_DIRECT_MAP)
+
+    # --- mm/memory.c helpers (v12 02/16) -------------------------------------------------------
+    def folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:
+        """``folio_zap_direct_map()``: invalidate, then flush whatever the outcome."""
+        if not m.profile.has_set_direct_map:
+            return 0  # !CONFIG_ARCH_HAS_SET_DIRECT_MAP stub: silent success
+        ret = yield from set_direct_map_valid_noflush(m, folio, 1, False)
+        yield from flush_tlb_kernel_range(m, folio, folio + 1, "folio_zap_direct_map")
+        return ret
+
+    def folio_restore_direct_map(self, m: Machine, folio: int) -> KGen[None]:
+        """``folio_restore_direct_map()``: cannot fail after the zap split; WARN if it does."""
+        if not m.profile.has_set_direct_map:
+            return
+        r = yield from set_direct_map_valid_noflush(m, folio, 1, True)
+        if r:
+            m.trace.emit("folio_restore_direct_map", "warn_on_once", folio, {"err": -r})
+
+    # --- guest_memfd (v12 10/16) ------------------------------------------------------------
+    def kvm_gmem_folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:
+        fn = "kvm_gmem_folio_zap_direct_map"
+        yield ("folio", folio)
+        # VM_WARN_ON_FOLIO(!folio_test_locked(folio)): judged by invariant zap-under-folio-lock.
+        if not kvm_gmem_no_direct_map(folio_inode(m, folio)):
+            m.trace.emit(fn, "warn_on_once", folio, {"err": "EINVAL"})
+            return -EINVAL
+        if has_marker(m, folio):
+            return 0
+        m.trace.emit(fn, "zap", folio)
+        r = yield from self.folio_zap_direct_map(m, folio)
+        if not r:
+            yield from set_marker(m, folio, fn)
+        return r
+
+    def kvm_gmem_folio_restore_direct_map(self, m: Machine, folio: int) -> KGen[None]:
+        fn = "kvm_gmem_folio_restore_direct_map"
+        m.trace.emit(fn, "restore", folio)
+        if m.inv.enabled:
+            m.inv.on_restore(folio)
+        yield from self.folio_restore_direct_map(m, folio)
+        yield from clear_marker(m, folio, fn)
+
+    def kvm_gmem_fault_user_mapping(self, m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:
+        ret, folio = yield from kvm_gmem_fault_uptodate_folio(m, vma, page)
+        if ret:
+            return ret, -1
+        if inode_no_direct_map(m, folio):
+            err = yield from self.kvm_gmem_folio_zap_direct_map(m, folio)
+            if err:
+                return (yield from fault_fail(m, folio, vmf_error(err)))
+        return VM_FAULT_LOCKED, folio
+
+    def kvm_gmem_get_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int) -> KGen[GetPfnResult]:
+        file, folio = yield from kvm_gmem_get_pfn_folio(m, slot, gfn)
+        if folio < 0:
+            return (yield from kvm_gmem_get_pfn_done(m, file, folio, -1))
+        yield from zero_if_not_uptodate(m, folio, "kvm_gmem_get_pfn")
+        if inode_no_direct_map(m, folio):
+            r = yield from self.kvm_gmem_folio_zap_direct_map(m, folio)
+            if r:
+                return (yield from kvm_gmem_get_pfn_done(m, file, r, folio))
+        r = yield from kvm_arch_gmem_prepare(m, kvm, gfn, folio)
+        return (yield from kvm_gmem_get_pfn_done(m, file, r, folio))
+
+    def kvm_gmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
+        yield from kvm_arch_gmem_invalidate(m, pfn)
+        if has_marker(m, pfn):
+            yield from self.kvm_gmem_folio_restore_direct_map(m, pfn)
+
+    # --- secretmem (v12 03/16) ----------------------------------------------------------------
+    def secretmem_fault(self, m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:
+        """``secretmem_fault()`` on the folio helpers: the flush now comes with the zap."""
+        return (yield from secretmem_fault_common(m, vma, page, self._secretmem_insert))
+
+    def _secretmem_insert(self, m: Machine, mapping: AddressSpace, folio: int,
+                          offset: int) -> KGen[int]:
+        err = yield from self.folio_zap_direct_map(m, folio)
+        if err:
+            return err
+        yield from folio_mark_uptodate(m, folio)
+        err = yield from filemap_add_folio(m, mapping, folio, offset)
+        if err:
+            yield from self.folio_restore_direct_map(m, folio)
+            return err
+        return 0
+
+    def secretmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
+        yield from self.folio_restore_direct_map(m, pfn)
+        yield from clear_page(m, pfn, "secretmem_free_folio")

@@ -1,0 +1,134 @@
+"""v9 as posted (Nikita Kalyazin, 2026-01-14), patches 01 and 07.
+
+Message-ID ``20260114134510.1835-8-kalyazin@amazon.com`` (quoted in full in
+Ackerley Tng's reply ``CAEvNRgFCwU7ezDV4Spj=H1JZohG9CSQRKMh_h1OGY1GrR2=7Eg``):
+
+* ``kvm_gmem_folio_zap_direct_map()`` tests the marker and the inode flag itself,
+  sets the marker *before* calling ``folio_zap_direct_map()`` (bug 4), and does
+  not assert the folio lock.
+* the user fault calls it unconditionally and handles its error;
+  ``kvm_gmem_get_pfn()`` calls it *after* preparing the folio and ignores its
+  return value (bugs 3 and 13: prepare then zap).
+* ``->free_folio`` restores (if marked, WARN on error, clear the marker) and then
+  invalidates (bug 13: restore then invalidate).
+* ``folio_zap_direct_map()`` is per arch (patch 01): x86 flushes after the
+  attribute change; arm64 relies on ``set_memory_valid()`` flushing.
+* the arch hook takes no ``kvm``: x86 offers the flag to TDX and SNP VMs too;
+  the system-wide answer is the arch hook's (no ``!kvm ||``).
+* the guest fault path of that base tracks preparedness: ``kvm_gmem_prepare_folio()``
+  zeroes, calls the arch prepare and marks the folio uptodate, only when not
+  yet prepared.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from gmemlab.model.designs.base import (
+    Design,
+    FaultResult,
+    GetPfnResult,
+    arch_supports_no_direct_map,
+    clear_marker,
+    fault_fail,
+    has_marker,
+    inode_no_direct_map,
+    kvm_gmem_fault_uptodate_folio,
+    kvm_gmem_get_pfn_done,
+    kvm_gmem_get_pfn_folio,
+    set_marker,
+)
+from gmemlab.model.designs.v12 import V12
+from gmemlab.model.kvm.guest_memfd import kvm_arch_gmem_invalidate, kvm_arch_gmem_prepare
+from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
+from gmemlab.model.mm.folio import folio_mark_uptodate
+from gmemlab.model.mm.memory import VM_FAULT_LOCKED, Vma, vmf_error
+from gmemlab.model.mm.page_alloc import clear_page
+from gmemlab.model.mm.tlb import flush_tlb_kernel_range
+from gmemlab.model.task import KGen
+from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+
+if TYPE_CHECKING:
+    from gmemlab.model.kvm.kvm_main import Kvm, Memslot
+    from gmemlab.model.machine import Machine
+
+
+def kvm_gmem_prepare_folio_tracked(m: Machine, kvm: Kvm, gfn: int, folio: int) -> KGen[int]:
+    """``kvm_gmem_prepare_folio()`` of the v7..v9 bases: zero, arch prepare, mark prepared."""
+    yield from clear_page(m, folio, "kvm_gmem_prepare_folio")
+    r = yield from kvm_arch_gmem_prepare(m, kvm, gfn, folio)
+    if not r:
+        yield from folio_mark_uptodate(m, folio)  # kvm_gmem_mark_prepared()
+    return r
+
+
+class V9(V12):
+    name: ClassVar[str] = "v9"
+    title: ClassVar[str] = ("v9 as posted: marker before zap, prepare then zap with its error "
+                            "ignored, restore then invalidate")
+    source: ClassVar[str] = "20260114134510.1835-1-kalyazin@amazon.com"
+    excluded_vm_types: ClassVar[tuple[int, ...]] = ()
+
+    def kvm_gmem_get_supported_flags(self, m: Machine, vm_type: int | None) -> int:
+        flags = super(V12, self).kvm_gmem_get_supported_flags(m, vm_type)
+        if self.kvm_arch_gmem_supports_no_direct_map(m, vm_type):
+            flags |= GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+        return flags
+
+    def kvm_arch_gmem_supports_no_direct_map(self, m: Machine, vm_type: int | None) -> bool:
+        return arch_supports_no_direct_map(m, vm_type, exclude=())
+
+    def folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:
+        """Per-arch ``folio_zap_direct_map()`` (v9 01/13)."""
+        if not m.profile.has_set_direct_map:
+            return 0
+        ret = yield from set_direct_map_valid_noflush(m, folio, 1, False)
+        if not m.profile.set_direct_map_flushes:
+            yield from flush_tlb_kernel_range(m, folio, folio + 1, "folio_zap_direct_map")
+        return ret
+
+    def kvm_gmem_folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:
+        fn = "kvm_gmem_folio_zap_direct_map"
+        yield ("folio", folio)
+        if has_marker(m, folio) or not inode_no_direct_map(m, folio):
+            return 0
+        yield from set_marker(m, folio, fn)
+        m.trace.emit(fn, "zap", folio)
+        return (yield from self.folio_zap_direct_map(m, folio))
+
+    def kvm_gmem_folio_restore_direct_map(self, m: Machine, folio: int) -> KGen[None]:
+        fn = "kvm_gmem_folio_restore_direct_map"
+        if has_marker(m, folio):
+            m.trace.emit(fn, "restore", folio)
+            if m.inv.enabled:
+                m.inv.on_restore(folio)
+            yield from self.folio_restore_direct_map(m, folio)
+            yield from clear_marker(m, folio, fn)
+
+    def kvm_gmem_fault_user_mapping(self, m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:
+        ret, folio = yield from kvm_gmem_fault_uptodate_folio(m, vma, page)
+        if ret:
+            return ret, -1
+        err = yield from self.kvm_gmem_folio_zap_direct_map(m, folio)
+        if err:
+            return (yield from fault_fail(m, folio, vmf_error(err)))
+        return VM_FAULT_LOCKED, folio
+
+    def kvm_gmem_get_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int) -> KGen[GetPfnResult]:
+        file, folio = yield from kvm_gmem_get_pfn_folio(m, slot, gfn)
+        if folio < 0:
+            return (yield from kvm_gmem_get_pfn_done(m, file, folio, -1))
+        r = 0
+        if not m.mem.test_uptodate(folio):  # !is_prepared
+            r = yield from kvm_gmem_prepare_folio_tracked(m, kvm, gfn, folio)
+        yield from self.kvm_gmem_folio_zap_direct_map(m, folio)  # return value ignored
+        return (yield from kvm_gmem_get_pfn_done(m, file, r, folio))
+
+    def kvm_gmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
+        yield from self.kvm_gmem_folio_restore_direct_map(m, pfn)
+        yield from kvm_arch_gmem_invalidate(m, pfn)
+
+    # secretmem moved onto the folio helpers only in v11.
+    secretmem_fault = Design.secretmem_fault
+    _secretmem_insert = Design._secretmem_insert
+    secretmem_free_folio = Design.secretmem_free_folio

@@ -1,0 +1,321 @@
+"""The series' invariants, checked while the model runs.
+
+Each invariant comes from ``series-spec.md`` §8/§9 (and anchors §F) and is
+judged on model state at the moment something could break it: a frame going
+back to the allocator, a user PTE or stage-2 mapping being installed, a folio
+being unlocked, a direct-map entry changing, a kernel access through the
+direct map.  None of them names a design or a bug; a design breaks one by
+what its code does.
+
+A violation either stops the run (:class:`InvariantViolation`, mode ``stop``)
+or is recorded and the run goes on (mode ``record``, used by reports).  A
+kernel oops always stops: the modelled kernel has crashed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from gmemlab.model.trace import TraceEvent
+
+if TYPE_CHECKING:
+    from gmemlab.model.machine import Machine
+
+
+@dataclass(frozen=True, slots=True)
+class Invariant:
+    name: str
+    summary: str
+    source: str
+
+
+INVARIANTS: dict[str, Invariant] = {
+    inv.name: inv
+    for inv in (
+        Invariant(
+            "kernel-oops",
+            "the kernel never touches a frame whose direct-map entry is not present",
+            "§8.1: v7 oops in clear_page_erms from get_page_from_freelist",
+        ),
+        Invariant(
+            "free-frame-in-direct-map",
+            "every frame returned to the page allocator is present in the direct map",
+            "§8 I7; anchors §F I-free",
+        ),
+        Invariant(
+            "handout-zapped",
+            "no user PTE or stage-2 mapping of a NO_DIRECT_MAP folio while it is in the direct map",
+            "§8 I3; anchors §F I-map",
+        ),
+        Invariant(
+            "handout-flushed",
+            "when a NO_DIRECT_MAP folio is handed out, no CPU's TLB still translates to it",
+            "§8 I6; anchors §F I-tlb",
+        ),
+        Invariant(
+            "marker-matches-direct-map",
+            "an unlocked page-cache folio carries the NO_DIRECT_MAP marker iff its "
+            "direct-map entry is not present",
+            "§8 I2; bugs 4 and 5",
+        ),
+        Invariant(
+            "zap-under-folio-lock",
+            "the direct map of a folio in the page cache changes only under its folio lock",
+            "§8 I4; v12 VM_WARN_ON_FOLIO(!folio_test_locked)",
+        ),
+        Invariant(
+            "zap-only-no-direct-map",
+            "only folios of AS_NO_DIRECT_MAP mappings leave the direct map",
+            "§8 I4; bug 2",
+        ),
+        Invariant(
+            "zap-before-prepare",
+            "arch prepare of a NO_DIRECT_MAP folio happens only after its zap",
+            "§8 I8; bug 13 (v12: zap then prepare)",
+        ),
+        Invariant(
+            "invalidate-before-restore",
+            "->free_folio restores the direct map only after the arch invalidate",
+            "§8 I7; bug 13 (v12: invalidate then restore)",
+        ),
+        Invariant(
+            "guest-owned-not-host-mapped",
+            "a frame the arch has given to the guest (e.g. SNP RMP-assigned) is never present "
+            "in the host direct map",
+            "§3.3, §3.5: why v12 reordered prepare and restore",
+        ),
+        Invariant(
+            "gup-refuses-no-direct-map",
+            "GUP never returns a folio of an AS_NO_DIRECT_MAP mapping",
+            "§8 I9; §4.1-4.2",
+        ),
+        Invariant(
+            "gadget-blocked",
+            "a speculative kernel read through the direct map never reaches a NO_DIRECT_MAP "
+            "folio that is mapped to the guest or to userspace",
+            "§7.1 threat model; §3.7 stale TLB window",
+        ),
+        Invariant(
+            "no-mapping-of-free-frame",
+            "user PTEs and stage-2 mappings point only at allocated frames, and no frame is "
+            "freed while mapped",
+            "§9 lifetime; anchors §F I-trunc",
+        ),
+        Invariant(
+            "refcount-sane",
+            "folio refcounts never go negative and a frame is freed only at refcount zero",
+            "lifetime sanity",
+        ),
+    )
+}
+
+InvariantMode = Literal["stop", "record", "off"]
+
+
+@dataclass(slots=True)
+class Violation:
+    invariant: Invariant
+    message: str
+    pfn: int
+    seq: int
+    trace: list[TraceEvent] = field(default_factory=list)
+
+    def format(self) -> str:
+        head = f"invariant {self.invariant.name!r} violated at #{self.seq}: {self.message}"
+        lines = [head, f"  ({self.invariant.summary}; {self.invariant.source})"]
+        if self.trace:
+            lines.append("  trace that led there:")
+            lines.extend("    " + e.format() for e in self.trace)
+        return "\n".join(lines)
+
+
+class InvariantViolation(Exception):
+    def __init__(self, violation: Violation) -> None:
+        super().__init__(violation.format())
+        self.violation = violation
+
+    @property
+    def name(self) -> str:
+        return self.violation.invariant.name
+
+
+class KernelOops(InvariantViolation):
+    """The modelled kernel took a fault on a not-present direct-map page and crashed."""
+
+
+class Invariants:
+    """Judges the invariants for one machine; the kernel paths call the ``on_*`` hooks."""
+
+    __slots__ = ("m", "mode", "violations")
+
+    def __init__(self, m: Machine, mode: InvariantMode = "stop") -> None:
+        if mode not in ("stop", "record", "off"):
+            raise ValueError(f"unknown invariant mode {mode!r} (stop, record or off)")
+        self.m = m
+        self.mode: InvariantMode = mode
+        self.violations: list[Violation] = []
+
+    # --- reporting --------------------------------------------------------------------
+    def fail(self, name: str, message: str, pfn: int = -1, *, oops: bool = False) -> None:
+        trace = self.m.trace
+        trace.emit("invariant", "violation", pfn, {"invariant": name})
+        tail = trace.tail(25)
+        if pfn >= 0:
+            # Lead with the history of the frame at fault, then what happened just before.
+            mine = trace.tail(15, pfn)
+            tail = mine + [e for e in tail[-10:] if e not in mine]
+        v = Violation(INVARIANTS[name], message, pfn, trace.seq, tail)
+        self.violations.append(v)
+        if oops:
+            raise KernelOops(v)
+        if self.mode == "stop":
+            raise InvariantViolation(v)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def verdicts(self) -> dict[str, int]:
+        """Number of violations per invariant (0 = held), for reports."""
+        out = {name: 0 for name in INVARIANTS}
+        for v in self.violations:
+            out[v.invariant.name] += 1
+        return out
+
+    # --- hooks ----------------------------------------------------------------------------
+    def on_kernel_access(self, pfn: int, fn: str, write: bool) -> None:
+        """An architectural kernel access missed the TLB and found no present entry."""
+        kind = "write" if write else "read"
+        self.fail(
+            "kernel-oops",
+            f"BUG: unable to handle page fault: not-present page, kernel {kind} of the "
+            f"direct map of pfn {pfn:#x} in {fn}",
+            pfn,
+            oops=True,
+        )
+
+    def on_free_to_allocator(self, pfn: int) -> None:
+        m = self.m
+        if not m.dmap.present(pfn):
+            self.fail(
+                "free-frame-in-direct-map",
+                f"pfn {pfn:#x} returned to the page allocator with its direct-map entry "
+                "not present",
+                pfn,
+            )
+        mem = m.mem
+        if mem.mapcount[pfn] or mem.s2count[pfn]:
+            self.fail(
+                "no-mapping-of-free-frame",
+                f"pfn {pfn:#x} freed while still mapped ({mem.mapcount[pfn]} user PTEs, "
+                f"{mem.s2count[pfn]} stage-2 mappings)",
+                pfn,
+            )
+
+    def on_handout(self, pfn: int, how: str) -> None:
+        """A user PTE or stage-2 mapping to ``pfn`` was just installed."""
+        m = self.m
+        mem = m.mem
+        if not mem.allocated(pfn):
+            self.fail("no-mapping-of-free-frame", f"{how} maps free pfn {pfn:#x}", pfn)
+            return
+        if not m.folio_no_direct_map_mapping(pfn):
+            return
+        if m.dmap.present(pfn):
+            self.fail(
+                "handout-zapped",
+                f"{how} maps NO_DIRECT_MAP pfn {pfn:#x} while its direct-map entry is present",
+                pfn,
+            )
+        elif m.tlb.cached_anywhere(pfn):
+            cpus = m.tlb.cpus_caching(pfn)
+            self.fail(
+                "handout-flushed",
+                f"{how} maps NO_DIRECT_MAP pfn {pfn:#x} while CPU(s) {cpus} still cache a "
+                "direct-map translation to it",
+                pfn,
+            )
+
+    def on_folio_unlock(self, pfn: int) -> None:
+        m = self.m
+        if not m.design.uses_marker:
+            return
+        mapping = m.folio_mapping(pfn)
+        if mapping is None or mapping.kind != "guest_memfd" or not m.folio_no_direct_map_mapping(pfn):
+            return
+        marked = bool(m.mem.private[pfn] & 1)
+        if marked == m.dmap.present(pfn):
+            state = "set" if marked else "clear"
+            dmap = "present" if m.dmap.present(pfn) else "not present"
+            self.fail(
+                "marker-matches-direct-map",
+                f"folio pfn {pfn:#x} unlocked with marker {state} but direct map {dmap}",
+                pfn,
+            )
+
+    def on_direct_map_change(self, pfn: int, valid: bool) -> None:
+        m = self.m
+        mem = m.mem
+        if valid and mem.guest_owned[pfn]:
+            self.fail(
+                "guest-owned-not-host-mapped",
+                f"direct map of pfn {pfn:#x} restored while the arch still assigns it to the "
+                "guest",
+                pfn,
+            )
+        if not mem.mapping[pfn]:
+            return  # not (or no longer) in a page cache: secretmem pre-insert, free path
+        if not mem.test_locked(pfn):
+            self.fail(
+                "zap-under-folio-lock",
+                f"direct map of page-cache folio pfn {pfn:#x} changed without its folio lock",
+                pfn,
+            )
+        if not valid and not m.folio_no_direct_map_mapping(pfn):
+            self.fail(
+                "zap-only-no-direct-map",
+                f"folio pfn {pfn:#x} of a mapping without AS_NO_DIRECT_MAP removed from the "
+                "direct map",
+                pfn,
+            )
+
+    def on_arch_prepare(self, pfn: int) -> None:
+        if self.m.folio_no_direct_map_mapping(pfn) and self.m.dmap.present(pfn):
+            self.fail(
+                "zap-before-prepare",
+                f"arch prepare of NO_DIRECT_MAP folio pfn {pfn:#x} while it is still in the "
+                "direct map",
+                pfn,
+            )
+
+    def on_restore(self, pfn: int) -> None:
+        if not self.m.mem.invalidated[pfn]:
+            self.fail(
+                "invalidate-before-restore",
+                f"direct map of pfn {pfn:#x} restored before kvm_arch_gmem_invalidate",
+                pfn,
+            )
+
+    def on_gup(self, pfn: int, fn: str) -> None:
+        if self.m.folio_no_direct_map_mapping(pfn):
+            self.fail(
+                "gup-refuses-no-direct-map",
+                f"{fn} returned NO_DIRECT_MAP folio pfn {pfn:#x}",
+                pfn,
+            )
+
+    def on_gadget_read(self, pfn: int, cpu: int) -> None:
+        m = self.m
+        mem = m.mem
+        if m.folio_no_direct_map_mapping(pfn) and (mem.mapcount[pfn] or mem.s2count[pfn]):
+            how = "a stale TLB entry" if not m.dmap.present(pfn) else "a present entry"
+            self.fail(
+                "gadget-blocked",
+                f"speculative read on cpu{cpu} reached NO_DIRECT_MAP pfn {pfn:#x} through {how}",
+                pfn,
+            )
+
+    def on_refcount(self, pfn: int, ref: int) -> None:
+        if ref < 0:
+            self.fail("refcount-sane", f"refcount of pfn {pfn:#x} went to {ref}", pfn)

@@ -1,0 +1,146 @@
+"""Architecture profiles: the config and hardware facts that gate the feature.
+
+A profile says what a host is: which VM types KVM accepts, whether
+guest_memfd and memory attributes are built, how the direct map is laid out
+and changed, how kernel TLB flushes reach other CPUs.  What KVM *advertises*
+for ``NO_DIRECT_MAP`` is code of the series, so it lives in the designs
+(``kvm_arch_gmem_supports_no_direct_map()`` changed between v7, v10 and v12);
+it reads the facts here:
+
+* x86: ``can_set_direct_map()`` is the generic default (true with
+  ``CONFIG_ARCH_HAS_SET_DIRECT_MAP``); the direct map uses 1G/2M/4K leaves; CPA
+  does not flush; ``flush_tlb_kernel_range()`` sends IPIs.
+* arm64: ``can_set_direct_map()`` = rodata_full || debug_pagealloc || kfence ||
+  realm, each of which maps the linear map at page granularity at boot;
+  without it ``set_direct_map_*`` are silent no-ops.  Stage-2 needs FEAT_S2FWB,
+  else ``kvm_pgtable_stage2_map()`` cleans the cache through the (zapped) linear
+  alias.  ``set_memory_valid()`` flushes itself; TLBI is broadcast (no IPIs).
+* riscv: has ``set_direct_map_*`` but selects no ``KVM_GUEST_MEMFD``, so there is
+  no guest_memfd at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from gmemlab.uapi import (
+    KVM_X86_DEFAULT_VM,
+    KVM_X86_SEV_ES_VM,
+    KVM_X86_SEV_VM,
+    KVM_X86_SNP_VM,
+    KVM_X86_SW_PROTECTED_VM,
+    KVM_X86_TDX_VM,
+)
+
+Arch = Literal["x86_64", "arm64", "riscv64"]
+
+
+@dataclass(frozen=True, slots=True)
+class ArchProfile:
+    name: str
+    arch: Arch
+    description: str
+    vm_types: frozenset[int] = frozenset({KVM_X86_DEFAULT_VM})
+    has_guest_memfd: bool = True  # CONFIG_KVM_GUEST_MEMFD
+    memory_attributes: bool = False  # CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES (SW_PROTECTED etc.)
+    has_set_direct_map: bool = True  # CONFIG_ARCH_HAS_SET_DIRECT_MAP
+    gbpages: bool = True  # X86_DIRECT_GBPAGES
+    # arm64 can_set_direct_map() inputs and stage-2 cache maintenance
+    rodata_full: bool = False
+    debug_pagealloc: bool = False
+    kfence: bool = False
+    realm: bool = False
+    s2fwb: bool = False
+    set_direct_map_flushes: bool = False  # arm64 set_memory_valid() flushes itself
+    tlb_broadcast: bool = False  # TLBI IS / INVLPGB: no IPIs
+    secretmem_enable: bool = True
+    nr_memslots: int = 32764
+    max_vcpus: int = 1024
+    nr_vcpus: int = 2
+
+    @property
+    def can_set_direct_map(self) -> bool:
+        """``can_set_direct_map()``."""
+        if not self.has_set_direct_map:
+            return False
+        if self.arch == "arm64":
+            return self.rodata_full or self.debug_pagealloc or self.kfence or self.realm
+        return True
+
+    @property
+    def direct_map_granularity(self) -> Literal["x86", "4k"]:
+        return "4k" if self.arch == "arm64" and self.can_set_direct_map else "x86"
+
+    def has_private_mem(self, vm_type: int) -> bool:
+        """``kvm_arch_has_private_mem()``: x86 SW_PROTECTED, SNP and TDX VMs."""
+        if self.arch != "x86_64":
+            return False
+        return vm_type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
+
+    def supports_gmem_init_shared(self, vm_type: int | None) -> bool:
+        """``kvm_arch_supports_gmem_init_shared()``: x86 says no for private-memory VMs."""
+        return vm_type is None or not self.has_private_mem(vm_type)
+
+    def has_arch_gmem_prepare(self, vm_type: int) -> bool:
+        """``CONFIG_HAVE_KVM_ARCH_GMEM_PREPARE``/``_INVALIDATE`` hooks that act: SEV-SNP."""
+        return self.arch == "x86_64" and vm_type == KVM_X86_SNP_VM
+
+    def with_(self, **changes: object) -> ArchProfile:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+_X86_ALL_TYPES = frozenset(
+    {KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM, KVM_X86_SEV_VM, KVM_X86_SEV_ES_VM,
+     KVM_X86_SNP_VM, KVM_X86_TDX_VM}
+)
+
+PROFILES: dict[str, ArchProfile] = {
+    p.name: p
+    for p in (
+        ArchProfile(
+            "x86_64",
+            "x86_64",
+            "x86-64 host with every VM type (default, SW_PROTECTED, SEV, SEV-ES, SNP, TDX)",
+            vm_types=_X86_ALL_TYPES,
+            memory_attributes=True,
+        ),
+        ArchProfile(
+            "x86_64-kvm_pvm-6.18",
+            "x86_64",
+            "this project's machines: Linux 6.18 kvm_pvm (nested), default VM type only, "
+            "no memory attributes (realkernel.md §1)",
+        ),
+        ArchProfile(
+            "arm64",
+            "arm64",
+            "arm64 with rodata_full (page-granular linear map) and FEAT_S2FWB",
+            rodata_full=True,
+            s2fwb=True,
+            set_direct_map_flushes=True,
+            tlb_broadcast=True,
+        ),
+        ArchProfile(
+            "arm64-no-s2fwb",
+            "arm64",
+            "arm64 with rodata_full but without FEAT_S2FWB (e.g. Graviton2 / m6g.metal)",
+            rodata_full=True,
+            set_direct_map_flushes=True,
+            tlb_broadcast=True,
+        ),
+        ArchProfile(
+            "arm64-rodata-off",
+            "arm64",
+            "arm64 booted with rodata=off: block-mapped linear map, can_set_direct_map() false",
+            s2fwb=True,
+            set_direct_map_flushes=True,
+            tlb_broadcast=True,
+        ),
+        ArchProfile(
+            "riscv64",
+            "riscv64",
+            "riscv64: set_direct_map_* exist but KVM builds no guest_memfd",
+            has_guest_memfd=False,
+        ),
+    )
+}

@@ -1,0 +1,425 @@
+"""guest_memfd (``virt/kvm/guest_memfd.c``): what every design shares.
+
+Creation and its validation, the file operations (mmap, fallocate with
+allocate and punch-hole, release, setattr), memslot binding, invalidation of
+KVM mappings, ``kvm_gmem_get_folio()`` and ``__kvm_gmem_get_pfn()``.  The paths
+the series changes (``kvm_gmem_fault_user_mapping``, ``kvm_gmem_get_pfn``,
+``kvm_gmem_free_folio`` and the zap/restore helpers) belong to a design
+(``gmemlab.model.designs``), so each version runs its own code.
+
+Structure follows the kernel: the *inode* holds the memory and the creation
+flags (``GMEM_I(inode)->flags``); each *file* is one VM's view of it (``struct
+gmem_file``: the VM and its memslot bindings), listed on the mapping's
+``i_private_list``.  Memory lives as long as the inode, not the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from gmemlab.model.fs import S_IFREG, File, Inode, file_init_mode
+from gmemlab.model.mm.filemap import (
+    FGP_ACCESSED,
+    FGP_CREAT,
+    FGP_LOCK,
+    AddressSpace,
+    filemap_get_folio,
+    mapping_set_inaccessible,
+    mapping_set_no_direct_map,
+    truncate_inode_pages_range,
+)
+from gmemlab.model.mm.folio import folio_put, folio_unlock
+from gmemlab.model.mm.locks import (
+    down_read,
+    down_write,
+    mutex_lock,
+    mutex_unlock,
+    up_read,
+    up_write,
+)
+from gmemlab.model.mm.memmap import PG_hwpoison
+from gmemlab.model.mm.memory import VM_MAYSHARE, VM_SHARED, Vma
+from gmemlab.model.mm.page_alloc import GFP_HIGHUSER
+from gmemlab.model.task import KGen
+from gmemlab.uapi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    GUEST_MEMFD_FLAG_MMAP,
+    GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
+
+if TYPE_CHECKING:
+    from gmemlab.model.kvm.kvm_main import Kvm, Memslot
+    from gmemlab.model.machine import Machine
+
+EINTR, EIO, EBADF, ENOMEM, EFAULT, ENODEV, EINVAL = 4, 5, 9, 12, 14, 19, 22
+EOPNOTSUPP, EHWPOISON = 95, 133
+
+
+@dataclass(eq=False, slots=True)
+class Binding:
+    start: int  # first file page index
+    end: int  # one past the last
+    slot: Memslot
+
+
+@dataclass(eq=False, slots=True)
+class GmemFile:
+    """``struct gmem_file``: one VM's view of a guest_memfd inode."""
+
+    kvm: Kvm
+    bindings: list[Binding] = field(default_factory=list)
+
+    def load(self, index: int) -> Memslot | None:
+        """``xa_load(&f->bindings, index)``."""
+        for b in self.bindings:
+            if b.start <= index < b.end:
+                return b.slot
+        return None
+
+    def overlaps(self, start: int, end: int) -> bool:
+        return any(b.start < end and start < b.end for b in self.bindings)
+
+    def in_range(self, start: int, end: int) -> list[Binding]:
+        """``xa_for_each_range(&f->bindings, ..., start, end - 1)``."""
+        return [b for b in self.bindings if b.start < end and start < b.end]
+
+
+def gmem_flags(inode: Inode) -> int:
+    return inode.private
+
+
+def kvm_gmem_no_direct_map(inode: Inode) -> bool:
+    return bool(inode.private & GUEST_MEMFD_FLAG_NO_DIRECT_MAP)
+
+
+def folio_inode(m: Machine, pfn: int) -> Inode:
+    """``folio_inode()``: ``folio->mapping->host`` (only valid while in the page cache)."""
+    host = m.mappings[m.mem.mapping[pfn]].host
+    assert host is not None
+    return host
+
+
+class KvmGmemFops:
+    """``kvm_gmem_fops``: mmap, release, fallocate; no read/write/llseek (so VFS answers)."""
+
+    name = "kvm_gmem_fops"
+    has_read = False
+    has_write = False
+    has_llseek = False
+
+    def mmap(self, m: Machine, file: File, vma: Vma) -> KGen[int]:
+        """``kvm_gmem_mmap()``."""
+        yield ("file", id(file))
+        if not file.inode.private & GUEST_MEMFD_FLAG_MMAP:
+            return -ENODEV
+        if vma.flags & (VM_SHARED | VM_MAYSHARE) != VM_SHARED | VM_MAYSHARE:
+            return -EINVAL
+        vma.fault = m.design.kvm_gmem_fault_user_mapping
+        return 0
+
+    def release(self, m: Machine, file: File) -> KGen[None]:
+        yield from kvm_gmem_release(m, file)
+
+    def fallocate(self, m: Machine, file: File, mode: int, offset: int, length: int) -> KGen[int]:
+        return (yield from kvm_gmem_fallocate(m, file, mode, offset, length))
+
+    def setattr_size(self, m: Machine, file: File, size: int) -> KGen[int]:
+        """``kvm_gmem_setattr()``: the size of a guest_memfd never changes."""
+        yield ("file", id(file))
+        return -EINVAL
+
+
+class KvmGmemAops:
+    """``kvm_gmem_aops``: ``->free_folio`` is the design's; migration is refused."""
+
+    def free_folio(self, m: Machine, pfn: int) -> KGen[None]:
+        return m.design.kvm_gmem_free_folio(m, pfn)
+
+    def error_remove_folio(self, m: Machine, mapping: AddressSpace, pfn: int) -> KGen[int]:
+        return (yield from kvm_gmem_error_folio(m, mapping, pfn))
+
+
+GMEM_FOPS = KvmGmemFops()
+GMEM_AOPS = KvmGmemAops()
+
+
+# --- creation ------------------------------------------------------------------------------------
+def kvm_gmem_create(m: Machine, kvm: Kvm, size: int, flags: int) -> KGen[int]:
+    """``kvm_gmem_create()``: returns the new fd or -errno."""
+    yield ("kvm", kvm.id)
+    supported = m.design.kvm_gmem_get_supported_flags(m, kvm.vm_type)
+    if flags & ~supported:
+        return -EINVAL
+    if size <= 0 or size % PAGE_SIZE:
+        return -EINVAL
+    return (yield from __kvm_gmem_create(m, kvm, size, flags))
+
+
+def __kvm_gmem_create(m: Machine, kvm: Kvm, size: int, flags: int) -> KGen[int]:
+    mapping = m.new_mapping(GMEM_AOPS, GFP_HIGHUSER, "guest_memfd")
+    inode = m.new_inode(0o600 | S_IFREG, size, mapping, "guest_memfd")
+    mapping_set_inaccessible(mapping)
+    if m.design.series and flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP:
+        mapping_set_no_direct_map(mapping)
+    inode.private = flags
+    file = File(GMEM_FOPS, inode, file_init_mode(GMEM_FOPS, True, True))
+    inode.i_count += 1
+    f = GmemFile(kvm)
+    file.private_data = f
+    kvm.get()
+    mapping.private_list.append(f)
+    fd = kvm.owner.fds.install(file)
+    yield ("fd", fd)
+    m.trace.emit("__kvm_gmem_create", "gmem_create", -1,
+                 {"fd": fd, "size": size, "flags": flags, "ino": inode.ino})
+    return fd
+
+
+# --- folio lookup -----------------------------------------------------------------------------------
+def kvm_gmem_get_folio(m: Machine, inode: Inode, index: int) -> KGen[int]:
+    """``kvm_gmem_get_folio()``: a locked folio with a reference, created if absent."""
+    return (yield from filemap_get_folio(m, inode.mapping, index,
+                                         FGP_LOCK | FGP_ACCESSED | FGP_CREAT))
+
+
+def kvm_gmem_get_file(m: Machine, slot: Memslot) -> KGen[File | None]:
+    """``get_file_active(&slot->gmem.file)``: None once the last reference is gone."""
+    file = slot.gmem_file
+    yield ("slot", id(slot))
+    if file is None or file.f_count == 0:
+        return None
+    file.f_count += 1
+    return file
+
+
+def __kvm_gmem_get_pfn(m: Machine, file: File, slot: Memslot, index: int) -> KGen[int]:
+    """``__kvm_gmem_get_pfn()``: a locked folio, or -errno."""
+    yield ("slot", id(slot))
+    if slot.gmem_file is not file:
+        return -EFAULT
+    f: GmemFile = file.private_data
+    if f.load(index) is not slot:
+        return -EIO
+    folio = yield from kvm_gmem_get_folio(m, file.inode, index)
+    if folio < 0:
+        return folio
+    if m.mem.flags[folio] & PG_hwpoison:
+        yield from folio_unlock(m, folio)
+        yield from folio_put(m, folio)
+        return -EHWPOISON
+    return folio
+
+
+# --- arch hooks -------------------------------------------------------------------------------------
+def kvm_arch_gmem_prepare(m: Machine, kvm: Kvm, gfn: int, pfn: int) -> KGen[int]:
+    """``kvm_arch_gmem_prepare()``: SNP assigns the page to the guest in the RMP; else nothing."""
+    yield ("folio", pfn)
+    if m.inv.enabled:
+        m.inv.on_arch_prepare(pfn)
+    if m.profile.has_arch_gmem_prepare(kvm.vm_type):
+        m.mem.guest_owned[pfn] = 1
+    m.trace.emit("kvm_arch_gmem_prepare", "prepare", pfn,
+                 {"gfn": gfn, "rmp": bool(m.mem.guest_owned[pfn])})
+    return 0
+
+
+def kvm_arch_gmem_invalidate(m: Machine, pfn: int) -> KGen[None]:
+    """``kvm_arch_gmem_invalidate()``: SNP reclaims an RMP-assigned page; a stub elsewhere."""
+    yield ("folio", pfn)
+    mem = m.mem
+    reclaimed = bool(mem.guest_owned[pfn])
+    mem.guest_owned[pfn] = 0
+    mem.invalidated[pfn] = 1
+    m.trace.emit("kvm_arch_gmem_invalidate", "invalidate", pfn, {"rmp_reclaim": reclaimed})
+
+
+# --- invalidation of KVM mappings -------------------------------------------------------------------
+def kvm_gmem_invalidate_begin(m: Machine, inode: Inode, start: int, end: int) -> KGen[None]:
+    for f in list(inode.mapping.private_list):
+        yield from __kvm_gmem_invalidate_begin(m, f, start, end)
+
+
+def __kvm_gmem_invalidate_begin(m: Machine, f: GmemFile, start: int, end: int) -> KGen[None]:
+    kvm = f.kvm
+    bindings = f.in_range(start, end)
+    if not bindings:
+        return
+    yield from kvm.mmu_lock(m)
+    kvm.mmu_invalidate_begin()
+    flush = False
+    for b in bindings:
+        slot = b.slot
+        gstart = slot.base_gfn + max(slot.gmem_pgoff, start) - slot.gmem_pgoff
+        gend = slot.base_gfn + min(slot.gmem_pgoff + slot.npages, end) - slot.gmem_pgoff
+        kvm.mmu_invalidate_range_add(gstart, gend)
+        flush |= (yield from kvm.unmap_gfn_range(m, gstart, gend, "kvm_gmem_invalidate_begin")) > 0
+    if flush:
+        kvm.flush_remote_tlbs(m)
+    yield from kvm.mmu_unlock(m)
+
+
+def kvm_gmem_invalidate_end(m: Machine, inode: Inode, start: int, end: int) -> KGen[None]:
+    for f in list(inode.mapping.private_list):
+        yield from __kvm_gmem_invalidate_end(m, f, start, end)
+
+
+def __kvm_gmem_invalidate_end(m: Machine, f: GmemFile, start: int, end: int) -> KGen[None]:
+    if f.in_range(start, end):
+        kvm = f.kvm
+        yield from kvm.mmu_lock(m)
+        kvm.mmu_invalidate_end()
+        yield from kvm.mmu_unlock(m)
+
+
+# --- fallocate ---------------------------------------------------------------------------------------
+def kvm_gmem_fallocate(m: Machine, file: File, mode: int, offset: int, length: int) -> KGen[int]:
+    """``kvm_gmem_fallocate()``."""
+    yield ("file", id(file))
+    if not mode & FALLOC_FL_KEEP_SIZE:
+        return -EOPNOTSUPP
+    if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+        return -EOPNOTSUPP
+    if offset % PAGE_SIZE or length % PAGE_SIZE:
+        return -EINVAL
+    if mode & FALLOC_FL_PUNCH_HOLE:
+        return (yield from kvm_gmem_punch_hole(m, file.inode, offset, length))
+    return (yield from kvm_gmem_allocate(m, file.inode, offset, length))
+
+
+def kvm_gmem_punch_hole(m: Machine, inode: Inode, offset: int, length: int) -> KGen[int]:
+    """``kvm_gmem_punch_hole()``: invalidate KVM mappings, truncate, end the invalidation."""
+    start = offset >> PAGE_SHIFT
+    end = (offset + length) >> PAGE_SHIFT
+    mapping = inode.mapping
+    yield from down_write(m, mapping.invalidate_lock)
+    m.trace.emit("kvm_gmem_punch_hole", "punch_hole", -1, {"start": start, "end": end})
+    yield from kvm_gmem_invalidate_begin(m, inode, start, end)
+    yield from truncate_inode_pages_range(m, mapping, start, end)
+    yield from kvm_gmem_invalidate_end(m, inode, start, end)
+    yield from up_write(m, mapping.invalidate_lock)
+    return 0
+
+
+def kvm_gmem_allocate(m: Machine, inode: Inode, offset: int, length: int) -> KGen[int]:
+    """``kvm_gmem_allocate()``: create folios (not zeroed, not zapped) under the shared lock."""
+    if offset + length > inode.size:
+        return -EINVAL
+    mapping = inode.mapping
+    yield from down_read(m, mapping.invalidate_lock)
+    r = 0
+    for index in range(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT):
+        if m.faults.should_fail("signal_pending"):
+            r = -EINTR
+            break
+        folio = yield from kvm_gmem_get_folio(m, inode, index)
+        if folio < 0:
+            r = folio
+            break
+        yield from folio_unlock(m, folio)
+        yield from folio_put(m, folio)
+    yield from up_read(m, mapping.invalidate_lock)
+    return r
+
+
+# --- memslot binding --------------------------------------------------------------------------------
+def kvm_gmem_bind(m: Machine, kvm: Kvm, slot: Memslot, fd: int, offset: int) -> KGen[int]:
+    """``kvm_gmem_bind()``."""
+    size = slot.npages << PAGE_SHIFT
+    file = kvm.owner.fds.get(fd)
+    yield ("fd", fd)
+    if file is None:
+        return -EBADF
+    if file.f_op is not GMEM_FOPS:
+        return -EINVAL
+    f: GmemFile = file.private_data
+    if f.kvm is not kvm:
+        return -EINVAL
+    inode = file.inode
+    if offset < 0 or offset % PAGE_SIZE or offset + size > inode.size:
+        return -EINVAL
+    mapping = inode.mapping
+    yield from down_write(m, mapping.invalidate_lock)
+    start = offset >> PAGE_SHIFT
+    end = start + slot.npages
+    if f.overlaps(start, end):
+        yield from up_write(m, mapping.invalidate_lock)
+        return -EINVAL
+    slot.gmem_file = file
+    slot.gmem_pgoff = start
+    if inode.private & GUEST_MEMFD_FLAG_MMAP:
+        slot.gmem_only = True
+    f.bindings.append(Binding(start, end, slot))
+    yield from up_write(m, mapping.invalidate_lock)
+    m.trace.emit("kvm_gmem_bind", "bind", -1, {"slot": slot.id, "pgoff": start, "npages": slot.npages})
+    return 0
+
+
+def kvm_gmem_unbind(m: Machine, slot: Memslot) -> KGen[None]:
+    """``kvm_gmem_unbind()``: drop the binding unless release already did."""
+    file = slot.gmem_file
+    if file is None:
+        return
+    f: GmemFile = file.private_data
+    mapping = file.inode.mapping
+    yield from down_write(m, mapping.invalidate_lock)
+    f.bindings = [b for b in f.bindings if b.slot is not slot]
+    slot.gmem_file = None
+    yield from up_write(m, mapping.invalidate_lock)
+
+
+def kvm_gmem_release(m: Machine, file: File) -> KGen[None]:
+    """``kvm_gmem_release()``: orphan the bindings and zap their SPTEs; memory stays with the inode."""
+    f: GmemFile = file.private_data
+    kvm = f.kvm
+    inode = file.inode
+    yield from mutex_lock(m, kvm.slots_lock)
+    yield from down_write(m, inode.mapping.invalidate_lock)
+    for b in f.bindings:
+        b.slot.gmem_file = None
+    m.trace.emit("kvm_gmem_release", "gmem_release", -1, {"ino": inode.ino})
+    yield from __kvm_gmem_invalidate_begin(m, f, 0, 1 << 62)
+    yield from __kvm_gmem_invalidate_end(m, f, 0, 1 << 62)
+    inode.mapping.private_list.remove(f)
+    yield from up_write(m, inode.mapping.invalidate_lock)
+    yield from mutex_unlock(m, kvm.slots_lock)
+    f.bindings.clear()
+    yield from kvm.put(m)
+
+
+def kvm_gmem_error_folio(m: Machine, mapping: AddressSpace, pfn: int) -> KGen[int]:
+    """``kvm_gmem_error_folio()``: invalidate KVM mappings, but leave the folio (MF_DELAYED)."""
+    inode = mapping.host
+    assert inode is not None
+    yield from down_read(m, mapping.invalidate_lock)
+    start = m.mem.index[pfn]
+    yield from kvm_gmem_invalidate_begin(m, inode, start, start + 1)
+    yield from kvm_gmem_invalidate_end(m, inode, start, start + 1)
+    yield from up_read(m, mapping.invalidate_lock)
+    return 0
+
+
+def kvm_gmem_get_index(slot: Memslot, gfn: int) -> int:
+    return gfn - slot.base_gfn + slot.gmem_pgoff
+
+
+def kvm_gmem_link(m: Machine, kvm: Kvm, file: File) -> KGen[int]:
+    """Give ``kvm`` its own file on an existing guest_memfd inode (model extension).
+
+    The kernel's structures allow several files (one per VM) on one inode, each
+    with its own bindings (``gmem_file_list``); there is no v12 uAPI that creates
+    one.  The checker uses this to put two VMs on one inode.
+    """
+    inode = file.inode
+    new = File(GMEM_FOPS, inode, file.f_mode)
+    inode.i_count += 1
+    f = GmemFile(kvm)
+    new.private_data = f
+    kvm.get()
+    inode.mapping.private_list.append(f)
+    fd = kvm.owner.fds.install(new)
+    yield ("fd", fd)
+    return fd

@@ -1,0 +1,389 @@
+"""KVM VMs and memslots (``virt/kvm/kvm_main.c``), with the stage-2 state they own.
+
+A :class:`Kvm` is ``struct kvm``: its type, its memslots, its stage-2 table
+(gfn -> pfn), the ``mmu_invalidate_seq``/``_in_progress`` protocol that makes a
+guest fault racing an invalidation retry, and its references (the VM fd,
+vCPUs and guest_memfd files pin it).  ``KVM_SET_USER_MEMORY_REGION2`` follows
+``kvm_set_memory_region()`` check for check, so the errno is the kernel's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from gmemlab.model.fs import File
+from gmemlab.model.mm.folio import folio_put
+from gmemlab.model.mm.locks import mutex_lock, mutex_unlock, spin_lock, spin_unlock
+from gmemlab.model.mm.memory import Process
+from gmemlab.model.mm.xarray import XArray
+from gmemlab.model.task import KGen
+from gmemlab.uapi import (
+    KVM_CAP_BINARY_STATS_FD,
+    KVM_CAP_GUEST_MEMFD,
+    KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_CAP_MAX_VCPUS,
+    KVM_CAP_MEMORY_ATTRIBUTES,
+    KVM_CAP_MEMORY_FAULT_INFO,
+    KVM_CAP_NR_MEMSLOTS,
+    KVM_CAP_NR_VCPUS,
+    KVM_CAP_READONLY_MEM,
+    KVM_CAP_USER_MEMORY2,
+    KVM_CAP_VM_TYPES,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
+
+if TYPE_CHECKING:
+    from gmemlab.model.kvm.vcpu import Vcpu
+    from gmemlab.model.machine import Machine
+
+EIO, EBADF, ENOMEM, EFAULT, EEXIST, EINVAL, ENOTTY = 5, 9, 12, 14, 17, 22, 25
+TASK_SIZE_MAX = 0x7FFF_FFFF_F000
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
+
+
+@dataclass(eq=False, slots=True)
+class Memslot:
+    id: int
+    base_gfn: int
+    npages: int
+    flags: int
+    userspace_addr: int
+    gmem_file: File | None = None
+    gmem_pgoff: int = 0
+    gmem_only: bool = False  # KVM_MEMSLOT_GMEM_ONLY: every fault is served by guest_memfd
+
+    def has_gmem(self) -> bool:
+        return bool(self.flags & KVM_MEM_GUEST_MEMFD)
+
+    def contains(self, gfn: int) -> bool:
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+
+@dataclass(eq=False)
+class Kvm:
+    """``struct kvm``."""
+
+    id: int
+    vm_type: int
+    owner: Process
+    users: int = 1
+    memslots: dict[int, Memslot] = field(default_factory=dict)
+    spte: XArray = field(default_factory=XArray)  # stage-2: gfn -> pfn
+    mmu_invalidate_seq: int = 0
+    mmu_invalidate_in_progress: int = 0
+    mmu_invalidate_range: tuple[int, int] = (-1, -1)
+    attributes: dict[int, int] = field(default_factory=dict)  # gfn -> KVM_MEMORY_ATTRIBUTE_*
+    vcpus: dict[int, Vcpu] = field(default_factory=dict)
+    destroyed: bool = False
+    tlb_flushes: int = 0
+
+    @property
+    def slots_lock(self) -> tuple[str, int]:
+        return ("slots_lock", self.id)
+
+    # --- references --------------------------------------------------------------------
+    def get(self) -> None:
+        """``kvm_get_kvm()``."""
+        self.users += 1
+
+    def put(self, m: Machine) -> KGen[None]:
+        """``kvm_put_kvm()``: the last reference destroys the VM."""
+        yield ("kvm", self.id)
+        self.users -= 1
+        if self.users == 0:
+            yield from kvm_destroy_vm(m, self)
+
+    # --- mmu_lock and the invalidation protocol ----------------------------------------
+    def mmu_lock(self, m: Machine) -> KGen[None]:
+        yield from spin_lock(m, ("mmu_lock", self.id))
+
+    def mmu_unlock(self, m: Machine) -> KGen[None]:
+        yield from spin_unlock(m, ("mmu_lock", self.id))
+
+    def mmu_invalidate_begin(self) -> None:
+        """``kvm_mmu_invalidate_begin()`` (under mmu_lock)."""
+        self.mmu_invalidate_in_progress += 1
+        if self.mmu_invalidate_in_progress == 1:
+            self.mmu_invalidate_range = (-1, -1)
+
+    def mmu_invalidate_range_add(self, start: int, end: int) -> None:
+        lo, hi = self.mmu_invalidate_range
+        self.mmu_invalidate_range = (start, end) if lo < 0 else (min(lo, start), max(hi, end))
+
+    def mmu_invalidate_end(self) -> None:
+        """``kvm_mmu_invalidate_end()``: bump the sequence so in-flight faults retry."""
+        self.mmu_invalidate_seq += 1
+        self.mmu_invalidate_in_progress -= 1
+
+    def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
+        """``mmu_invalidate_retry_gfn()``: must a fault that sampled ``mmu_seq`` retry?"""
+        if self.mmu_invalidate_in_progress:
+            lo, hi = self.mmu_invalidate_range
+            if lo <= gfn < hi:
+                return True
+        return self.mmu_invalidate_seq != mmu_seq
+
+    def unmap_gfn_range(self, m: Machine, start: int, end: int, fn: str) -> KGen[int]:
+        """``kvm_mmu_unmap_gfn_range()``: zap the stage-2 entries of [start, end)."""
+        zapped = 0
+        for gfn, pfn in list(self.spte.items(start, end)):
+            yield ("spte", (self.id, gfn))
+            self.spte.erase(gfn)
+            m.mem.s2count[pfn] -= 1
+            m.trace.emit(fn, "spte_zap", pfn, {"vm": self.id, "gfn": gfn})
+            zapped += 1
+        return zapped
+
+    def flush_remote_tlbs(self, m: Machine) -> None:
+        """``kvm_flush_remote_tlbs()``: guest TLBs (not the direct map); counted only."""
+        self.tlb_flushes += 1
+        m.trace.count("kvm_flush_remote_tlbs")
+
+    # --- mmu notifier (memslots backed by userspace mappings) ---------------------------
+    def hva_range_gfns(self, hva_lo: int, hva_hi: int) -> list[tuple[int, int]]:
+        out = []
+        for slot in self.memslots.values():
+            if slot.gmem_only or not slot.userspace_addr:
+                continue
+            s_lo = slot.userspace_addr
+            s_hi = s_lo + (slot.npages << PAGE_SHIFT)
+            lo, hi = max(s_lo, hva_lo), min(s_hi, hva_hi)
+            if lo < hi:
+                out.append((slot.base_gfn + ((lo - s_lo) >> PAGE_SHIFT),
+                            slot.base_gfn + (-(-(hi - s_lo) // PAGE_SIZE))))
+        return out
+
+    def mmu_notifier_invalidate_range_start(self, m: Machine, lo: int, hi: int) -> KGen[None]:
+        """``kvm_mmu_notifier_invalidate_range_start()``."""
+        ranges = self.hva_range_gfns(lo, hi)
+        if not ranges:
+            return
+        yield from self.mmu_lock(m)
+        self.mmu_invalidate_begin()
+        for gstart, gend in ranges:
+            self.mmu_invalidate_range_add(gstart, gend)
+            if (yield from self.unmap_gfn_range(m, gstart, gend, "kvm_mmu_notifier_invalidate")):
+                self.flush_remote_tlbs(m)
+        yield from self.mmu_unlock(m)
+
+    def mmu_notifier_invalidate_range_end(self, m: Machine, lo: int, hi: int) -> KGen[None]:
+        if not self.hva_range_gfns(lo, hi):
+            return
+        yield from self.mmu_lock(m)
+        self.mmu_invalidate_end()
+        yield from self.mmu_unlock(m)
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        for slot in self.memslots.values():
+            if slot.contains(gfn):
+                return slot
+        return None
+
+    def mem_is_private(self, gfn: int) -> bool:
+        """``kvm_mem_is_private()``."""
+        return bool(self.attributes.get(gfn, 0) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+
+# --- capabilities --------------------------------------------------------------------------------
+def kvm_check_extension(m: Machine, kvm: Kvm | None, cap: int) -> int:
+    """``kvm_vm_ioctl_check_extension_generic()`` + the arch part; ``kvm=None`` is /dev/kvm."""
+    prof = m.profile
+    vm_type = kvm.vm_type if kvm is not None else None
+    if cap == KVM_CAP_USER_MEMORY2:
+        return 1
+    if cap == KVM_CAP_GUEST_MEMFD:
+        return 1 if prof.has_guest_memfd else 0
+    if cap == KVM_CAP_GUEST_MEMFD_FLAGS:
+        if not prof.has_guest_memfd:
+            return 0
+        return m.design.kvm_gmem_get_supported_flags(m, vm_type)
+    if cap == KVM_CAP_MEMORY_ATTRIBUTES:
+        if not prof.memory_attributes:
+            return 0
+        if vm_type is None or prof.has_private_mem(vm_type):
+            return KVM_MEMORY_ATTRIBUTE_PRIVATE
+        return 0
+    if cap == KVM_CAP_VM_TYPES:
+        return sum(1 << t for t in prof.vm_types) if prof.arch == "x86_64" else 0
+    if cap == KVM_CAP_NR_MEMSLOTS:
+        return prof.nr_memslots
+    if cap == KVM_CAP_NR_VCPUS:
+        return prof.nr_vcpus
+    if cap == KVM_CAP_MAX_VCPUS:
+        return prof.max_vcpus
+    if cap in (KVM_CAP_READONLY_MEM, KVM_CAP_BINARY_STATS_FD, KVM_CAP_MEMORY_FAULT_INFO):
+        return 1
+    return 0
+
+
+def kvm_dev_ioctl_create_vm(m: Machine, proc: Process, vm_type: int) -> KGen[Kvm | int]:
+    """``kvm_dev_ioctl_create_vm()``: EINVAL for a type this host does not support."""
+    yield ("kvm", None)
+    if vm_type not in m.profile.vm_types:
+        return -EINVAL
+    kvm = Kvm(m.new_vm_id(), vm_type, proc)
+    m.kvms[kvm.id] = kvm
+    proc.mm.notifiers.append(kvm)  # kvm_init_mmu_notifier() on current->mm
+    m.trace.emit("kvm_create_vm", "vm_create", -1, {"vm": kvm.id, "type": vm_type})
+    return kvm
+
+
+# --- memslots ------------------------------------------------------------------------------------
+def check_memory_region_flags(m: Machine, kvm: Kvm, flags: int) -> int:
+    valid = KVM_MEM_LOG_DIRTY_PAGES
+    if m.profile.has_guest_memfd:
+        valid |= KVM_MEM_GUEST_MEMFD
+    if flags & KVM_MEM_GUEST_MEMFD:
+        valid &= ~KVM_MEM_LOG_DIRTY_PAGES  # dirty logging of private memory unsupported
+    else:
+        valid |= KVM_MEM_READONLY  # guest_memfd is incompatible with read-only slots
+    return -EINVAL if flags & ~valid else 0
+
+
+def kvm_set_memory_region(m: Machine, kvm: Kvm, slot_id: int, flags: int, gpa: int, size: int,
+                          uaddr: int, gmem_fd: int, gmem_offset: int) -> KGen[int]:
+    """``kvm_vm_ioctl_set_memory_region()`` -> ``kvm_set_memory_region()``."""
+    if slot_id & 0xFFFF >= m.profile.nr_memslots:
+        return -EINVAL
+    yield from mutex_lock(m, kvm.slots_lock)
+    r = yield from _set_memory_region_locked(m, kvm, slot_id, flags, gpa, size, uaddr, gmem_fd,
+                                             gmem_offset)
+    yield from mutex_unlock(m, kvm.slots_lock)
+    return r
+
+
+def _set_memory_region_locked(m: Machine, kvm: Kvm, slot_id: int, flags: int, gpa: int,
+                              size: int, uaddr: int, gmem_fd: int, gmem_offset: int) -> KGen[int]:
+    from gmemlab.model.kvm.guest_memfd import kvm_gmem_bind, kvm_gmem_unbind
+
+    r = check_memory_region_flags(m, kvm, flags)
+    if r:
+        return r
+    as_id, sid = slot_id >> 16, slot_id & 0xFFFF
+    if size % PAGE_SIZE or size >= 1 << 64:
+        return -EINVAL
+    if gpa % PAGE_SIZE:
+        return -EINVAL
+    if uaddr % PAGE_SIZE or uaddr + size > TASK_SIZE_MAX:
+        return -EINVAL
+    if flags & KVM_MEM_GUEST_MEMFD and (gmem_offset % PAGE_SIZE
+                                        or gmem_offset + size >= 1 << 64):
+        return -EINVAL
+    if as_id >= 1:
+        return -EINVAL
+    if gpa + size >= 1 << 64:
+        return -EINVAL
+    if size >> PAGE_SHIFT > KVM_MEM_MAX_NR_PAGES:
+        return -EINVAL
+    old = kvm.memslots.get(sid)
+    if not size:
+        if old is None:
+            return -EINVAL
+        yield from kvm_delete_memslot(m, kvm, old)
+        return 0
+    base_gfn, npages = gpa >> PAGE_SHIFT, size >> PAGE_SHIFT
+    if old is not None:
+        if flags & KVM_MEM_GUEST_MEMFD:
+            return -EINVAL  # guest_memfd memslots are immutable
+        if uaddr != old.userspace_addr or npages != old.npages or (
+            (flags ^ old.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD)
+        ):
+            return -EINVAL
+        if base_gfn == old.base_gfn and flags == old.flags:
+            return 0
+        # MOVE and FLAGS_ONLY: delete and re-create, as kvm_set_memslot() does.
+        if base_gfn != old.base_gfn and _overlaps(kvm, sid, base_gfn, npages):
+            return -EEXIST
+        yield from kvm_delete_memslot(m, kvm, old)
+    elif _overlaps(kvm, sid, base_gfn, npages):
+        return -EEXIST
+    new = Memslot(sid, base_gfn, npages, flags, uaddr)
+    if flags & KVM_MEM_GUEST_MEMFD:
+        r = yield from kvm_gmem_bind(m, kvm, new, gmem_fd, gmem_offset)
+        if r:
+            return r
+    if kvm.destroyed:
+        yield from kvm_gmem_unbind(m, new)
+        return -EIO
+    kvm.memslots[sid] = new
+    m.trace.emit("kvm_set_memslot", "memslot_create", -1,
+                 {"vm": kvm.id, "slot": sid, "gpa": gpa, "size": size,
+                  "gmem": bool(flags & KVM_MEM_GUEST_MEMFD)})
+    return 0
+
+
+def _overlaps(kvm: Kvm, sid: int, base_gfn: int, npages: int) -> bool:
+    """``kvm_check_memslot_overlap()``."""
+    return any(s.id != sid and s.base_gfn < base_gfn + npages and base_gfn < s.base_gfn + s.npages
+               for s in kvm.memslots.values())
+
+
+def kvm_delete_memslot(m: Machine, kvm: Kvm, slot: Memslot) -> KGen[None]:
+    """``kvm_set_memslot(KVM_MR_DELETE)``: zap its stage-2 entries, unbind guest_memfd."""
+    from gmemlab.model.kvm.guest_memfd import kvm_gmem_unbind
+
+    yield from kvm.mmu_lock(m)
+    kvm.mmu_invalidate_begin()
+    kvm.mmu_invalidate_range_add(slot.base_gfn, slot.base_gfn + slot.npages)
+    if (yield from kvm.unmap_gfn_range(m, slot.base_gfn, slot.base_gfn + slot.npages,
+                                       "kvm_arch_flush_shadow_memslot")):
+        kvm.flush_remote_tlbs(m)
+    kvm.mmu_invalidate_end()
+    yield from kvm.mmu_unlock(m)
+    del kvm.memslots[slot.id]
+    if slot.has_gmem():
+        yield from kvm_gmem_unbind(m, slot)
+    m.trace.emit("kvm_set_memslot", "memslot_delete", -1, {"vm": kvm.id, "slot": slot.id})
+
+
+def kvm_set_memory_attributes(m: Machine, kvm: Kvm, address: int, size: int,
+                              attributes: int, flags: int) -> KGen[int]:
+    """``kvm_vm_ioctl_set_mem_attributes()``; ENOTTY where the ioctl is not built."""
+    yield ("kvm", kvm.id)
+    prof = m.profile
+    if not prof.memory_attributes:
+        return -ENOTTY
+    supported = KVM_MEMORY_ATTRIBUTE_PRIVATE if prof.has_private_mem(kvm.vm_type) else 0
+    if flags or attributes & ~supported:
+        return -EINVAL
+    if size == 0 or address + size < address:
+        return -EINVAL
+    if address % PAGE_SIZE or size % PAGE_SIZE:
+        return -EINVAL
+    start, end = address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT
+    yield from kvm.mmu_lock(m)
+    kvm.mmu_invalidate_begin()
+    kvm.mmu_invalidate_range_add(start, end)
+    if (yield from kvm.unmap_gfn_range(m, start, end, "kvm_vm_set_mem_attributes")):
+        kvm.flush_remote_tlbs(m)
+    for gfn in range(start, end):
+        if attributes:
+            kvm.attributes[gfn] = attributes
+        else:
+            kvm.attributes.pop(gfn, None)
+    kvm.mmu_invalidate_end()
+    yield from kvm.mmu_unlock(m)
+    return 0
+
+
+def kvm_destroy_vm(m: Machine, kvm: Kvm) -> KGen[None]:
+    """``kvm_destroy_vm()``: zap everything, free the memslots (unbinding guest_memfd)."""
+    kvm.destroyed = True
+    m.trace.emit("kvm_destroy_vm", "vm_destroy", -1, {"vm": kvm.id})
+    for slot in list(kvm.memslots.values()):
+        yield from kvm_delete_memslot(m, kvm, slot)
+    if kvm in kvm.owner.mm.notifiers:
+        kvm.owner.mm.notifiers.remove(kvm)
+
+
+def release_stage2_page(m: Machine, pfn: int, refcounted: bool) -> KGen[None]:
+    """``kvm_release_faultin_page()``: drop the reference the fault path took."""
+    if refcounted:
+        yield from folio_put(m, pfn)
+

@@ -1,0 +1,290 @@
+"""Process address spaces: VMAs, user page tables, faults, user accesses.
+
+Models ``mm/mmap.c`` (``do_mmap``/``munmap``), ``mm/memory.c``
+(``handle_mm_fault`` -> ``do_anonymous_page`` / ``do_fault`` -> ``__do_fault``
+-> ``finish_fault``, ``zap_pte_range``), ``mm/mlock.c`` and the uaccess helpers.
+
+A file fault calls the VMA's ``->fault``; a handler returning
+``VM_FAULT_LOCKED`` hands over a locked folio with a reference, which becomes
+the PTE's reference; the folio is unlocked after the PTE is set, so a
+truncation (which takes the folio lock) cannot slip in between.  Zapping a
+PTE drops that reference and notifies KVM (``mmu_notifier``), which zaps the
+stage-2 mappings it built from that address.
+
+User accesses go byte-for-byte through the PTEs to frame contents (not through
+the direct map).  ``copy_{to,from}_user`` are the same walk run by the kernel:
+a fault it cannot resolve is ``-EFAULT`` instead of a signal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from gmemlab.model.fs import FdTable, File, fput, get_file
+from gmemlab.model.mm.folio import folio_put, folio_unlock
+from gmemlab.model.mm.memmap import KIND_ANON
+from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page
+from gmemlab.model.mm.xarray import EMPTY, XArray
+from gmemlab.model.task import KGen
+from gmemlab.uapi import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from gmemlab.model.kvm.kvm_main import Kvm
+    from gmemlab.model.machine import Machine
+
+VM_READ = 0x1
+VM_WRITE = 0x2
+VM_SHARED = 0x8
+VM_MAYSHARE = 0x80
+VM_LOCKED = 0x2000
+VM_DONTDUMP = 0x4000000
+
+# vm_fault_t
+VM_FAULT_OOM = 0x1
+VM_FAULT_SIGBUS = 0x2
+VM_FAULT_HWPOISON = 0x10
+VM_FAULT_LOCKED = 0x200
+VM_FAULT_RETRY = 0x400
+VM_FAULT_ERROR = VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_HWPOISON
+
+EFAULT, ENOMEM, EINVAL, EHWPOISON, EAGAIN = 14, 12, 22, 133, 11
+MMAP_BASE = 0x7F00_0000_0000
+# How many times a user access retries a fault that returned VM_FAULT_OOM before the
+# model gives up; the real task would retry forever (pagefault_out_of_memory()).
+OOM_RETRIES = 8
+
+
+def vmf_error(err: int) -> int:
+    """``vmf_error()``: -ENOMEM -> VM_FAULT_OOM, -EHWPOISON -> VM_FAULT_HWPOISON, else SIGBUS."""
+    if err == -ENOMEM:
+        return VM_FAULT_OOM
+    if err == -EHWPOISON:
+        return VM_FAULT_HWPOISON
+    return VM_FAULT_SIGBUS
+
+
+FaultHandler = Callable[["Machine", "Vma", int], KGen[tuple[int, int]]]
+
+
+@dataclass(eq=False, slots=True)
+class Vma:
+    mm: MmStruct
+    start: int
+    end: int
+    pgoff: int
+    flags: int
+    file: File | None
+    fault: FaultHandler | None  # vm_ops->fault; None = anonymous
+    ptes: XArray = field(default_factory=XArray)
+
+    @property
+    def npages(self) -> int:
+        return (self.end - self.start) >> PAGE_SHIFT
+
+    def contains(self, addr: int) -> bool:
+        return self.start <= addr < self.end
+
+
+@dataclass(eq=False, slots=True)
+class MmStruct:
+    vmas: list[Vma] = field(default_factory=list)
+    next_addr: int = MMAP_BASE
+    # KVM instances whose memslots point into this mm (mmu_notifier subscribers).
+    notifiers: list[Kvm] = field(default_factory=list)
+
+    def find_vma(self, addr: int) -> Vma | None:
+        for v in self.vmas:
+            if v.contains(addr):
+                return v
+        return None
+
+
+@dataclass(eq=False, slots=True)
+class Process:
+    pid: int
+    name: str
+    mm: MmStruct = field(default_factory=MmStruct)
+    fds: FdTable = field(default_factory=FdTable)
+
+
+def vma_has_no_direct_map(m: Machine, vma: Vma) -> bool:
+    """``vma_has_no_direct_map()`` (v12), or ``vma_is_secretmem()`` without the series."""
+    return vma.file is not None and m.design.mapping_refuses_gup(m, vma.file.inode.mapping)
+
+
+# --- mmap / munmap / mlock ------------------------------------------------------------------------
+def do_mmap(m: Machine, proc: Process, file: File | None, length: int, offset: int, *,
+            shared: bool, fault: FaultHandler | None = None) -> KGen[int]:
+    """``do_mmap()`` + ``->mmap``: returns the address or -errno."""
+    if length <= 0 or offset & (PAGE_SIZE - 1):
+        return -EINVAL
+    length = -(-length // PAGE_SIZE) * PAGE_SIZE
+    mm = proc.mm
+    flags = VM_READ | VM_WRITE | ((VM_SHARED | VM_MAYSHARE) if shared else 0)
+    vma = Vma(mm, mm.next_addr, mm.next_addr + length, offset >> PAGE_SHIFT, flags, file, fault)
+    if file is not None:
+        r = yield from file.f_op.mmap(m, file, vma)
+        if r:
+            return r
+        get_file(file)
+        file.inode.mapping.i_mmap.append(vma)
+    mm.next_addr += length + PAGE_SIZE  # leave a guard gap between mappings
+    mm.vmas.append(vma)
+    m.trace.emit("do_mmap", "mmap", -1, {"addr": vma.start, "len": length,
+                                        "file": file.inode.kind if file else "anon"})
+    return vma.start
+
+
+def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
+    vma = proc.mm.find_vma(addr)
+    if vma is None or vma.start != addr:
+        return -EINVAL
+    for page, _pfn in vma.ptes.items():
+        yield from zap_pte(m, vma, page)
+    proc.mm.vmas.remove(vma)
+    m.trace.emit("do_munmap", "munmap", -1, {"addr": addr})
+    if vma.file is not None:
+        vma.file.inode.mapping.i_mmap.remove(vma)
+        yield from fput(m, vma.file)
+    return 0
+
+
+def do_mlock(m: Machine, proc: Process, addr: int, length: int) -> KGen[int]:
+    """``mlock()``: ``mlock_fixup()`` skips AS_NO_DIRECT_MAP VMAs; the rest is populated."""
+    end = addr + length
+    for vma in list(proc.mm.vmas):
+        if vma.end <= addr or vma.start >= end:
+            continue
+        if vma_has_no_direct_map(m, vma):
+            m.trace.emit("mlock_fixup", "mlock_skip", -1, {"addr": vma.start})
+            continue
+        vma.flags |= VM_LOCKED
+        for a in range(max(addr, vma.start), min(end, vma.end), PAGE_SIZE):
+            pfn = yield from get_pte_or_fault(m, vma, a, write=False)
+            if pfn < 0:
+                break  # __mm_populate() ignores errors
+    return 0
+
+
+# --- faults ------------------------------------------------------------------------------------
+def handle_mm_fault(m: Machine, vma: Vma, addr: int, write: bool) -> KGen[int]:
+    """Resolve a user fault at ``addr``; returns the pfn or -VM_FAULT_* bits."""
+    page = (addr - vma.start) >> PAGE_SHIFT
+    if vma.fault is None:
+        return (yield from do_anonymous_page(m, vma, page))
+    m.trace.count("user_fault")
+    while True:
+        ret, pfn = yield from vma.fault(m, vma, page)
+        if ret & VM_FAULT_RETRY:
+            continue
+        if ret & VM_FAULT_ERROR:
+            m.trace.emit("__do_fault", "fault_error", -1, {"addr": addr, "ret": _fault_name(ret)})
+            return -ret
+        return (yield from finish_fault(m, vma, page, pfn))
+
+
+def do_anonymous_page(m: Machine, vma: Vma, page: int) -> KGen[int]:
+    pfn = yield from alloc_page(m, GFP_HIGHUSER_ZERO, kind="anon")
+    if pfn < 0:
+        return -VM_FAULT_OOM
+    m.mem.kind[pfn] = KIND_ANON
+    yield ("pte", (id(vma.mm), vma.start + (page << PAGE_SHIFT)))
+    old = vma.ptes.load(page)
+    if old != EMPTY:  # raced with another fault
+        yield from folio_put(m, pfn)
+        return old
+    _set_pte(m, vma, page, pfn, "do_anonymous_page")
+    return pfn
+
+
+def finish_fault(m: Machine, vma: Vma, page: int, pfn: int) -> KGen[int]:
+    """``finish_fault()``: set the PTE for a locked folio, then unlock it."""
+    yield ("pte", (id(vma.mm), vma.start + (page << PAGE_SHIFT)))
+    old = vma.ptes.load(page)
+    if old != EMPTY:
+        yield from folio_unlock(m, pfn)
+        yield from folio_put(m, pfn)
+        return old
+    _set_pte(m, vma, page, pfn, "finish_fault")
+    yield from folio_unlock(m, pfn)
+    return pfn
+
+
+def _set_pte(m: Machine, vma: Vma, page: int, pfn: int, fn: str) -> None:
+    vma.ptes.store(page, pfn)
+    m.mem.mapcount[pfn] += 1
+    m.trace.emit(fn, "pte_map", pfn, {"addr": vma.start + (page << PAGE_SHIFT)})
+    if m.inv.enabled:
+        m.inv.on_handout(pfn, "user PTE")
+
+
+def zap_pte(m: Machine, vma: Vma, page: int) -> KGen[None]:
+    """``zap_pte_range()`` for one PTE: clear it, notify KVM, drop the PTE's reference."""
+    addr = vma.start + (page << PAGE_SHIFT)
+    notifiers = list(vma.mm.notifiers)
+    for kvm in notifiers:
+        yield from kvm.mmu_notifier_invalidate_range_start(m, addr, addr + PAGE_SIZE)
+    yield ("pte", (id(vma.mm), addr))
+    pfn = vma.ptes.erase(page)
+    if pfn != EMPTY:
+        m.mem.mapcount[pfn] -= 1
+        m.trace.emit("zap_pte_range", "pte_unmap", pfn, {"addr": addr})
+    for kvm in notifiers:
+        yield from kvm.mmu_notifier_invalidate_range_end(m, addr, addr + PAGE_SIZE)
+    if pfn != EMPTY:
+        yield from folio_put(m, pfn)
+
+
+def get_pte_or_fault(m: Machine, vma: Vma, addr: int, *, write: bool) -> KGen[int]:
+    """The PTE's pfn, faulting it in if absent; -VM_FAULT_* on failure."""
+    page = (addr - vma.start) >> PAGE_SHIFT
+    yield ("pte", (id(vma.mm), addr & ~(PAGE_SIZE - 1)))
+    pfn = vma.ptes.load(page)
+    if pfn != EMPTY:
+        return pfn
+    for _ in range(OOM_RETRIES):
+        pfn = yield from handle_mm_fault(m, vma, addr, write)
+        if pfn != -VM_FAULT_OOM:
+            return pfn
+    return pfn
+
+
+# --- accesses ------------------------------------------------------------------------------------
+UserOp = Callable[[int, int, int, int], None]  # (pfn, offset in page, offset in buffer, n)
+
+
+def walk_user(m: Machine, proc: Process, addr: int, length: int, write: bool,
+              op: UserOp) -> KGen[int]:
+    """Apply ``op`` to each page-piece of [addr, addr+length) through the PTEs.
+
+    Returns 0, or the negative ``VM_FAULT_*`` code (or ``-EFAULT`` for an unmapped
+    address) of the first fault that could not be resolved; bytes before it have
+    been processed, as with a real access.
+    """
+    done = 0
+    while done < length:
+        a = addr + done
+        vma = proc.mm.find_vma(a)
+        if vma is None:
+            return -EFAULT
+        pfn = yield from get_pte_or_fault(m, vma, a, write=write)
+        if pfn < 0:
+            return pfn
+        off = a & (PAGE_SIZE - 1)
+        n = min(PAGE_SIZE - off, length - done)
+        op(pfn, off, done, n)
+        done += n
+    return 0
+
+
+def _fault_name(ret: int) -> str:
+    names = [n for bit, n in ((VM_FAULT_OOM, "OOM"), (VM_FAULT_SIGBUS, "SIGBUS"),
+                              (VM_FAULT_HWPOISON, "HWPOISON")) if ret & bit]
+    return "|".join(names) or hex(ret)
+
+
+def fault_name(code: int) -> str:
+    """Name of a negative code from :func:`walk_user` (for messages)."""
+    return "EFAULT" if code == -EFAULT else "VM_FAULT_" + _fault_name(-code)

@@ -1,0 +1,123 @@
+"""The page allocator (``mm/page_alloc.c``), order 0 only.
+
+A freed frame goes to the head of a LIFO list and is handed out first, as the
+per-CPU page lists do: after a punch-hole the next fault may get the very same
+frame back (``modeling-notes.md``).  Beyond the freed frames, never-used RAM is
+handed out in ascending order, ZONE_NORMAL (above 4 GiB) before ZONE_DMA32.
+
+``prep_new_page()`` zeroes through the direct map for ``__GFP_ZERO`` or
+``init_on_alloc``; ``free_pages_prepare()`` zeroes for ``init_on_free``.  Both
+are kernel writes through the direct map: a frame returned while still zapped
+oopses there, the crash reported on v7 (``clear_page_erms`` from
+``get_page_from_freelist``).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from gmemlab.model.mm.memmap import FRAME_FREE, KIND_NAMES, KIND_NONE, MemMap
+from gmemlab.model.mm.tlb import kernel_access
+from gmemlab.model.task import KGen
+
+if TYPE_CHECKING:
+    from gmemlab.model.machine import Machine
+
+GFP_KERNEL = 1 << 0
+GFP_HIGHUSER = 1 << 1
+__GFP_ZERO = 1 << 8
+GFP_HIGHUSER_ZERO = GFP_HIGHUSER | __GFP_ZERO
+
+ENOMEM = 12
+_KIND_BY_NAME = {v: k for k, v in KIND_NAMES.items()}
+_NORMAL_START = 1 << 20  # pfn of 4 GiB
+
+
+class PageAllocator:
+    """Which frames are free (state only; the kernel paths are the functions below)."""
+
+    __slots__ = ("_cursor", "_ranges", "freelist", "nr_free")
+
+    def __init__(self, mem: MemMap, ram: Iterable[tuple[int, int]]) -> None:
+        ranges = sorted(ram, key=lambda r: (r[0] < _NORMAL_START, r[0]))
+        self._ranges = [list(r) for r in ranges]  # [next never-used pfn, end]
+        self._cursor = 0
+        self.freelist = array("q")
+        self.nr_free = 0
+        for lo, hi in ranges:
+            mem.state[lo:hi] = bytes((FRAME_FREE,)) * (hi - lo)
+            self.nr_free += hi - lo
+
+    def take(self) -> int | None:
+        if self.freelist:
+            self.nr_free -= 1
+            return self.freelist.pop()
+        while self._cursor < len(self._ranges):
+            r = self._ranges[self._cursor]
+            if r[0] < r[1]:
+                pfn = r[0]
+                r[0] += 1
+                self.nr_free -= 1
+                return pfn
+            self._cursor += 1
+        return None
+
+    def take_many(self, n: int) -> list[int]:
+        """Up to ``n`` frames in the order :meth:`take` would give them (bulk paths)."""
+        out: list[int] = []
+        while len(out) < n and self.freelist:
+            out.append(self.freelist.pop())
+        while len(out) < n and self._cursor < len(self._ranges):
+            r = self._ranges[self._cursor]
+            k = min(n - len(out), r[1] - r[0])
+            out.extend(range(r[0], r[0] + k))
+            r[0] += k
+            if r[0] >= r[1]:
+                self._cursor += 1
+        self.nr_free -= len(out)
+        return out
+
+    def give(self, pfn: int) -> None:
+        self.freelist.append(pfn)
+        self.nr_free += 1
+
+
+def alloc_page(m: Machine, gfp: int, *, kind: str) -> KGen[int]:
+    """``alloc_pages(gfp, 0)`` -> ``get_page_from_freelist()``; returns a pfn or -ENOMEM."""
+    yield ("alloc", "zone")
+    fn = "get_page_from_freelist"
+    pfn = None if m.faults.should_fail("page_alloc") else m.alloc.take()
+    if pfn is None:
+        m.trace.emit(fn, "alloc_fail", -1, {"err": "ENOMEM"})
+        return -ENOMEM
+    m.mem.reset_for_alloc(pfn, _KIND_BY_NAME[kind])
+    m.trace.emit(fn, "alloc_page", pfn, {"kind": kind})
+    if gfp & __GFP_ZERO or m.config.init_on_alloc:
+        yield from clear_page(m, pfn, "clear_page_erms")
+    return pfn
+
+
+def clear_page(m: Machine, pfn: int, fn: str) -> KGen[None]:
+    """``clear_page()`` / ``clear_highpage()``: zero a frame through the direct map."""
+    yield from kernel_access(m, pfn, fn, write=True)
+    m.mem.zero(pfn)
+    m.trace.emit(fn, "zero_page", pfn)
+
+
+def free_page_to_allocator(m: Machine, pfn: int) -> KGen[None]:
+    """``free_unref_folios()`` / ``__free_pages()``: the frame goes back to the allocator."""
+    yield ("alloc", "zone")
+    if m.inv.enabled:
+        m.inv.on_free_to_allocator(pfn)
+    if m.config.init_on_free:
+        yield from clear_page(m, pfn, "free_pages_prepare")
+    mem = m.mem
+    mem.state[pfn] = FRAME_FREE
+    mem.kind[pfn] = KIND_NONE
+    mem.flags[pfn] = 0
+    mem.mapping[pfn] = 0
+    mem.refcount[pfn] = 0
+    m.alloc.give(pfn)
+    m.trace.emit("free_unref_folios", "free_page", pfn)
