@@ -13,6 +13,7 @@ completion on a task's CPU; the checker interleaves several.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -29,7 +30,7 @@ from gmemlab.model.mm.memmap import MemMap
 from gmemlab.model.mm.memory import Process
 from gmemlab.model.mm.page_alloc import PageAllocator
 from gmemlab.model.mm.tlb import Tlbs
-from gmemlab.model.task import KGen, Task, run_sync
+from gmemlab.model.task import KGen, Step, Task, run_sync
 from gmemlab.model.trace import Trace, TraceMode
 
 T = TypeVar("T")
@@ -95,6 +96,8 @@ class Machine:
         self._reg = _Registry()
         self.mappings = self._reg.mappings
         self.kvms: dict[int, Any] = {}
+        # Called after every step of every kernel path run through run(); see observe().
+        self.step_hook: Callable[[Step], None] | None = None
 
     def _ram_ranges(self) -> list[tuple[int, int]]:
         """e820 RAM in pfns: [4K, 636K), [1M, low_ram), [4G, 4G + ram)."""
@@ -107,10 +110,15 @@ class Machine:
 
     # --- running kernel paths ----------------------------------------------------------
     def run(self, task: Task, gen: KGen[T]) -> T:
-        """Run one kernel path to completion as ``task`` (on its CPU)."""
+        """Run one kernel path to completion as ``task`` (on its CPU).
+
+        With :attr:`step_hook` set, it is called after every step (exposure analysis).
+        """
         self.current = task
         self.trace.current = task
-        return run_sync(gen)
+        if self.step_hook is None:
+            return run_sync(gen)
+        return run_sync(_observed(gen, self.step_hook))
 
     def switch_to(self, task: Task) -> None:
         """Make ``task`` current (the checker calls this before each step it schedules)."""
@@ -164,3 +172,21 @@ class Machine:
 
     def meminfo(self) -> DirectMapCounters:
         return self.dmap.meminfo()
+
+
+def _observed(gen: KGen[T], hook: Callable[[Step], None]) -> KGen[T]:
+    """Run ``gen``; call ``hook(step)`` once the atomic action after ``step`` has executed."""
+    send = gen.send
+    step: Step | None = None
+    try:
+        step = send(None)
+        while True:
+            yield step
+            done = step
+            step = send(None)
+            hook(done)
+    except StopIteration as stop:
+        if step is not None:
+            hook(step)
+        return stop.value  # type: ignore[no-any-return]
+

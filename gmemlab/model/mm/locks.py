@@ -29,6 +29,8 @@ class Locks:
         """Would a task waiting in ``mode`` on ``key`` still have to wait?"""
         if mode == "folio":
             return m.mem.test_locked(key)
+        if mode == "mmu_invalidate":
+            return bool(m.kvms[key].mmu_invalidate_in_progress)
         if mode == "read":
             return key in self.held
         if mode == "write":
