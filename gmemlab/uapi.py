@@ -59,7 +59,7 @@ KVMIO = 0xAE
 
 
 # --- structs --------------------------------------------------------------------
-class kvm_create_guest_memfd(ctypes.Structure):  # noqa: N801 - kernel name
+class kvm_create_guest_memfd(ctypes.Structure):
     _fields_ = (
         ("size", ctypes.c_uint64),
         ("flags", ctypes.c_uint64),
@@ -67,7 +67,7 @@ class kvm_create_guest_memfd(ctypes.Structure):  # noqa: N801 - kernel name
     )
 
 
-class kvm_userspace_memory_region2(ctypes.Structure):  # noqa: N801
+class kvm_userspace_memory_region2(ctypes.Structure):
     _fields_ = (
         ("slot", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
@@ -81,7 +81,7 @@ class kvm_userspace_memory_region2(ctypes.Structure):  # noqa: N801
     )
 
 
-class kvm_memory_attributes(ctypes.Structure):  # noqa: N801
+class kvm_memory_attributes(ctypes.Structure):
     _fields_ = (
         ("address", ctypes.c_uint64),
         ("size", ctypes.c_uint64),
@@ -90,11 +90,230 @@ class kvm_memory_attributes(ctypes.Structure):  # noqa: N801
     )
 
 
+class kvm_regs(ctypes.Structure):
+    _fields_ = tuple(
+        (name, ctypes.c_uint64)
+        for name in (
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
+        )
+    )
+
+
+class kvm_segment(ctypes.Structure):
+    _fields_ = (
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint32),
+        ("selector", ctypes.c_uint16),
+        ("type", ctypes.c_uint8),
+        ("present", ctypes.c_uint8),
+        ("dpl", ctypes.c_uint8),
+        ("db", ctypes.c_uint8),
+        ("s", ctypes.c_uint8),
+        ("l", ctypes.c_uint8),
+        ("g", ctypes.c_uint8),
+        ("avl", ctypes.c_uint8),
+        ("unusable", ctypes.c_uint8),
+        ("padding", ctypes.c_uint8),
+    )
+
+
+class kvm_dtable(ctypes.Structure):
+    _fields_ = (
+        ("base", ctypes.c_uint64),
+        ("limit", ctypes.c_uint16),
+        ("padding", ctypes.c_uint16 * 3),
+    )
+
+
+KVM_NR_INTERRUPTS = 256
+
+
+class kvm_sregs(ctypes.Structure):
+    _fields_ = (
+        ("cs", kvm_segment),
+        ("ds", kvm_segment),
+        ("es", kvm_segment),
+        ("fs", kvm_segment),
+        ("gs", kvm_segment),
+        ("ss", kvm_segment),
+        ("tr", kvm_segment),
+        ("ldt", kvm_segment),
+        ("gdt", kvm_dtable),
+        ("idt", kvm_dtable),
+        ("cr0", ctypes.c_uint64),
+        ("cr2", ctypes.c_uint64),
+        ("cr3", ctypes.c_uint64),
+        ("cr4", ctypes.c_uint64),
+        ("cr8", ctypes.c_uint64),
+        ("efer", ctypes.c_uint64),
+        ("apic_base", ctypes.c_uint64),
+        ("interrupt_bitmap", ctypes.c_uint64 * ((KVM_NR_INTERRUPTS + 63) // 64)),
+    )
+
+
+class kvm_cpuid_entry2(ctypes.Structure):
+    _fields_ = (
+        ("function", ctypes.c_uint32),
+        ("index", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("eax", ctypes.c_uint32),
+        ("ebx", ctypes.c_uint32),
+        ("ecx", ctypes.c_uint32),
+        ("edx", ctypes.c_uint32),
+        ("padding", ctypes.c_uint32 * 3),
+    )
+
+
+class kvm_cpuid2(ctypes.Structure):
+    """The fixed header; the ioctl numbers encode only its size (entries are a flex array)."""
+
+    _fields_ = (
+        ("nent", ctypes.c_uint32),
+        ("padding", ctypes.c_uint32),
+    )
+
+
+def kvm_cpuid2_with(nent: int) -> type[ctypes.Structure]:
+    """A ``struct kvm_cpuid2`` type with room for ``nent`` entries after the header."""
+    return type(
+        f"kvm_cpuid2_{nent}",
+        (ctypes.Structure,),
+        {
+            "_fields_": (
+                ("nent", ctypes.c_uint32),
+                ("padding", ctypes.c_uint32),
+                ("entries", kvm_cpuid_entry2 * nent),
+            )
+        },
+    )
+
+
+# struct kvm_run: the header, the exit union (256 bytes at offset 32) and the
+# members of that union the twin decodes.  The tail (kvm_valid_regs, the synced
+# register area) is not used, so the struct stops after the union.
+class kvm_run_io(ctypes.Structure):
+    _fields_ = (
+        ("direction", ctypes.c_uint8),
+        ("size", ctypes.c_uint8),
+        ("port", ctypes.c_uint16),
+        ("count", ctypes.c_uint32),
+        ("data_offset", ctypes.c_uint64),
+    )
+
+
+class kvm_run_mmio(ctypes.Structure):
+    _fields_ = (
+        ("phys_addr", ctypes.c_uint64),
+        ("data", ctypes.c_uint8 * 8),
+        ("len", ctypes.c_uint32),
+        ("is_write", ctypes.c_uint8),
+    )
+
+
+class kvm_run_fail_entry(ctypes.Structure):
+    _fields_ = (
+        ("hardware_entry_failure_reason", ctypes.c_uint64),
+        ("cpu", ctypes.c_uint32),
+    )
+
+
+class kvm_run_internal(ctypes.Structure):
+    _fields_ = (
+        ("suberror", ctypes.c_uint32),
+        ("ndata", ctypes.c_uint32),
+        ("data", ctypes.c_uint64 * 16),
+    )
+
+
+class kvm_run_memory_fault(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("gpa", ctypes.c_uint64),
+        ("size", ctypes.c_uint64),
+    )
+
+
+class kvm_run_exit(ctypes.Union):
+    _fields_ = (
+        ("hardware_exit_reason", ctypes.c_uint64),
+        ("fail_entry", kvm_run_fail_entry),
+        ("io", kvm_run_io),
+        ("mmio", kvm_run_mmio),
+        ("internal", kvm_run_internal),
+        ("memory_fault", kvm_run_memory_fault),
+        ("padding", ctypes.c_char * 256),
+    )
+
+
+class kvm_run(ctypes.Structure):
+    _fields_ = (
+        ("request_interrupt_window", ctypes.c_uint8),
+        ("immediate_exit", ctypes.c_uint8),
+        ("padding1", ctypes.c_uint8 * 6),
+        ("exit_reason", ctypes.c_uint32),
+        ("ready_for_interrupt_injection", ctypes.c_uint8),
+        ("if_flag", ctypes.c_uint8),
+        ("flags", ctypes.c_uint16),
+        ("cr8", ctypes.c_uint64),
+        ("apic_base", ctypes.c_uint64),
+        ("exit", kvm_run_exit),
+    )
+
+
+# Binary statistics (KVM_GET_STATS_FD): a header, then descriptors each followed by
+# a name of header.name_size bytes, then the u64 data.
+class kvm_stats_header(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint32),
+        ("name_size", ctypes.c_uint32),
+        ("num_desc", ctypes.c_uint32),
+        ("id_offset", ctypes.c_uint32),
+        ("desc_offset", ctypes.c_uint32),
+        ("data_offset", ctypes.c_uint32),
+    )
+
+
+class kvm_stats_desc(ctypes.Structure):
+    """The fixed part; ``name`` (header.name_size bytes) follows it."""
+
+    _fields_ = (
+        ("flags", ctypes.c_uint32),
+        ("exponent", ctypes.c_int16),
+        ("size", ctypes.c_uint16),
+        ("offset", ctypes.c_uint32),
+        ("bucket_size", ctypes.c_uint32),
+    )
+
+
+KVM_STATS_TYPE_MASK = 0xF
+KVM_STATS_TYPE_CUMULATIVE = 0x0
+KVM_STATS_TYPE_INSTANT = 0x1
+KVM_STATS_TYPE_PEAK = 0x2
+
+
 # --- system ioctls ----------------------------------------------------------------
 KVM_GET_API_VERSION = _io(KVMIO, 0x00)
 KVM_CREATE_VM = _io(KVMIO, 0x01)
 KVM_CHECK_EXTENSION = _io(KVMIO, 0x03)
 KVM_GET_VCPU_MMAP_SIZE = _io(KVMIO, 0x04)
+KVM_GET_SUPPORTED_CPUID = _iowr(KVMIO, 0x05, ctypes.sizeof(kvm_cpuid2))
 KVM_API_VERSION = 12
 
 # --- VM ioctls --------------------------------------------------------------------
@@ -106,10 +325,16 @@ KVM_GET_STATS_FD = _io(KVMIO, 0xCE)
 
 # --- vCPU ioctls --------------------------------------------------------------------
 KVM_RUN = _io(KVMIO, 0x80)
+KVM_GET_REGS = _ior(KVMIO, 0x81, ctypes.sizeof(kvm_regs))
+KVM_SET_REGS = _iow(KVMIO, 0x82, ctypes.sizeof(kvm_regs))
+KVM_GET_SREGS = _ior(KVMIO, 0x83, ctypes.sizeof(kvm_sregs))
+KVM_SET_SREGS = _iow(KVMIO, 0x84, ctypes.sizeof(kvm_sregs))
+KVM_SET_CPUID2 = _iow(KVMIO, 0x90, ctypes.sizeof(kvm_cpuid2))
 
 # --- capabilities (KVM_CHECK_EXTENSION) -------------------------------------------
 KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_EXT_CPUID = 7
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_READONLY_MEM = 81
 KVM_CAP_BINARY_STATS_FD = 203
@@ -174,6 +399,7 @@ KVM_EXIT_HLT = 5
 KVM_EXIT_MMIO = 6
 KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
 KVM_EXIT_MEMORY_FAULT = 39

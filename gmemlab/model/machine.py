@@ -39,7 +39,7 @@ GIB_PAGES = 1 << 18
 
 @dataclass(frozen=True, slots=True)
 class MachineConfig:
-    ram_gib: float = 4.0  # RAM from 4 GiB up
+    ram_gib: float = 4.0  # RAM from 4 GiB up (0: none, for tiny machines)
     low_ram_mib: int = 2048  # RAM from 1 MiB up to here (below the PCI hole)
     ncpus: int = 2
     tlb_entries: int = 1536
@@ -51,9 +51,9 @@ class MachineConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if not 0 < self.ram_gib <= 4096:
-            raise ValueError(f"ram_gib must be within (0, 4096], not {self.ram_gib}")
-        if not 1 <= self.low_ram_mib <= 3072:
+        if not 0 <= self.ram_gib <= 4096:
+            raise ValueError(f"ram_gib must be within [0, 4096], not {self.ram_gib}")
+        if not 2 <= self.low_ram_mib <= 3072:
             raise ValueError(f"low_ram_mib must be within [1, 3072], not {self.low_ram_mib}")
         if not 1 <= self.ncpus <= 4096:
             raise ValueError(f"ncpus must be within [1, 4096], not {self.ncpus}")
@@ -102,11 +102,11 @@ class Machine:
     def _ram_ranges(self) -> list[tuple[int, int]]:
         """e820 RAM in pfns: [4K, 636K), [1M, low_ram), [4G, 4G + ram)."""
         c = self.config
-        return [
-            (1, 0x9F),
-            (0x100, c.low_ram_mib << 8),
-            (1 << 20, (1 << 20) + int(c.ram_gib * GIB_PAGES)),
-        ]
+        ranges = [(1, 0x9F), (0x100, c.low_ram_mib << 8)]
+        high = int(c.ram_gib * GIB_PAGES)
+        if high:
+            ranges.append((1 << 20, (1 << 20) + high))
+        return ranges
 
     # --- running kernel paths ----------------------------------------------------------
     def run(self, task: Task, gen: KGen[T]) -> T:
