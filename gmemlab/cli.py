@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 # Modules that contribute a subcommand, in the order ``gmemlab --help`` lists them.
 COMMAND_MODULES = (
     "gmemlab.commands.run",
+    "gmemlab.commands.probe",
+    "gmemlab.commands.measure",
 )
 
 Handler = Callable[[argparse.Namespace], int]

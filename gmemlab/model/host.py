@@ -36,6 +36,7 @@ from gmemlab.model.kvm.kvm_main import (
 from gmemlab.model.kvm.kvm_main import (
     kvm_check_extension,
     kvm_dev_ioctl_create_vm,
+    kvm_read_guest,
     kvm_set_memory_attributes,
     kvm_set_memory_region,
 )
@@ -249,6 +250,10 @@ class GuestMemfd(MemFile):
     def inode_no(self) -> int:
         return self.file.inode.ino
 
+    def pfn(self, offset: int) -> int:
+        """Model only: the pfn of the folio at ``offset`` in the page cache (-1 if none)."""
+        return self.file.inode.mapping.i_pages.load(offset >> PAGE_SHIFT)
+
 
 class VcpuFd(_Owned):
     def __init__(self, host: Host, fd: int, vcpu: Vcpu) -> None:
@@ -321,6 +326,14 @@ class VmFd(_Owned):
                                            memory_size, userspace_addr, gfd,
                                            guest_memfd_offset)),
                "KVM_SET_USER_MEMORY_REGION2")
+
+    def read_guest(self, gpa: int, length: int) -> bytes:
+        """Model only: ``kvm_read_guest()``, KVM's copy_from_user through ``userspace_addr``."""
+        h = self.host
+        r = h.run(kvm_read_guest(h.m, self.kvm, gpa, length))
+        if isinstance(r, int):
+            raise KernelError(-r, "kvm_read_guest")
+        return r
 
     def set_memory_attributes(self, address: int, size: int, attributes: int) -> None:
         h = self.host

@@ -147,7 +147,11 @@ class KernelOops(InvariantViolation):
 class Invariants:
     """Judges the invariants for one machine; the kernel paths call the ``on_*`` hooks."""
 
-    __slots__ = ("m", "mode", "violations")
+    __slots__ = ("counts", "m", "mode", "violations")
+
+    # In ``record`` mode, keep the full record (with its trace) of this many violations of
+    # each invariant; the rest are only counted.
+    KEEP_PER_INVARIANT = 20
 
     def __init__(self, m: Machine, mode: InvariantMode = "stop") -> None:
         if mode not in ("stop", "record", "off"):
@@ -155,16 +159,20 @@ class Invariants:
         self.m = m
         self.mode: InvariantMode = mode
         self.violations: list[Violation] = []
+        self.counts: dict[str, int] = dict.fromkeys(INVARIANTS, 0)
 
     # --- reporting --------------------------------------------------------------------
     def fail(self, name: str, message: str, pfn: int = -1, *, oops: bool = False) -> None:
         trace = self.m.trace
         trace.emit("invariant", "violation", pfn, {"invariant": name})
+        self.counts[name] += 1
+        if self.counts[name] > self.KEEP_PER_INVARIANT and not oops and self.mode != "stop":
+            return
         tail = trace.tail(25)
         if pfn >= 0:
-            # Lead with the history of the frame at fault, then what happened just before.
+            # The history of the frame at fault, and what happened just before, in order.
             mine = trace.tail(15, pfn)
-            tail = mine + [e for e in tail[-10:] if e not in mine]
+            tail = sorted({e.seq: e for e in mine + tail[-10:]}.values(), key=lambda e: e.seq)
         v = Violation(INVARIANTS[name], message, pfn, trace.seq, tail)
         self.violations.append(v)
         if oops:
@@ -178,10 +186,7 @@ class Invariants:
 
     def verdicts(self) -> dict[str, int]:
         """Number of violations per invariant (0 = held), for reports."""
-        out = {name: 0 for name in INVARIANTS}
-        for v in self.violations:
-            out[v.invariant.name] += 1
-        return out
+        return dict(self.counts)
 
     # --- hooks ----------------------------------------------------------------------------
     def on_kernel_access(self, pfn: int, fn: str, write: bool) -> None:

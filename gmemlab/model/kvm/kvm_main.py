@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import File
-from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.locks import mutex_lock, mutex_unlock, spin_lock, spin_unlock
 from gmemlab.model.mm.memory import Process
 from gmemlab.model.mm.xarray import XArray
@@ -382,8 +381,30 @@ def kvm_destroy_vm(m: Machine, kvm: Kvm) -> KGen[None]:
         kvm.owner.mm.notifiers.remove(kvm)
 
 
-def release_stage2_page(m: Machine, pfn: int, refcounted: bool) -> KGen[None]:
-    """``kvm_release_faultin_page()``: drop the reference the fault path took."""
-    if refcounted:
-        yield from folio_put(m, pfn)
+def kvm_read_guest(m: Machine, kvm: Kvm, gpa: int, length: int) -> KGen[bytes | int]:
+    """``kvm_read_guest()``: ``copy_from_user()`` from the memslot's ``userspace_addr``.
 
+    How KVM reaches guest memory for emulation, page-table walks and pvtime in
+    the non-CoCo design: through the VMM's mapping, never the direct map.
+    """
+    from gmemlab.model.mm.memory import walk_user
+
+    out = bytearray(length)
+    done = 0
+    while done < length:
+        g = gpa + done
+        slot = kvm.gfn_to_memslot(g >> PAGE_SHIFT)
+        if slot is None or not slot.userspace_addr:
+            return -EFAULT
+        n = min(length - done, PAGE_SIZE - (g & (PAGE_SIZE - 1)))
+        hva = slot.userspace_addr + (g - (slot.base_gfn << PAGE_SHIFT))
+
+        def op(pfn: int, poff: int, boff: int, k: int, base: int = done) -> None:
+            out[base + boff : base + boff + k] = m.mem.read(pfn, poff, k)
+
+        r = yield from walk_user(m, kvm.owner, hva, n, False, op)
+        if r < 0:
+            return -EFAULT
+        done += n
+    m.trace.emit("kvm_read_guest", "copy_from_user", -1, {"gpa": gpa, "len": length})
+    return bytes(out)

@@ -1,0 +1,161 @@
+"""``gmemlab run``: the full lifecycle of a NO_DIRECT_MAP guest on the model, and its report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from gmemlab.cli import UsageError
+from gmemlab.model import DESIGNS, PROFILES, Host, Machine, MachineConfig
+from gmemlab.report import dump_json, kib, table
+from gmemlab.scenarios.lifecycle import COLUMNS, LifecycleConfig, LifecycleResult, run_lifecycle
+from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP, gmem_flags_str
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the lifecycle of a NO_DIRECT_MAP guest on the model and report it",
+        description=(
+            "Create a VM whose memory is a guest_memfd with NO_DIRECT_MAP, bind it, populate it "
+            "from the VMM, let the guest fault and write it, have KVM and a gadget access it, "
+            "punch a hole, tear down and let the kernel reuse the frames; report what happened "
+            "to the direct map and the TLBs, and the series' invariants."
+        ),
+    )
+    p.add_argument("--design", default="v12", choices=list(DESIGNS),
+                   help="kernel design to run (default: v12)")
+    p.add_argument("--profile", default="x86_64", choices=list(PROFILES),
+                   help="architecture profile (default: x86_64)")
+    p.add_argument("--guest-mib", type=int, default=64, help="guest memory in MiB (default: 64)")
+    p.add_argument("--vmm-write-mib", type=int, default=16,
+                   help="MiB the VMM writes before the guest runs (default: 16)")
+    p.add_argument("--punch-mib", type=int, default=8, help="MiB of hole to punch (default: 8)")
+    p.add_argument("--ram-gib", type=float, default=4.0,
+                   help="modelled RAM above 4 GiB, in GiB (default: 4; 2 GiB more lie below 4 GiB)")
+    p.add_argument("--cpus", type=int, default=2, help="number of CPUs (default: 2)")
+    p.add_argument("--init-on-free", action="store_true", help="boot with init_on_free=1")
+    p.add_argument("--without-flag", action="store_true",
+                   help="create the guest_memfd without NO_DIRECT_MAP (the baseline)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--trace", metavar="FILE", help="write every kernel step as JSON lines to FILE")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the direct map after the run")
+    p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = MachineConfig(ram_gib=args.ram_gib, ncpus=args.cpus, init_on_free=args.init_on_free,
+                               trace="full" if args.trace else "ring", invariants="record",
+                               seed=args.seed)
+        machine = Machine(config, profile=args.profile, design=args.design)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    host = Host(machine)
+    offered = host.open_kvm().create_vm().check_extension(244)
+    flag = not args.without_flag and bool(offered & GUEST_MEMFD_FLAG_NO_DIRECT_MAP)
+    note = ""
+    if not args.without_flag and not flag:
+        note = (f"design {args.design!r} on profile {args.profile!r} does not offer NO_DIRECT_MAP "
+                f"(VM flags: {gmem_flags_str(offered)}); running the baseline without it")
+    host = Host(Machine(config, profile=args.profile, design=args.design))
+    lc = LifecycleConfig(guest_mib=args.guest_mib, vmm_write_mib=args.vmm_write_mib,
+                         punch_mib=args.punch_mib, no_direct_map=flag,
+                         gadget_cpu=1 if args.cpus > 1 else 0)
+    try:
+        ram_mib = sum(hi - lo for lo, hi in host.m.ram) * 4 // 1024
+        lc.validate(ram_mib, args.cpus)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    result = run_lifecycle(host, lc)
+    if args.trace:
+        with open(args.trace, "w") as f:
+            for ev in host.m.trace:
+                f.write(json.dumps(ev.as_json()) + "\n")
+    plot = None
+    if args.plot:
+        from gmemlab.plots import plot_direct_map
+
+        plot = plot_direct_map(host.m.dmap, args.plot,
+                               f"direct map after the lifecycle ({args.design}, {args.profile})")
+    if args.json:
+        dump_json(as_json(result, host, note, plot))
+    else:
+        print(render(result, host, note, plot))
+    return 0 if result.crashed is None and not result.violations else 1
+
+
+def as_json(r: LifecycleResult, host: Host, note: str, plot: Path | None) -> dict[str, Any]:
+    m = host.m
+    return {
+        "design": r.design,
+        "design_title": r.design_title,
+        "profile": r.profile,
+        "cpus": m.config.ncpus,
+        "init_on_free": m.config.init_on_free,
+        "flags": gmem_flags_str(r.flags),
+        "note": note or None,
+        "steps": [s.as_json() for s in r.steps],
+        "crashed": r.crashed,
+        "direct_map": {"before": r.meminfo_before, "after": r.meminfo_after, "splits": r.splits,
+                       "not_present_pages": r.not_present_pages},
+        "counts": r.counts,
+        "invariants": r.verdicts,
+        "violations": [
+            {"invariant": v.invariant.name, "message": v.message, "pfn": v.pfn, "seq": v.seq,
+             "trace": [e.as_json() for e in v.trace]}
+            for v in r.violations
+        ],
+        "plot": str(plot) if plot else None,
+    }
+
+
+def render(r: LifecycleResult, host: Host, note: str, plot: Path | None) -> str:
+    m = host.m
+    ram_gib = sum(hi - lo for lo, hi in m.ram) / (1 << 18)
+    out = [
+        f"gmemlab run: design {r.design}: {r.design_title}",
+        f"profile {r.profile} ({m.profile.description}); {m.config.ncpus} CPUs, {ram_gib:.1f} GiB RAM, "
+        f"init_on_free {'on' if m.config.init_on_free else 'off'}",
+    ]
+    if note:
+        out.append(f"note: {note}")
+    out += ["", "What happened"]
+    width = max(len(s.name) for s in r.steps)
+    for i, s in enumerate(r.steps):
+        mark = "  " if s.ok else "!!"
+        out.append(f"{mark}{i + 1:>2}  {s.name:<{width}}  {s.outcome}")
+    out += ["", "Kernel work per step"]
+    cols = list(COLUMNS)
+    rows = [[i + 1, s.name, *(s.counts[c] for c in cols)] for i, s in enumerate(r.steps)]
+    rows.append(["", "total", *(r.counts[c] for c in cols)])
+    out.append(table(["#", "step", *cols], rows, align="rl" + "r" * len(cols)))
+    out += ["", "Direct map (/proc/meminfo)"]
+    out.append(table(["", "before", "after"],
+                     [[k, kib(r.meminfo_before[k] * 1024), kib(r.meminfo_after[k] * 1024)]
+                      for k in r.meminfo_after], align="lrr"))
+    out.append(f"  splits: {r.splits['1G']} of 1G, {r.splits['2M']} of 2M, never merged back; "
+               f"pages not present now: {r.not_present_pages}")
+    c = r.counts
+    others = m.config.ncpus - 1
+    out.append(f"\nKernel TLB flushes: {c['flushes']:,}, sending {c['ipis']:,} IPIs to {others} other "
+               f"CPU{'s' if others != 1 else ''}; {c['zaps']:,} direct-map entries removed, "
+               f"{c['restores']:,} restored")
+    held = [n for n, k in r.verdicts.items() if not k]
+    broken = {n: k for n, k in r.verdicts.items() if k}
+    out.append(f"\nInvariants: all {len(held)} held" if not broken else
+               f"\nInvariants: {len(held)} held, {len(broken)} violated:")
+    for name, k in broken.items():
+        first = next(v for v in r.violations if v.invariant.name == name)
+        out.append(f"  {name} ({k}x) first at #{first.seq}: {first.message}")
+    if r.violations:
+        out += ["", "First violation, with the steps that led there:", r.violations[0].format()]
+    if r.crashed:
+        out.append(f"\nThe modelled kernel crashed: {r.crashed}")
+    if plot:
+        out.append(f"\ndirect map picture: {plot}")
+    return "\n".join(out)
+

@@ -1,0 +1,236 @@
+"""The full lifecycle of a VM whose memory is a NO_DIRECT_MAP guest_memfd.
+
+What a VMM such as Firecracker's secret-free mode does, in order, on the model:
+create the VM and the guest_memfd, map it and bind it as the memslot (the
+non-CoCo setup: ``userspace_addr`` is the guest_memfd mapping), populate part of
+it from the VMM, let the guest check that data and write all of its memory,
+have KVM read guest memory its own ways (``copy_from_user`` works; kvm-clock's
+pfncache needs GUP and the direct map), let a gadget on another CPU try to
+read guest memory through the direct map, punch a hole, read a freed frame,
+tear everything down, and let the kernel reuse the freed frames.
+
+Each step records what it did to the direct map, the TLBs and the invariants.
+A kernel oops ends the lifecycle where it happens, like a crashed host.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from gmemlab.api import DirectMapCounters, KernelError, run_program
+from gmemlab.guest import GuestProgram
+from gmemlab.model.host import GuestMemfd, Host, Mapping
+from gmemlab.model.invariants import KernelOops, Violation
+from gmemlab.uapi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
+    GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_MEM_GUEST_MEMFD,
+    PAGE_SIZE,
+    gmem_flags_str,
+)
+
+MIB = 1 << 20
+GUEST_GPA = 1 << 32  # where test_guest_memfd_guest puts guest_memfd
+# Event counts each step reports (trace event names).
+COLUMNS = {
+    "faults": ("user_fault", "get_pfn"),
+    "zaps": ("dmap_clear",),
+    "restores": ("dmap_set",),
+    "splits": ("dmap_split_1g", "dmap_split_2m"),
+    "flushes": ("flush_tlb_kernel_range", "flush_tlb_all"),
+    "ipis": ("ipi",),
+    "spte_maps": ("spte_map",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleConfig:
+    guest_mib: int = 64
+    vmm_write_mib: int = 16
+    punch_mib: int = 8
+    no_direct_map: bool = True
+    vcpu_cpu: int = 0
+    gadget_cpu: int = 1
+    kernel_reuse_pages: int = 64
+
+    def validate(self, ram_mib: int, ncpus: int) -> None:
+        if self.guest_mib <= 0:
+            raise ValueError("the guest needs at least 1 MiB")
+        if self.guest_mib * 2 > ram_mib:
+            raise ValueError(f"a {self.guest_mib} MiB guest does not fit comfortably in "
+                             f"{ram_mib} MiB of modelled RAM; raise --ram-gib")
+        if not 0 <= self.vmm_write_mib <= self.guest_mib:
+            raise ValueError("--vmm-write-mib must be within the guest")
+        if not 0 <= self.punch_mib <= self.guest_mib // 2:
+            raise ValueError("--punch-mib must be at most half the guest (the hole is punched "
+                             "in the upper half)")
+        for name, cpu in (("vCPU", self.vcpu_cpu), ("gadget", self.gadget_cpu)):
+            if not 0 <= cpu < ncpus:
+                raise ValueError(f"{name} CPU {cpu} does not exist (--cpus {ncpus})")
+
+
+@dataclass(slots=True)
+class StepResult:
+    name: str
+    outcome: str
+    counts: dict[str, int]
+    ok: bool = True
+
+    def as_json(self) -> dict[str, Any]:
+        return {"step": self.name, "outcome": self.outcome, "ok": self.ok, **self.counts}
+
+
+@dataclass(slots=True)
+class LifecycleResult:
+    design: str
+    design_title: str
+    profile: str
+    flags: int
+    steps: list[StepResult] = field(default_factory=list)
+    crashed: str | None = None
+    violations: list[Violation] = field(default_factory=list)
+    verdicts: dict[str, int] = field(default_factory=dict)
+    meminfo_before: dict[str, int] = field(default_factory=dict)
+    meminfo_after: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    not_present_pages: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class _Recorder:
+    def __init__(self, host: Host, result: LifecycleResult) -> None:
+        self.host = host
+        self.result = result
+        self.before: Counter[str] = Counter()
+
+    def start(self) -> None:
+        self.before = Counter(self.host.m.trace.counts)
+
+    def done(self, name: str, outcome: str, ok: bool = True) -> None:
+        now = self.host.m.trace.counts
+        delta = {col: sum(now[e] - self.before[e] for e in evs) for col, evs in COLUMNS.items()}
+        self.result.steps.append(StepResult(name, outcome, delta, ok))
+
+
+def run_lifecycle(host: Host, cfg: LifecycleConfig) -> LifecycleResult:
+    """Run the lifecycle on ``host`` (whose invariants should be in ``record`` mode)."""
+    m = host.m
+    flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+    if cfg.no_direct_map:
+        flags |= GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+    res = LifecycleResult(m.design.name, m.design.title, m.profile.name, flags)
+    mi = m.meminfo()
+    res.meminfo_before = _meminfo(mi)
+    rec = _Recorder(host, res)
+    try:
+        _steps(host, cfg, rec, res)
+    except KernelOops as oops:
+        res.crashed = oops.violation.message
+        rec.done("(kernel crashed)", oops.violation.message, ok=False)
+    res.violations = list(m.inv.violations)
+    res.verdicts = m.inv.verdicts()
+    res.meminfo_after = _meminfo(m.meminfo())
+    res.splits = {"1G": m.dmap.splits_1g, "2M": m.dmap.splits_2m}
+    res.not_present_pages = m.dmap.not_present_pages()
+    res.counts = {col: sum(m.trace.counts[e] for e in evs) for col, evs in COLUMNS.items()}
+    return res
+
+
+def _meminfo(mi: DirectMapCounters) -> dict[str, int]:
+    return {"DirectMap4k": mi.direct_map_4k, "DirectMap2M": mi.direct_map_2m,
+            "DirectMap1G": mi.direct_map_1g}
+
+
+def _steps(host: Host, cfg: LifecycleConfig, rec: _Recorder, res: LifecycleResult) -> None:
+    size = cfg.guest_mib * MIB
+    flags = res.flags
+
+    rec.start()
+    kvm = host.open_kvm()
+    vm = kvm.create_vm()
+    supported = vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
+    gmem: GuestMemfd = vm.create_guest_memfd(size, flags)
+    rec.done("create VM and guest_memfd",
+             f"{cfg.guest_mib} MiB, flags {gmem_flags_str(flags)} (VM offers {gmem_flags_str(supported)})")
+
+    rec.start()
+    mapping: Mapping = gmem.mmap(size)
+    vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, GUEST_GPA, size, mapping.addr, gmem, 0)
+    rec.done("mmap it and bind it as memslot 1", f"GPA {GUEST_GPA:#x}, userspace_addr = the mmap")
+
+    rec.start()
+    populated = cfg.vmm_write_mib * MIB
+    if populated:
+        mapping.fill(0, populated, 0x5A)
+    rec.done("VMM populates guest memory", f"{cfg.vmm_write_mib} MiB of 0x5a through the mmap")
+
+    rec.start()
+    vcpu = vm.create_vcpu(0, cpu=cfg.vcpu_cpu)
+    prog = GuestProgram()
+    if populated:
+        prog.check(GUEST_GPA, populated, 0x5A)
+    prog.fill(GUEST_GPA, size, 0xC3)
+    result = run_program(vcpu, prog)
+    outcome = "checked the VMM's data, wrote 0xc3 over all of it" if result.ok else (
+        f"failed: {result.last_exit}")
+    rec.done(f"guest runs on cpu{cfg.vcpu_cpu}", outcome, result.ok)
+
+    rec.start()
+    data = vm.read_guest(GUEST_GPA, 8)
+    rec.done("KVM reads guest memory (copy_from_user)", f"got {data[:4].hex()}... through userspace_addr")
+
+    rec.start()
+    try:
+        vcpu.kvm_clock(GUEST_GPA + size - PAGE_SIZE)
+        outcome, failed = "pvclock page mapped and written through the direct map", False
+    except KernelError as e:
+        outcome, failed = f"fails, {e.strerror.split(' [')[0]}: GUP refuses the mapping", True
+    if cfg.no_direct_map:
+        outcome += " (the kvm-clock gap, expected)" if failed else " (unexpected with NO_DIRECT_MAP)"
+    rec.done("KVM maps kvm-clock's page (pfncache)", outcome, failed == cfg.no_direct_map)
+
+    rec.start()
+    victim = gmem.pfn(PAGE_SIZE)
+    secret = host.m.mem.secret_bytes(victim)
+    reached = host.gadget_read(cfg.gadget_cpu, victim)
+    rec.done(f"gadget on cpu{cfg.gadget_cpu} reads a guest page",
+             (f"reached {secret} secret bytes" if reached else "blocked: no translation")
+             + f" (pfn {victim:#x})", not reached or not cfg.no_direct_map)
+
+    rec.start()
+    hole = size // 2
+    punched = cfg.punch_mib * MIB
+    freed = gmem.pfn(hole) if punched else -1
+    if punched:
+        gmem.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, hole, punched)
+    after = mapping.read(hole, 1) if punched else b""
+    rec.done("punch a hole", f"{cfg.punch_mib} MiB at {hole // MIB} MiB; refault reads "
+             f"{after.hex() or '-'}")
+
+    if freed >= 0:
+        rec.start()
+        left = host.m.mem.secret_bytes(freed)
+        reached = host.gadget_read(cfg.gadget_cpu, freed)
+        rec.done("gadget reads a freed frame",
+                 f"{'reached' if reached else 'blocked'}: {left} bytes of guest data left in "
+                 f"pfn {freed:#x} (init_on_free={'on' if host.m.config.init_on_free else 'off'})")
+
+    rec.start()
+    mapping.munmap()
+    gmem.close()
+    vcpu.close()
+    vm.close()
+    kvm.close()
+    rec.done("tear down", f"all frames freed ({host.m.alloc.nr_free:,} free)")
+
+    rec.start()
+    for _ in range(cfg.kernel_reuse_pages):
+        host.kernel_alloc(cfg.gadget_cpu)
+    rec.done("kernel reuses freed frames", f"{cfg.kernel_reuse_pages} pages zeroed through the direct map")
+
