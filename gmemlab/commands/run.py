@@ -9,7 +9,7 @@ from typing import Any
 
 from gmemlab.cli import UsageError
 from gmemlab.model import DESIGNS, PROFILES, Host, Machine, MachineConfig
-from gmemlab.report import dump_json, kib, table
+from gmemlab.report import Cell, dump_json, kib, table
 from gmemlab.scenarios.lifecycle import COLUMNS, LifecycleConfig, LifecycleResult, run_lifecycle
 from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP, gmem_flags_str
 
@@ -130,7 +130,8 @@ def render(r: LifecycleResult, host: Host, note: str, plot: Path | None) -> str:
         out.append(f"{mark}{i + 1:>2}  {s.name:<{width}}  {s.outcome}")
     out += ["", "Kernel work per step"]
     cols = list(COLUMNS)
-    rows = [[i + 1, s.name, *(s.counts[c] for c in cols)] for i, s in enumerate(r.steps)]
+    rows: list[list[Cell]] = [[i + 1, s.name, *(s.counts[c] for c in cols)]
+                              for i, s in enumerate(r.steps)]
     rows.append(["", "total", *(r.counts[c] for c in cols)])
     out.append(table(["#", "step", *cols], rows, align="rl" + "r" * len(cols)))
     out += ["", "Direct map (/proc/meminfo)"]

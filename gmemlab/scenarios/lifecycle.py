@@ -15,6 +15,7 @@ A kernel oops ends the lifecycle where it happens, like a crashed host.
 
 from __future__ import annotations
 
+import errno
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,7 +191,7 @@ def _steps(host: Host, cfg: LifecycleConfig, rec: _Recorder, res: LifecycleResul
         vcpu.kvm_clock(GUEST_GPA + size - PAGE_SIZE)
         outcome, failed = "pvclock page mapped and written through the direct map", False
     except KernelError as e:
-        outcome, failed = f"fails, {e.strerror.split(' [')[0]}: GUP refuses the mapping", True
+        outcome, failed = f"fails with {errno.errorcode[e.errno or 0]}: GUP refuses the mapping", True
     if cfg.no_direct_map:
         outcome += " (the kvm-clock gap, expected)" if failed else " (unexpected with NO_DIRECT_MAP)"
     rec.done("KVM maps kvm-clock's page (pfncache)", outcome, failed == cfg.no_direct_map)
