@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "gmemlab.commands.run",
     "gmemlab.commands.probe",
     "gmemlab.commands.measure",
+    "gmemlab.commands.conformance",
 )
 
 Handler = Callable[[argparse.Namespace], int]

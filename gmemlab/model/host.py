@@ -53,8 +53,10 @@ from gmemlab.model.mm.gup import (
 from gmemlab.model.mm.memmap import PG_hwpoison
 from gmemlab.model.mm.memory import (
     EFAULT,
+    VM_FAULT_HWPOISON,
     VM_FAULT_OOM,
     VM_FAULT_SIGBUS,
+    UserOp,
     do_mlock,
     do_mmap,
     do_munmap,
@@ -137,13 +139,19 @@ class Mapping:
             raise ValueError(f"[{offset}, {offset + length}) is outside the {self.length}-byte mapping")
         return self.addr + offset
 
-    def _access(self, offset: int, length: int, write: bool,
-                op: object) -> None:
+    def _access(self, offset: int, length: int, write: bool, op: UserOp) -> None:
         addr = self._range(offset, length)
         h = self.host
-        r = h.run(walk_user(h.m, h.proc, addr, length, write, op))  # type: ignore[arg-type]
-        if r == -VM_FAULT_SIGBUS or r == -(VM_FAULT_SIGBUS | 0x10):
-            raise SigBus(addr, "user access")
+        done = 0
+
+        def counted(pfn: int, poff: int, boff: int, n: int) -> None:
+            nonlocal done
+            op(pfn, poff, boff, n)
+            done = boff + n
+
+        r = h.run(walk_user(h.m, h.proc, addr, length, write, counted))
+        if r in (-VM_FAULT_SIGBUS, -VM_FAULT_HWPOISON):
+            raise SigBus(addr + done, "user access")
         if r == -VM_FAULT_OOM:
             raise KernelError(ENOMEM, "page fault kept returning VM_FAULT_OOM")
         if r < 0:

@@ -324,3 +324,47 @@ class Invariants:
     def on_refcount(self, pfn: int, ref: int) -> None:
         if ref < 0:
             self.fail("refcount-sane", f"refcount of pfn {pfn:#x} went to {ref}", pfn)
+
+    # --- a sweep of the whole machine -------------------------------------------------------
+    def check_all(self) -> None:
+        """Judge every state invariant over the whole machine, between kernel paths.
+
+        The hooks above judge each change as it happens; this sweep catches what
+        no single change shows (a frame left out of the direct map, a stale
+        mapping, a marker out of step), and is what property tests call after
+        every operation.
+        """
+        from gmemlab.model.mm.direct_map import PTE_NOT_PRESENT
+        from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
+
+        m = self.m
+        mem = m.mem
+        for r2, ptes in m.dmap.pte.items():
+            if PTE_NOT_PRESENT not in ptes:
+                continue
+            for i, e in enumerate(ptes):
+                pfn = (r2 << 9) + i
+                if e != PTE_NOT_PRESENT or m.design.holds_unmapped(m, pfn):
+                    continue
+                if not mem.allocated(pfn):
+                    self.fail("free-frame-in-direct-map",
+                              f"free pfn {pfn:#x} is not present in the direct map", pfn)
+                    continue
+                mapping = m.folio_mapping(pfn)
+                # secretmem lacks AS_NO_DIRECT_MAP only without the series (design base).
+                if mapping is None or not (mapping.test(AS_NO_DIRECT_MAP) or mapping.kind == "secretmem"):
+                    self.fail("zap-only-no-direct-map",
+                              f"pfn {pfn:#x} is out of the direct map but not a folio of an "
+                              "AS_NO_DIRECT_MAP mapping", pfn)
+        for mapping in list(m.mappings.values()):
+            for _index, pfn in mapping.i_pages.items():
+                if not mem.test_locked(pfn):
+                    self.on_folio_unlock(pfn)
+        for proc in m.processes:
+            for vma in proc.mm.vmas:
+                for _page, pfn in vma.ptes.items():
+                    self.on_handout(pfn, "user PTE")
+        for kvm in m.kvms.values():
+            for _gfn, pfn in kvm.spte.items():
+                self.on_handout(pfn, "stage-2 mapping")
+

@@ -96,6 +96,7 @@ class Machine:
         self._reg = _Registry()
         self.mappings = self._reg.mappings
         self.kvms: dict[int, Any] = {}
+        self.processes: list[Process] = []
         # Called after every step of every kernel path run through run(); see observe().
         self.step_hook: Callable[[Step], None] | None = None
 
@@ -150,6 +151,7 @@ class Machine:
     def new_process(self, name: str) -> Process:
         proc = Process(self._reg.next_pid, name)
         self._reg.next_pid += 1
+        self.processes.append(proc)
         return proc
 
     def new_vm_id(self) -> int:

@@ -132,6 +132,13 @@ class Design:
         yield from set_direct_map_valid_noflush(m, pfn, 1, True)
         yield from clear_page(m, pfn, "secretmem_free_folio")
 
+    def holds_unmapped(self, m: Machine, pfn: int) -> bool:
+        """Does the design keep ``pfn`` out of the direct map on purpose outside any page cache?
+
+        (A pool of pre-unmapped frames would; no posted version does.)
+        """
+        return False
+
     def filemap_add_undo(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[None]:
         """Undo ``filemap_add_hook`` when the insertion lost a race (-EEXIST)."""
         yield from ()

@@ -58,6 +58,9 @@ class ArchProfile:
     nr_memslots: int = 32764
     max_vcpus: int = 1024
     nr_vcpus: int = 2
+    # kvm_arch_vm_ioctl()'s answer to an ioctl it does not know (KVM_CREATE_GUEST_MEMFD
+    # where guest_memfd is not built): x86 -ENOTTY, arm64 and riscv -EINVAL.
+    unknown_vm_ioctl_errno: int = 25
 
     @property
     def can_set_direct_map(self) -> bool:
@@ -115,6 +118,7 @@ PROFILES: dict[str, ArchProfile] = {
             "arm64",
             "arm64",
             "arm64 with rodata_full (page-granular linear map) and FEAT_S2FWB",
+            unknown_vm_ioctl_errno=22,
             rodata_full=True,
             s2fwb=True,
             set_direct_map_flushes=True,
@@ -124,6 +128,7 @@ PROFILES: dict[str, ArchProfile] = {
             "arm64-no-s2fwb",
             "arm64",
             "arm64 with rodata_full but without FEAT_S2FWB (e.g. Graviton2 / m6g.metal)",
+            unknown_vm_ioctl_errno=22,
             rodata_full=True,
             set_direct_map_flushes=True,
             tlb_broadcast=True,
@@ -132,6 +137,7 @@ PROFILES: dict[str, ArchProfile] = {
             "arm64-rodata-off",
             "arm64",
             "arm64 booted with rodata=off: block-mapped linear map, can_set_direct_map() false",
+            unknown_vm_ioctl_errno=22,
             s2fwb=True,
             set_direct_map_flushes=True,
             tlb_broadcast=True,
@@ -141,6 +147,7 @@ PROFILES: dict[str, ArchProfile] = {
             "riscv64",
             "riscv64: set_direct_map_* exist but KVM builds no guest_memfd",
             has_guest_memfd=False,
+            unknown_vm_ioctl_errno=22,
         ),
     )
 }

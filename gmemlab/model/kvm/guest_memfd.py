@@ -149,11 +149,15 @@ GMEM_AOPS = KvmGmemAops()
 
 # --- creation ------------------------------------------------------------------------------------
 def kvm_gmem_create(m: Machine, kvm: Kvm, size: int, flags: int) -> KGen[int]:
-    """``kvm_gmem_create()``: returns the new fd or -errno."""
+    """``KVM_CREATE_GUEST_MEMFD`` -> ``kvm_gmem_create()``: returns the new fd or -errno."""
     yield ("kvm", kvm.id)
+    if not m.profile.has_guest_memfd:
+        return -m.profile.unknown_vm_ioctl_errno  # no case for it: kvm_arch_vm_ioctl()
     supported = m.design.kvm_gmem_get_supported_flags(m, kvm.vm_type)
     if flags & ~supported:
         return -EINVAL
+    if size >= 1 << 63:
+        size -= 1 << 64  # args->size is a __u64 read into a loff_t
     if size <= 0 or size % PAGE_SIZE:
         return -EINVAL
     return (yield from __kvm_gmem_create(m, kvm, size, flags))

@@ -1,0 +1,43 @@
+"""The conformance suite as tests: the model against the real kernel.
+
+With the profile of the kernel on our machines, the model must give every case
+the outcome that kernel gave (recorded, so this runs anywhere) and, where
+/dev/kvm is present, the outcome it gives now.  NO_DIRECT_MAP variants run on
+the model with v12 and must follow the flag's rule.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gmemlab.conformance import CASES
+from gmemlab.conformance.recorded import RECORDED_ON, expected
+from gmemlab.conformance.runner import RECORDED_KERNEL, compare, model_factory, outcome_of
+
+model = model_factory(RECORDED_KERNEL.profile, RECORDED_KERNEL.design)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "NO_DIRECT_MAP" not in n])
+def test_model_matches_recorded_kernel(name: str) -> None:
+    c = CASES[name]
+    assert outcome_of(c, model()) == expected(c), f"differs from {RECORDED_ON}"
+
+
+def test_no_direct_map_variants_follow_the_flag() -> None:
+    report = compare(None, names=[n for n in CASES if "NO_DIRECT_MAP" in n])
+    assert len(report.flag_results) == len([n for n in CASES if "NO_DIRECT_MAP" in n])
+    wrong = {r.case.name: (r.real, r.model) for r in report.flag_results if not r.match}
+    assert not wrong
+    assert any(r.case.direct_map_dependent and r.real != expected(CASES[r.case.name.replace(
+        "|NO_DIRECT_MAP", "")]) for r in report.flag_results), "no case shows the flag's effect"
+
+
+def test_model_matches_live_kernel() -> None:
+    from gmemlab import twin
+
+    ok, reason = twin.available()
+    if not ok:
+        pytest.skip(reason)
+    report = compare(twin.TwinHost())
+    assert report.live
+    assert not [(r.case.name, r.real, r.model) for r in report.mismatches]

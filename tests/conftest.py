@@ -1,0 +1,54 @@
+"""Shared fixtures: backends that implement ``gmemlab.api``.
+
+``model-v12``: the model running v12 on a generic x86-64 host (NO_DIRECT_MAP offered).
+``model-base``: the model running mainline on the profile of our machines
+(6.18 kvm_pvm: MMAP|INIT_SHARED only).
+``linux``: the real kernel through the twin, where /dev/kvm offers guest_memfd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+
+from gmemlab import api
+from gmemlab.model import Host as ModelHost
+from gmemlab.model import MachineConfig
+
+SMALL = MachineConfig(ram_gib=0, low_ram_mib=128, trace="ring", invariants="stop")
+
+
+def model_host(design: str = "v12", profile: str = "x86_64", **config: object) -> ModelHost:
+    """A small modelled host that stops at the first broken invariant."""
+    return ModelHost(design=design, profile=profile, config=replace(SMALL, **config))  # type: ignore[arg-type]
+
+
+def twin_or_skip() -> api.Host:
+    try:
+        from gmemlab import twin
+    except ImportError as e:  # pragma: no cover - the twin ships with the project
+        pytest.skip(f"twin not importable: {e}")
+    ok, reason = twin.available()
+    if not ok:
+        pytest.skip(reason)
+    return twin.TwinHost()
+
+
+BACKENDS: dict[str, Callable[[], api.Host]] = {
+    "model-v12": lambda: model_host("v12", "x86_64"),
+    "model-base": lambda: model_host("base", "x86_64-kvm_pvm-6.18"),
+    "linux": twin_or_skip,
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def host(request: pytest.FixtureRequest) -> Iterator[api.Host]:
+    """Each backend in turn."""
+    yield BACKENDS[request.param]()
+
+
+@pytest.fixture
+def model() -> ModelHost:
+    return model_host()
