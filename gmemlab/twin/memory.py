@@ -1,0 +1,206 @@
+"""Mappings and mappable files of the twin: real ``mmap(2)`` over real fds.
+
+:class:`TwinMapping` is :class:`gmemlab.api.Mapping`.  Its ``read``/``write``/
+``fill`` run in a forked child (:mod:`gmemlab.twin.child`) whenever the
+mapping is file-backed, because a file fault can be answered with SIGBUS
+(guest_memfd past ``i_size`` or without INIT_SHARED, any file past EOF).  The
+``*_in_process`` variants skip the child; they are for callers that know the
+pages are accessible (the measurement loops), and a SIGBUS there kills the
+interpreter.
+
+:class:`TwinFile` (memfd, memfd_secret) and :class:`TwinGuestMemfd` own their fd;
+``close()`` is idempotent.  A mapping outlives the file it came from, as in
+the kernel (the VMA holds its own file reference), so it is unmapped separately.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Self
+
+from gmemlab import uapi
+from gmemlab.twin import _sys
+from gmemlab.twin.child import Progress, run_in_child
+
+
+@dataclass(slots=True, eq=False)
+class TwinMapping:
+    """One ``mmap(2)`` region; ``munmap()`` is idempotent."""
+
+    _addr: int
+    _length: int
+    may_sigbus: bool
+    what: str
+    _mapped: bool = True
+
+    @property
+    def addr(self) -> int:
+        return self._addr
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def mapped(self) -> bool:
+        return self._mapped
+
+    def _range(self, offset: int, length: int) -> int:
+        if not self._mapped:
+            raise ValueError(f"{self.what}: mapping already unmapped")
+        if offset < 0 or length < 0 or offset + length > self._length:
+            raise ValueError(
+                f"{self.what}: [{offset:#x}, {offset + length:#x}) outside the {self._length:#x}-byte mapping"
+            )
+        return self._addr + offset
+
+    # --- accesses that may take SIGBUS: in a child when the mapping is file-backed ---------
+    def read(self, offset: int, length: int) -> bytes:
+        """Load ``length`` bytes (user loads; page faults as the kernel serves them)."""
+        start = self._range(offset, length)
+        if not self.may_sigbus:
+            return ctypes.string_at(start, length)
+        return run_in_child(
+            lambda p: b"".join(ctypes.string_at(a, n) for a, n in _pages(p, start, length)),
+            f"read {self.what}",
+        )
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Store ``data`` at ``offset``."""
+        start = self._range(offset, len(data))
+        if not self.may_sigbus:
+            ctypes.memmove(start, data, len(data))
+            return
+
+        def store(p: Progress) -> bytes:
+            for a, n in _pages(p, start, len(data)):
+                ctypes.memmove(a, data[a - start : a - start + n], n)
+            return b""
+
+        run_in_child(store, f"write {self.what}")
+
+    def fill(self, offset: int, length: int, value: int) -> None:
+        """``memset`` of ``length`` bytes to ``value``."""
+        start = self._range(offset, length)
+        if not self.may_sigbus:
+            ctypes.memset(start, value, length)
+            return
+
+        def store(p: Progress) -> bytes:
+            for a, n in _pages(p, start, length):
+                ctypes.memset(a, value, n)
+            return b""
+
+        run_in_child(store, f"fill {self.what}")
+
+    # --- in-process fast path: only for pages known to be accessible ----------------------
+    def read_in_process(self, offset: int, length: int) -> bytes:
+        """Like :meth:`read` but in this process: a SIGBUS kills the interpreter."""
+        return ctypes.string_at(self._range(offset, length), length)
+
+    def fill_in_process(self, offset: int, length: int, value: int) -> None:
+        """Like :meth:`fill` but in this process: a SIGBUS kills the interpreter."""
+        ctypes.memset(self._range(offset, length), value, length)
+
+    # --- syscalls on the range -----------------------------------------------------------
+    def mlock(self) -> None:
+        """``mlock(2)`` the whole mapping."""
+        _sys.mlock(self._range(0, self._length), self._length)
+
+    def madvise(self, advice: int) -> None:
+        """``madvise(2)`` the whole mapping."""
+        _sys.madvise(self._range(0, self._length), self._length, advice)
+
+    def munmap(self) -> None:
+        """``munmap(2)``; a second call does nothing."""
+        if self._mapped:
+            self._mapped = False
+            _sys.munmap(self._addr, self._length)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.munmap()
+
+
+def _pages(progress: Progress, start: int, length: int) -> Iterator[tuple[int, int]]:
+    """Yield [start, start+length) split at page boundaries, announcing each piece first."""
+    addr, end = start, start + length
+    while addr < end:
+        n = min(end, (addr | (uapi.PAGE_SIZE - 1)) + 1) - addr
+        progress.set(addr)
+        yield addr, n
+        addr += n
+
+
+@dataclass(slots=True, eq=False)
+class TwinFile(_sys.FdOwner):
+    """A mappable file we own the fd of: memfd, memfd_secret (and, below, guest_memfd)."""
+
+    kind: str
+
+    def mmap(self, length: int, offset: int = 0, *, shared: bool = True) -> TwinMapping:
+        """``mmap(2)`` read/write, ``MAP_SHARED`` (or ``MAP_PRIVATE`` if not ``shared``)."""
+        flags = _sys.MAP_SHARED if shared else _sys.MAP_PRIVATE
+        prot = _sys.PROT_READ | _sys.PROT_WRITE
+        addr = _sys.mmap(length, prot, flags, self.fileno(), offset, what=f"mmap({self.kind})")
+        return TwinMapping(addr, length, may_sigbus=True, what=f"{self.kind} mapping")
+
+    def fstat(self) -> os.stat_result:
+        """``fstat(2)``."""
+        with _sys.kernel_call(f"fstat({self.kind})"):
+            return os.fstat(self.fileno())
+
+    def ftruncate(self, length: int) -> None:
+        """``ftruncate(2)``."""
+        with _sys.kernel_call(f"ftruncate({self.kind})"):
+            os.ftruncate(self.fileno(), length)
+
+
+@dataclass(slots=True, eq=False)
+class TwinGuestMemfd(TwinFile):
+    """A guest_memfd file (from ``KVM_CREATE_GUEST_MEMFD``); every call is the real syscall."""
+
+    _size: int = 0
+    _flags: int = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def flags(self) -> int:
+        return self._flags
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """``fallocate(2)`` (``kvm_gmem_fallocate``)."""
+        _sys.fallocate(self.fileno(), mode, offset, length)
+
+    def read(self, length: int) -> bytes:
+        """``read(2)``."""
+        with _sys.kernel_call("read(guest_memfd)"):
+            return os.read(self.fileno(), length)
+
+    def write(self, data: bytes) -> int:
+        """``write(2)``."""
+        with _sys.kernel_call("write(guest_memfd)"):
+            return os.write(self.fileno(), data)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """``pread64(2)``."""
+        with _sys.kernel_call("pread(guest_memfd)"):
+            return os.pread(self.fileno(), length, offset)
+
+    def pwrite(self, data: bytes, offset: int) -> int:
+        """``pwrite64(2)``."""
+        with _sys.kernel_call("pwrite(guest_memfd)"):
+            return os.pwrite(self.fileno(), data, offset)
+
+    def lseek(self, offset: int, whence: int) -> int:
+        """``lseek(2)``."""
+        with _sys.kernel_call("lseek(guest_memfd)"):
+            return os.lseek(self.fileno(), offset, whence)

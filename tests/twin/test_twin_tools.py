@@ -1,0 +1,94 @@
+"""gmemlab probe and gmemlab measure: their logic and their command-line glue."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from gmemlab import twin, uapi
+from gmemlab.commands import measure as measure_cmd
+from gmemlab.commands import probe as probe_cmd
+from gmemlab.twin.measure import KINDS, SCHEMA, MeasureConfig, format_report, run_measurement
+from gmemlab.twin.probe import format_probe, probe
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gmemlab")
+    sub = parser.add_subparsers()
+    probe_cmd.register(sub)
+    measure_cmd.register(sub)
+    return parser
+
+
+def test_probe_without_kvm() -> None:
+    report = probe(twin.TwinHost(kvm_path="/nonexistent/kvm"))
+    assert report["kvm"]["available"] is False
+    assert "/nonexistent/kvm" in report["kvm"]["reason"]
+    assert "unavailable" in format_probe(report)
+
+
+def test_probe(host: twin.TwinHost) -> None:
+    report = probe(host)
+    json.dumps(report)
+    kvm = report["kvm"]
+    assert kvm["api_version"] == 12
+    assert kvm["caps"]["KVM_CAP_GUEST_MEMFD"] == 1
+    default = kvm["vm_types"]["DEFAULT"]
+    cap = default["guest_memfd_flags_cap"]
+    assert sum(1 << b for b in default["guest_memfd_bits_accepted"]) == cap
+    assert default["guest_memfd_bits_rejected_with"] == ["EINVAL"]
+    assert report["memfd_secret"] == "ok"
+    text = format_probe(report)
+    assert "KVM_CAP_GUEST_MEMFD_FLAGS" in text and "NO_DIRECT_MAP" in text
+
+
+def test_probe_command_json(host: twin.TwinHost, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _parser().parse_args(["probe", "--json"])
+    assert args.handler(args) == 0
+    assert json.loads(capsys.readouterr().out)["kvm"]["available"] is True
+
+
+def test_measure_tiny(shared_host: twin.TwinHost) -> None:
+    config = MeasureConfig(size=256 * 1024, reps=2, roundtrip_iterations=20, cpu=None)
+    messages: list[str] = []
+    result = run_measurement(config, shared_host, progress=messages.append)
+    assert result["schema"] == SCHEMA
+    assert result["config"]["pages"] == 64
+    for kind in ("anon", "memfd", "guest_memfd", "memfd_secret"):
+        stats = result["fault_ns_per_page"][kind]
+        assert len(stats["samples"]) == 2
+        assert stats["min"] <= stats["median"] <= stats["max"]
+    assert result["guest"]["pf_fixed_per_page"] >= 1
+    assert result["guest"]["insn_emulation_per_page"] < 0.5
+    assert result["kvm_run"]["exit_roundtrip_ns"]["median"] > 0
+    assert set(result["direct_map_kB"]["total_delta"]) == {"4k", "2M", "1G"}
+    assert all(f"rep 1/2: {k}" in messages for k in KINDS)
+    json.dumps(result)
+    assert "secretmem / guest_memfd fault" in format_report(result)
+
+
+def test_measure_command(shared_host: twin.TwinHost, tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    argv = ["measure", "--size-mib", "1", "--reps", "1", "--iterations", "10", "--quiet", "--cpu", "-1"]
+    args = _parser().parse_args([*argv, "--out", str(out)])
+    assert args.handler(args) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["size_bytes"] == 1 << 20
+    assert result["machine"]["pinned_cpu"] is None
+
+
+def test_measure_rejects_bad_sizes() -> None:
+    from gmemlab.cli import UsageError
+
+    args = _parser().parse_args(["measure", "--size-mib", "0"])
+    with pytest.raises(UsageError):
+        args.handler(args)
+
+
+def test_quick_config() -> None:
+    quick = MeasureConfig.quick()
+    assert quick.size < MeasureConfig().size
+    assert quick.pages == quick.size // uapi.PAGE_SIZE
