@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Self, TypeVar
 
+from gmemlab import api
 from gmemlab.api import DirectMapCounters, KernelError, MemoryFault, SigBus, VcpuExit
 from gmemlab.guest import GuestProgram
 from gmemlab.model.fs import (
@@ -74,6 +75,12 @@ T = TypeVar("T")
 EBADF, EIO, ENOMEM, EEXIST, ENODEV, EINVAL = 9, 5, 12, 17, 19, 22
 KVM_MAX_VCPU_IDS = 4096
 VCPU_MMAP_SIZE = 3 * PAGE_SIZE
+
+
+def _ours(mapping: api.Mapping) -> Mapping:
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{mapping!r} is not a mapping of this modelled host")
+    return mapping
 
 
 def _check(r: int, what: str) -> int:
@@ -323,13 +330,15 @@ class VmFd(_Owned):
 
     def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int,
                                 memory_size: int, userspace_addr: int = 0,
-                                guest_memfd: GuestMemfd | int | None = None,
+                                guest_memfd: api.GuestMemfd | int | None = None,
                                 guest_memfd_offset: int = 0) -> None:
         h = self.host
-        if isinstance(guest_memfd, GuestMemfd):
-            gfd = guest_memfd.fileno()
+        if guest_memfd is None:
+            gfd = 0
+        elif isinstance(guest_memfd, int):
+            gfd = guest_memfd
         else:
-            gfd = 0 if guest_memfd is None else guest_memfd
+            gfd = guest_memfd.fileno()
         _check(h.run(kvm_set_memory_region(h.m, self.kvm, slot, flags, guest_phys_addr,
                                            memory_size, userspace_addr, gfd,
                                            guest_memfd_offset)),
@@ -463,9 +472,9 @@ class Host:
     def meminfo(self) -> DirectMapCounters:
         return self.m.meminfo()
 
-    def pipe_write_from(self, mapping: Mapping, offset: int, length: int) -> int:
+    def pipe_write_from(self, mapping: api.Mapping, offset: int, length: int) -> int:
         """``write(pipe, addr, len)``: ``copy_from_user`` through the VMM's page tables."""
-        addr = mapping._range(offset, length)
+        addr = _ours(mapping)._range(offset, length)
         copied = 0
 
         def op(pfn: int, poff: int, boff: int, n: int) -> None:
@@ -477,9 +486,9 @@ class Host:
             raise KernelError(EFAULT, "write(pipe): copy_from_user")
         return copied
 
-    def _gup_read(self, mapping: Mapping, offset: int, length: int, flags: int, fn: str,
+    def _gup_read(self, mapping: api.Mapping, offset: int, length: int, flags: int, fn: str,
                   err: int) -> bytes:
-        addr = mapping._range(offset, length)
+        addr = _ours(mapping)._range(offset, length)
         first = addr & ~(PAGE_SIZE - 1)
         npages = -(-(addr + length - first) // PAGE_SIZE)
         pages = self.run(get_user_pages(self.m, self.proc, first, npages, flags, fn))
@@ -495,17 +504,17 @@ class Host:
             raise KernelError(err, fn)
         return bytes(out)
 
-    def proc_mem_read(self, mapping: Mapping, offset: int, length: int) -> bytes:
+    def proc_mem_read(self, mapping: api.Mapping, offset: int, length: int) -> bytes:
         """``/proc/self/mem`` read: ``access_remote_vm(FOLL_FORCE)``; nothing read is EIO."""
         return self._gup_read(mapping, offset, length, FOLL_FORCE, "access_remote_vm", EIO)
 
-    def process_vm_readv(self, mapping: Mapping, offset: int, length: int) -> bytes:
+    def process_vm_readv(self, mapping: api.Mapping, offset: int, length: int) -> bytes:
         return self._gup_read(mapping, offset, length, FOLL_PIN, "pin_user_pages_remote", EFAULT)
 
-    def vmsplice(self, mapping: Mapping, offset: int, length: int) -> int:
+    def vmsplice(self, mapping: api.Mapping, offset: int, length: int) -> int:
         return len(self._gup_read(mapping, offset, length, 0, "iov_iter_get_pages", EFAULT))
 
-    def odirect_read_into(self, mapping: Mapping, offset: int, length: int) -> int:
+    def odirect_read_into(self, mapping: api.Mapping, offset: int, length: int) -> int:
         """An O_DIRECT read into the mapping: the block layer pins the buffer for writing."""
         pages = self._gup_read(mapping, offset, length, FOLL_WRITE | FOLL_PIN | FOLL_LONGTERM,
                                "bio_iov_iter_get_pages", EFAULT)
