@@ -78,25 +78,36 @@ class DirectMap:
                 self._map(lo, hi, level)
 
     def _map(self, lo: int, hi: int, level: int) -> None:
-        step = LEVEL_PAGES[level]
-        for base in range(lo, hi, step):
+        if level == LEVEL_4K:
+            self._map_4k(lo, hi)
+            return
+        for base in range(lo, hi, LEVEL_PAGES[level]):
             r1 = base >> _PUD_SHIFT
             if level == LEVEL_1G:
                 self.pud[r1] = E_LEAF
-                self.count[LEVEL_1G] += 1
-                continue
-            self.pud[r1] = E_TABLE
-            r2 = base >> _PMD_SHIFT
-            if level == LEVEL_2M:
-                self.pmd[r2] = E_LEAF
-                self.count[LEVEL_2M] += 1
-                continue
+            else:
+                self.pud[r1] = E_TABLE
+                self.pmd[base >> _PMD_SHIFT] = E_LEAF
+            self.count[level] += 1
+
+    def _map_4k(self, lo: int, hi: int) -> None:
+        """Map [lo, hi) with 4K PTEs, one 2M region's PTE page at a time.
+
+        Page by page would give the same entries, but booting a machine is on
+        the checker's hot path (it rebuilds one per replayed schedule).
+        """
+        pos = lo
+        while pos < hi:
+            r2 = pos >> _PMD_SHIFT
+            end = min(hi, (r2 + 1) << _PMD_SHIFT)
+            self.pud[pos >> _PUD_SHIFT] = E_TABLE
             self.pmd[r2] = E_TABLE
             ptes = self.pte.get(r2)
             if ptes is None:
                 ptes = self.pte[r2] = bytearray(PAGES_PER_PMD)
-            ptes[base & 511] = PTE_PRESENT
-            self.count[LEVEL_4K] += 1
+            ptes[pos & 511 : ((end - 1) & 511) + 1] = bytes((PTE_PRESENT,)) * (end - pos)
+            self.count[LEVEL_4K] += end - pos
+            pos = end
 
     # --- lookups ------------------------------------------------------------------------
     def leaf(self, pfn: int) -> tuple[int, int, bool] | None:
