@@ -45,7 +45,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Cell]], *, indent: int
     return "\n".join([line(headers), sep, *(line(r) for r in cells)])
 
 
-def dump_json(obj: Any, out: TextIO = sys.stdout) -> None:
+def dump_json(obj: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
     json.dump(obj, out, indent=2, sort_keys=False, default=str)
     out.write("\n")
 

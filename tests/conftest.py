@@ -52,3 +52,19 @@ def host(request: pytest.FixtureRequest) -> Iterator[api.Host]:
 @pytest.fixture
 def model() -> ModelHost:
     return model_host()
+
+
+def skip_to_large_leaf(h: ModelHost) -> None:
+    """Give the kernel the frames ahead of the first one inside a 2M leaf, so the next
+    guest_memfd folio's zap must split the direct map."""
+    from gmemlab.model.mm.direct_map import LEVEL_4K
+
+    m = h.machine
+    while True:
+        pfn = m.alloc.take()
+        assert pfn is not None, "no frame in a large direct-map leaf"
+        leaf = m.dmap.leaf(pfn)
+        if leaf is not None and leaf[0] != LEVEL_4K:
+            m.alloc.give(pfn)
+            return
+        m.mem.reset_for_alloc(pfn, 3)  # KIND_KERNEL: the kernel keeps it

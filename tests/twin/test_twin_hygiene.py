@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 
 import pytest
@@ -35,18 +34,17 @@ SLACK_LINES = 4
 SLACK_BYTES = 16 << 20
 
 
-def _cycles(n: int, body: Callable[[], None], budget_s: float) -> None:
+def _cycles(n: int, body: Callable[[], None]) -> None:
+    """Run ``body`` ``n`` times; nothing it opens or maps may be left behind (time is not judged:
+    tests do not fail on timing)."""
     body()  # let caches (CPUID, native code, O_DIRECT dir) settle before counting
     fds, (lines, size) = _fds(), _maps()
-    start = time.monotonic()
     for _ in range(n):
         body()
-    elapsed = time.monotonic() - start
     lines_after, size_after = _maps()
     assert _fds() == fds
     assert lines_after - lines <= SLACK_LINES
     assert size_after - size <= SLACK_BYTES
-    assert elapsed < budget_s, f"{n} cycles took {elapsed:.1f}s"
 
 
 def test_guest_memfd_cycles(shared_host: twin.TwinHost) -> None:
@@ -57,7 +55,7 @@ def test_guest_memfd_cycles(shared_host: twin.TwinHost) -> None:
                 m.fill_in_process(0, PAGE, 1)
                 g.fallocate(uapi.FALLOC_FL_KEEP_SIZE | uapi.FALLOC_FL_PUNCH_HOLE, 0, PAGE)
 
-        _cycles(3000, body, budget_s=10)
+        _cycles(3000, body)
 
 
 def test_failed_calls_leak_nothing(host: twin.TwinHost) -> None:
@@ -69,7 +67,7 @@ def test_failed_calls_leak_nothing(host: twin.TwinHost) -> None:
             with vm.create_guest_memfd(PAGE) as g, pytest.raises(api.KernelError):
                 g.mmap(PAGE)
 
-        _cycles(2000, body, budget_s=5)
+        _cycles(2000, body)
 
 
 def test_memfd_secret_cycles(host: twin.TwinHost) -> None:
@@ -79,7 +77,7 @@ def test_memfd_secret_cycles(host: twin.TwinHost) -> None:
             with f.mmap(PAGE) as m:
                 m.fill_in_process(0, PAGE, 7)
 
-    _cycles(2000, body, budget_s=10)
+    _cycles(2000, body)
 
 
 def test_vm_and_vcpu_cycles(host: twin.TwinHost) -> None:
@@ -91,7 +89,7 @@ def test_vm_and_vcpu_cycles(host: twin.TwinHost) -> None:
             vcpu.stats()
             vm.stats()
 
-    _cycles(300, body, budget_s=15)
+    _cycles(300, body)
 
 
 def test_child_access_cycles(host: twin.TwinHost) -> None:
@@ -104,4 +102,4 @@ def test_child_access_cycles(host: twin.TwinHost) -> None:
                 with pytest.raises(api.SigBus):
                     m.read(PAGE, 1)
 
-            _cycles(200, body, budget_s=10)
+            _cycles(200, body)

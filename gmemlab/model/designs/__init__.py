@@ -3,7 +3,10 @@
 ``v12`` is the reference.  ``v9`` and ``v7`` are those versions as posted,
 ``noflush`` is v12 without the TLB flush (Firecracker's opt-out), ``pagecache``
 is the page-cache-level design proposed after v12, and ``base`` is mainline
-without the series (the kernel our machines run).
+without the series (the kernel our machines run).  ``batch``, ``falloc``,
+``zap2m`` and ``pool`` are the cost strategies discussed around the series
+(flush batching, zap at fallocate, 2 MiB fault-around, an unmapped frame pool);
+none was posted as code.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gmemlab.model.designs.base import Design
+from gmemlab.model.designs.batched import BatchedFlush
+from gmemlab.model.designs.falloc import FallocRange
 from gmemlab.model.designs.noflush import NoFlush
 from gmemlab.model.designs.pagecache import PageCache
+from gmemlab.model.designs.pool import UnmappedPool
 from gmemlab.model.designs.v7 import V7
 from gmemlab.model.designs.v9 import V9
 from gmemlab.model.designs.v12 import V12
+from gmemlab.model.designs.zap2m import Zap2M
 
 DESIGNS: dict[str, Callable[[], Design]] = {
     "v12": V12,
@@ -24,6 +31,10 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     "noflush": NoFlush,
     "pagecache": PageCache,
     "base": Design,
+    "batch": BatchedFlush,
+    "falloc": FallocRange,
+    "zap2m": Zap2M,
+    "pool": UnmappedPool,
 }
 SERIES_DESIGNS = ("v12", "v9", "v7", "noflush", "pagecache")
 

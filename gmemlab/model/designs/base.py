@@ -26,6 +26,7 @@ from gmemlab.model.kvm.guest_memfd import (
     folio_inode,
     kvm_arch_gmem_invalidate,
     kvm_arch_gmem_prepare,
+    kvm_gmem_allocate,
     kvm_gmem_get_file,
     kvm_gmem_get_folio,
     kvm_gmem_get_index,
@@ -47,7 +48,7 @@ from gmemlab.model.task import KGen
 from gmemlab.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT
 
 if TYPE_CHECKING:
-    from gmemlab.model.fs import File
+    from gmemlab.model.fs import File, Inode
     from gmemlab.model.kvm.kvm_main import Kvm, Memslot
     from gmemlab.model.machine import Machine
 
@@ -142,6 +143,14 @@ class Design:
     def filemap_add_undo(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[None]:
         """Undo ``filemap_add_hook`` when the insertion lost a race (-EEXIST)."""
         yield from ()
+
+    def filemap_alloc_folio(self, m: Machine, mapping: AddressSpace, index: int) -> KGen[int]:
+        """``filemap_alloc_folio()``: a new folio for ``index`` of ``mapping`` (pfn or -ENOMEM)."""
+        return (yield from alloc_page(m, mapping.gfp_mask, kind="file"))
+
+    def kvm_gmem_allocate(self, m: Machine, inode: Inode, offset: int, length: int) -> KGen[int]:
+        """``kvm_gmem_allocate()``, the allocating half of ``kvm_gmem_fallocate()``."""
+        return (yield from kvm_gmem_allocate(m, inode, offset, length))
 
     def describe(self) -> str:
         return f"{self.name}: {self.title}"

@@ -68,7 +68,7 @@ class PageCache(V12):
     def _filemap_remove_restore(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[None]:
         if mapping_no_direct_map(mapping):
             m.trace.emit("filemap_remove_folio", "restore", folio)
-            if m.inv.enabled:
+            if m.inv.enabled and mapping.kind == "guest_memfd":  # kvm_arch_gmem_invalidate: gmem's
                 m.inv.on_restore(folio)
             yield from self.folio_restore_direct_map(m, folio)
 

@@ -291,7 +291,7 @@ def kvm_gmem_fallocate(m: Machine, file: File, mode: int, offset: int, length: i
         return -EINVAL
     if mode & FALLOC_FL_PUNCH_HOLE:
         return (yield from kvm_gmem_punch_hole(m, file.inode, offset, length))
-    return (yield from kvm_gmem_allocate(m, file.inode, offset, length))
+    return (yield from m.design.kvm_gmem_allocate(m, file.inode, offset, length))
 
 
 def kvm_gmem_punch_hole(m: Machine, inode: Inode, offset: int, length: int) -> KGen[int]:

@@ -15,7 +15,9 @@ Models ``mm/filemap.c`` and ``mm/truncate.c``.  What the series relies on:
 
 Designs hook two points (``design.filemap_add_hook``, ``design.filemap_remove_hook``):
 the page-cache-level design proposed after v12 zaps on insertion and restores on
-removal there.
+removal there.  Where a new folio comes from is the design's too
+(``design.filemap_alloc_folio``): the unmapped-allocator ideas hand out frames
+that are already out of the direct map.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from gmemlab.model.mm.folio import folio_get, folio_lock, folio_put, folio_unlock
 from gmemlab.model.mm.memmap import KIND_FILE, PG_locked
-from gmemlab.model.mm.page_alloc import alloc_page
 from gmemlab.model.mm.xarray import EMPTY, XArray
 from gmemlab.model.task import KGen
 
@@ -140,7 +141,7 @@ def filemap_get_folio(m: Machine, mapping: AddressSpace, index: int, fgp: int) -
             continue
         if not fgp & FGP_CREAT:
             return -ENOENT
-        pfn = yield from alloc_page(m, mapping.gfp_mask, kind="file")
+        pfn = yield from m.design.filemap_alloc_folio(m, mapping, index)
         if pfn < 0:
             return -ENOMEM
         err = yield from filemap_add_folio(m, mapping, pfn, index)

@@ -74,6 +74,7 @@ class MemMap:
         "s2count",
         "state",
         "taint_full",
+        "taint_watch",
     )
 
     def __init__(self, nr_pages: int) -> None:
@@ -99,6 +100,9 @@ class MemMap:
         self.dense: dict[int, bytearray] = {}
         self.taint_full = bytearray(nr_pages)
         self.dense_taint: dict[int, bytearray] = {}
+        # Frames whose taint may have changed, collected for an observer (the exposure
+        # analysis) while it is set; None costs the kernel paths nothing.
+        self.taint_watch: set[int] | None = None
 
     # --- state ----------------------------------------------------------------------
     def allocated(self, pfn: int) -> bool:
@@ -162,6 +166,8 @@ class MemMap:
             self.fill[pfn] = value
             self.dense_taint.pop(pfn, None)
             self.taint_full[pfn] = 1 if secret else 0
+            if self.taint_watch is not None:
+                self.taint_watch.add(pfn)
             return
         buf = self.dense.get(pfn)
         if buf is None and self.fill[pfn] != value:
@@ -176,6 +182,8 @@ class MemMap:
         self.dense_taint.pop(pfn, None)
         self.fill[pfn] = 0
         self.taint_full[pfn] = 0
+        if self.taint_watch is not None:
+            self.taint_watch.add(pfn)
 
     def secret_bytes(self, pfn: int) -> int:
         if self.taint_full[pfn]:
@@ -191,6 +199,8 @@ class MemMap:
         return buf
 
     def _taint(self, pfn: int, off: int, n: int, secret: bool) -> None:
+        if self.taint_watch is not None:
+            self.taint_watch.add(pfn)
         mask = self.dense_taint.get(pfn)
         if mask is None:
             full = self.taint_full[pfn]

@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from gmemlab.model.mm.memmap import FRAME_FREE, KIND_NAMES, KIND_NONE, MemMap
+from gmemlab.model.mm.memmap import FRAME_ALLOCATED, FRAME_FREE, KIND_KERNEL, KIND_NAMES, KIND_NONE, MemMap
 from gmemlab.model.mm.tlb import kernel_access
 from gmemlab.model.task import KGen
 
@@ -33,6 +33,7 @@ GFP_HIGHUSER_ZERO = GFP_HIGHUSER | __GFP_ZERO
 ENOMEM = 12
 _KIND_BY_NAME = {v: k for k, v in KIND_NAMES.items()}
 _NORMAL_START = 1 << 20  # pfn of 4 GiB
+_RESERVED_END = 0x100  # pfn of 1 MiB
 
 
 class PageAllocator:
@@ -41,7 +42,19 @@ class PageAllocator:
     __slots__ = ("_cursor", "_ranges", "freelist", "nr_free")
 
     def __init__(self, mem: MemMap, ram: Iterable[tuple[int, int]]) -> None:
-        ranges = sorted(ram, key=lambda r: (r[0] < _NORMAL_START, r[0]))
+        # x86 reserves the first 1 MiB at boot (reserve_real_mode & co.): RAM, in the
+        # direct map, owned by the kernel, never handed out.
+        ranges = []
+        for lo, hi in ram:
+            if lo < _RESERVED_END:
+                mem.state[lo : min(hi, _RESERVED_END)] = bytes((FRAME_ALLOCATED,)) * (
+                    min(hi, _RESERVED_END) - lo)
+                mem.kind[lo : min(hi, _RESERVED_END)] = bytes((KIND_KERNEL,)) * (
+                    min(hi, _RESERVED_END) - lo)
+                lo = _RESERVED_END
+            if lo < hi:
+                ranges.append((lo, hi))
+        ranges.sort(key=lambda r: (r[0] < _NORMAL_START, r[0]))
         self._ranges = [list(r) for r in ranges]  # [next never-used pfn, end]
         self._cursor = 0
         self.freelist = array("q")
@@ -78,6 +91,24 @@ class PageAllocator:
                 self._cursor += 1
         self.nr_free -= len(out)
         return out
+
+    def take_block(self, nr: int) -> int | None:
+        """The first frame of a naturally aligned run of ``nr`` (a power of two) frames.
+
+        Only never-used RAM is searched: the model keeps no buddy lists, so freed
+        frames never merge back into runs.  Frames skipped to reach the alignment
+        stay first in line, as a buddy allocator keeps them as smaller free blocks.
+        """
+        ranges = self._ranges
+        for i in range(self._cursor, len(ranges)):
+            lo, hi = ranges[i]
+            base = -(-lo // nr) * nr
+            if base + nr <= hi:
+                ranges[i][1] = base
+                ranges.insert(i + 1, [base + nr, hi])
+                self.nr_free -= nr
+                return base
+        return None
 
     def give(self, pfn: int) -> None:
         self.freelist.append(pfn)

@@ -1,0 +1,68 @@
+"""``gmemlab run``, as a user runs it: the default lifecycle, JSON, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gmemlab.cli import main
+
+SMALL = ["--guest-mib", "4", "--vmm-write-mib", "1", "--punch-mib", "1", "--ram-gib", "1"]
+
+
+def test_default_lifecycle_holds_every_invariant(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "Invariants: all 14 held" in out
+    assert "gadget on cpu1 reads a guest page" in out and "blocked" in out
+    assert "DirectMap4k" in out
+
+
+def test_json_report(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    plot = tmp_path / "dm.png"
+    assert main(["run", *SMALL, "--json", "--trace", str(trace), "--plot", str(plot)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["design"] == "v12" and report["crashed"] is None
+    assert set(report["invariants"].values()) == {0}
+    assert report["counts"]["zaps"] == report["counts"]["restores"] > 0
+    assert report["direct_map"]["splits"]["2M"] > 0
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert any(e["event"] == "dmap_clear" and e["fn"] == "set_direct_map_valid_noflush" for e in events)
+    assert plot.stat().st_size > 1000
+
+
+def test_v7_crashes_and_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", *SMALL, "--design", "v7"]) == 1
+    out = capsys.readouterr().out
+    assert "The modelled kernel crashed" in out and "not-present page" in out
+    assert "free-frame-in-direct-map" in out
+
+
+def test_baseline_without_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", *SMALL, "--design", "base", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "does not offer NO_DIRECT_MAP" in report["note"]
+    assert report["flags"] == "MMAP|INIT_SHARED" and report["counts"]["zaps"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--design", "v13"], "invalid choice: 'v13'"),
+        (["--guest-mib", "0"], "at least 1 MiB"),
+        (["--guest-mib", "100000"], "does not fit"),
+        (["--cpus", "0"], "ncpus must be"),
+        (["--punch-mib", "1000"], "--punch-mib"),
+        (["--profile", "sparc"], "invalid choice: 'sparc'"),
+    ],
+)
+def test_bad_input_is_a_clear_error(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "gmemlab", "run", *args],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
