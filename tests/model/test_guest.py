@@ -91,3 +91,25 @@ def test_punch_hole_zaps_the_guest_mapping_and_refaults_zeroed() -> None:
     g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, PAGE)
     assert h.machine.trace.counts["spte_zap"] == 1
     assert run_program(vcpu, GuestProgram().report(GPA)).reports == [0]
+
+
+def test_two_vms_on_one_inode() -> None:
+    """gmem_file per VM on one inode: a punch-hole through either file zaps both VMs' SPTEs,
+    and memory lives as long as the inode, not a file (series-spec §3.6; anchors §B.4)."""
+    h = model_host()
+    a = h.open_kvm().create_vm()
+    b = h.open_kvm().create_vm()
+    ga = a.create_guest_memfd(PAGE, ALL)
+    gb = b.link_guest_memfd(ga)
+    a.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, GPA, PAGE, 0, ga, 0)
+    b.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, 2 * GPA, PAGE, 0, gb, 0)
+    assert run_program(a.create_vcpu(0), GuestProgram().fill(GPA, PAGE, 0x3A)).ok
+    vb = b.create_vcpu(0)
+    assert run_program(vb, GuestProgram().report(2 * GPA)).reports == [0x3A]  # the same folio
+    pfn = ga.pfn(0)
+    assert h.machine.mem.s2count[pfn] == 2
+    gb.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, PAGE)
+    assert h.machine.mem.s2count[pfn] == 0 and h.machine.dmap.present(pfn)
+    assert run_program(vb, GuestProgram().fill(2 * GPA, PAGE, 0x4B)).ok
+    ga.close()  # the inode lives on through B's file
+    assert run_program(vb, GuestProgram().report(2 * GPA)).reports == [0x4B]
