@@ -37,7 +37,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from gmemlab.model.designs._block import alloc_block, folio_zap_direct_map_noflush, set_direct_map_block_noflush
+from gmemlab.model.designs._block import (
+    alloc_block,
+    folio_zap_direct_map_noflush,
+    set_direct_map_block_noflush,
+)
 from gmemlab.model.designs.base import Design, FaultResult, GetPfnResult
 from gmemlab.model.designs.v12 import V12
 from gmemlab.model.kvm.guest_memfd import kvm_arch_gmem_invalidate
