@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "gmemlab.commands.probe",
     "gmemlab.commands.measure",
     "gmemlab.commands.conformance",
+    "gmemlab.commands.expose",
 )
 
 Handler = Callable[[argparse.Namespace], int]

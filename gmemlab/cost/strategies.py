@@ -1,0 +1,62 @@
+"""Strategies by name: a design of :mod:`gmemlab.model.designs`, optionally with a parameter.
+
+``NAME`` is any registered design; ``batch:N`` is the batched flush with N zaps
+per flush, ``falloc:N`` zap-at-fallocate with N folios per flush.  Every call
+makes a fresh design instance: the strategies keep per-machine state.
+"""
+
+from __future__ import annotations
+
+from gmemlab.model.designs import DESIGNS, Design, get_design
+from gmemlab.model.designs.batched import BatchedFlush
+from gmemlab.model.designs.falloc import FallocRange
+
+# The strategies issue 5 compares, in table order; ``base`` is "no removal".
+STRATEGIES = ("base", "v12", "noflush", "batch", "batch:512", "falloc", "zap2m", "pool", "pagecache")
+BASELINE = "base"
+
+STRATEGY_TITLES = {
+    "base": "no removal (guest_memfd without NO_DIRECT_MAP)",
+    "v12": "zap + flush per fault (v12)",
+    "noflush": "zap, no flush (Firecracker 0039)",
+    "batch": "flush batched per N zaps",
+    "falloc": "zap + flush per fallocate chunk",
+    "zap2m": "2 MiB fault-around, one flush",
+    "pool": "unmapped pageblock pool + mermap",
+    "pagecache": "page-cache-level zap on insert",
+}
+
+_PARAMETRIZED = {"batch": BatchedFlush, "falloc": FallocRange}
+
+
+class UnknownStrategy(ValueError):
+    pass
+
+
+def make_design(spec: str) -> Design:
+    """A fresh design for ``spec`` (``NAME`` or ``NAME:N``)."""
+    name, _, arg = spec.partition(":")
+    if not arg:
+        if name not in DESIGNS:
+            raise UnknownStrategy(f"unknown design {name!r}; choose one of: {', '.join(DESIGNS)}")
+        return get_design(name)
+    factory = _PARAMETRIZED.get(name)
+    if factory is None:
+        raise UnknownStrategy(f"{name!r} takes no parameter (only {', '.join(_PARAMETRIZED)} do)")
+    try:
+        n = int(arg)
+    except ValueError:
+        raise UnknownStrategy(f"{spec!r}: the parameter must be an integer") from None
+    if n < 1:
+        raise UnknownStrategy(f"{spec!r}: the parameter must be positive")
+    return factory(n)
+
+
+def describe(spec: str) -> str:
+    name, _, arg = spec.partition(":")
+    title = STRATEGY_TITLES.get(name) or make_design(spec).title
+    if name == "batch":
+        return f"{title} (N={arg or BatchedFlush().batch})"
+    if name == "falloc":
+        return f"{title} ({arg or FallocRange().chunk} folios)"
+    return title
