@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "gmemlab.commands.measure",
     "gmemlab.commands.conformance",
     "gmemlab.commands.expose",
+    "gmemlab.commands.cost",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -28,8 +28,9 @@ machine with the measured number of CPUs.  The fit, in order:
 What stays a prior (anchors §E.4 unless noted): the direct-map PTE change
 (0.3 µs), a split's table fill (1 µs), the local INVLPG (0.1 µs, the
 ``arch/x86/mm/tlb.c`` estimate), the VMM's 4 KiB memcpy (0.4 µs, ~10 GB/s), an
-order-9 allocation (4 order-0 allocations), a mermap map+unmap (two PTE changes
-and an INVLPG).
+order-9 allocation handed out as 512 folios (512 order-0 allocations: the
+per-folio work, not the buddy list operation, is what an allocation costs
+[assumption]), a mermap map+unmap (two PTE changes and an INVLPG).
 
 The checks then compare what the fitted model predicts for each measured kind
 with the measurement.  The memfd_secret fault is predicted from events priced
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from gmemlab.cost.model import IPI_PRIOR_BASE_US, IPI_PRIOR_PER_CPU_US, CostModel, CostParams
-from gmemlab.uapi import PAGE_SIZE
+from gmemlab.uapi import PAGE_SIZE, PAGES_PER_PMD
 
 SCHEMA = "gmemlab.measure/1"
 DEFAULT_FILE = "calibration-6.18.44-fc-v657.json"  # measured on this project's machines
@@ -66,7 +67,7 @@ PRIORS = CostParams(
     user_fault=0.0,  # fitted
     guest_fault=0.0,  # fitted
     alloc_page=0.45,  # half of the 0.9 µs "allocation and page-cache insert" (realkernel §4.2), scaled
-    alloc_block=1.8,  # four order-0 allocations [unverified]
+    alloc_block=0.0,  # 512 folios, each paying an allocation's per-folio work: set from alloc_page
     pagecache_add=0.45,  # the other half, scaled
     zero_page=0.25,  # realkernel §4.2, scaled
     pte_change=0.3,  # anchors §E.4: 0.1-0.5 µs, CPA lock and PTE write
@@ -101,6 +102,7 @@ class Measurement:
     gmem_free: float
     secretmem_free: float
     secretmem_ipis_per_page: float | None
+    direct_map_kb: tuple[int, int, int] | None = None  # DirectMap4k/2M/1G before the runs
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -111,6 +113,7 @@ class Measurement:
             fault, free = d["fault_ns_per_page"], d["free_ns_per_page"]
             secret = fault["memfd_secret"]
             ipis = d.get("ipis_per_page") or {}
+            dm = (d.get("direct_map_kB") or {}).get("before")
             return cls(
                 source=source,
                 kernel=str(d["machine"]["kernel"]),
@@ -124,6 +127,7 @@ class Measurement:
                 gmem_free=free["guest_memfd"]["median"] / 1000,
                 secretmem_free=free["memfd_secret"]["median"] / 1000,
                 secretmem_ipis_per_page=ipis.get("memfd_secret"),
+                direct_map_kb=(int(dm["4k"]), int(dm["2M"]), int(dm["1G"])) if dm else None,
                 provenance=dict(d.get("provenance", {})),
             )
         except (KeyError, TypeError) as e:
@@ -270,6 +274,7 @@ def calibrate(meas: Measurement, comp: Composition | None = None) -> Calibration
     shares = {"alloc_page": REF_SHARES["alloc_insert"] / 2, "pagecache_add": REF_SHARES["alloc_insert"] / 2,
               "zero_page": REF_SHARES["zero_page"]}
     p = replace(PRIORS, **{k: shares[k] * scale for k in SCALED}, ipi_base=0.0, ipi_per_cpu=0.0)
+    p = replace(p, alloc_block=PAGES_PER_PMD * p.alloc_page)
 
     def solve(p: CostParams, field_: str, event: str, measured: float, kind: str) -> CostParams:
         events = comp[kind]

@@ -1,0 +1,209 @@
+"""``gmemlab cost``: what each direct-map-removal strategy costs, calibrated on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from gmemlab.cli import UsageError
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gmemlab.cost.strategies import STRATEGIES
+    from gmemlab.cost.workloads import COST_WORKLOADS
+
+    p = sub.add_parser(
+        "cost",
+        help="compare the cost of direct-map-removal strategies, calibrated on this machine",
+        description=(
+            "Run each strategy (a design of the model) on each workload at small sizes, scale the "
+            "kernel event counts to the requested size, and price them with per-event costs "
+            "calibrated from a gmemlab measure of this machine (the committed one, --calibration FILE, "
+            "or --measure to measure now). Prints the calibration (the model's prediction of each "
+            "measured cost against the measurement) and one table: time, slowdown against no removal, "
+            "flushes, IPIs, the direct map after, and the exposure; writes plots of slowdown against "
+            "CPU count, fragmentation, and exposure against cost. Workloads: "
+            + "; ".join(f"{w.name}: {w.summary}" for w in COST_WORKLOADS.values())
+        ),
+    )
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help="comma-separated designs (NAME, batch:N, falloc:N); default: %(default)s")
+    p.add_argument("--workloads", default=",".join(COST_WORKLOADS),
+                   help="comma-separated workloads; default: %(default)s")
+    p.add_argument("--gib", type=float, default=1.0, help="guest memory of each workload, GiB (default 1)")
+    p.add_argument("--model-pages", type=int, default=512,
+                   help="pages the model runs (and twice that) before scaling; a multiple of 512 "
+                        "(default 512)")
+    p.add_argument("--cpus", type=int, default=2, help="CPUs the table is priced for (default 2)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--calibration", metavar="FILE",
+                     help="a gmemlab measure JSON (default: the one committed for this machine)")
+    src.add_argument("--measure", action="store_true",
+                     help="measure this machine now (needs /dev/kvm; the quick 8 MiB measurement)")
+    p.add_argument("--save-measurement", metavar="FILE", help="with --measure: keep the measurement")
+    p.add_argument("--plot-dir", metavar="DIR", default="plots", help="where the PNGs go (default ./plots)")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the plots")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(handler=main)
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _say(quiet: bool) -> Any:
+    def progress(msg: str) -> None:
+        if not quiet:
+            print(f"cost: {msg}", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def _measurement(args: argparse.Namespace) -> Any:
+    from gmemlab.cost.calibrate import CalibrationError, Measurement, load_measurement, with_provenance
+
+    if not args.measure:
+        if args.save_measurement:
+            raise UsageError("--save-measurement needs --measure")
+        try:
+            return load_measurement(args.calibration)
+        except CalibrationError as e:
+            raise UsageError(str(e)) from None
+    import json
+
+    from gmemlab.twin import available
+    from gmemlab.twin.measure import MeasureConfig, run_measurement
+
+    ok, reason = available()
+    if not ok:
+        raise UsageError(f"--measure needs the real KVM: {reason}")
+    _say(args.quiet)("measuring this machine (gmemlab measure --quick)")
+    result = with_provenance(run_measurement(MeasureConfig.quick()), "gmemlab cost --measure")
+    if args.save_measurement:
+        Path(args.save_measurement).write_text(json.dumps(result, indent=2) + "\n")
+    return Measurement.from_json(result, args.save_measurement or "live measurement")
+
+
+def main(args: argparse.Namespace) -> int:
+    from gmemlab.cost.analysis import CostConfig, analyse
+    from gmemlab.cost.calibrate import CalibrationError, calibrate
+    from gmemlab.cost.plots import plot_exposure_cost, plot_fragmentation, plot_slowdown
+    from gmemlab.cost.strategies import BASELINE, UnknownStrategy, make_design
+    from gmemlab.cost.workloads import COST_WORKLOADS
+    from gmemlab.report import dump_json
+
+    strategies, workloads = _split(args.strategies), _split(args.workloads)
+    for s in strategies:
+        try:
+            make_design(s)
+        except UnknownStrategy as e:
+            raise UsageError(str(e)) from None
+    if BASELINE not in strategies:
+        strategies = (BASELINE, *strategies)  # slowdowns are against it
+    unknown = [w for w in workloads if w not in COST_WORKLOADS]
+    if unknown:
+        raise UsageError(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(COST_WORKLOADS)}")
+    if args.model_pages < 512 or args.model_pages % 512:
+        raise UsageError("--model-pages must be a positive multiple of 512 (whole 2 MiB blocks)")
+    if not args.gib > 0 or args.cpus < 1:
+        raise UsageError("--gib must be positive and --cpus at least 1")
+    cfg = CostConfig(strategies=strategies, workloads=workloads, gib=args.gib,
+                     model_pages=args.model_pages, ncpus=args.cpus)
+    if cfg.pages < 2 * cfg.model_pages:
+        raise UsageError(f"--gib {args.gib:g} is smaller than the model runs ({2 * cfg.model_pages} pages)")
+    say = _say(args.quiet)
+    meas = _measurement(args)
+    say(f"calibrating on {meas.source}")
+    try:
+        cal = calibrate(meas)
+    except CalibrationError as e:
+        raise UsageError(str(e)) from None
+    rows = analyse(cfg, cal, say)
+    plots = []
+    if not args.no_plot:
+        out = Path(args.plot_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        plots = [plot_slowdown(rows, cfg, out / "cost-slowdown-vs-cpus.png"),
+                 plot_fragmentation(rows, cfg, out / "cost-fragmentation.png"),
+                 plot_exposure_cost(rows, cfg, out / "cost-exposure-vs-cost.png")]
+    if args.json:
+        dump_json({
+            "config": {"gib": cfg.gib, "pages": cfg.pages, "model_pages": cfg.model_pages,
+                       "cpus": cfg.ncpus, "sweep": list(cfg.sweep)},
+            "calibration": cal.as_json(),
+            "rows": [r.as_json() for r in rows],
+            "plots": [str(p) for p in plots],
+        })
+        return 0
+    print(render(cal, rows, cfg, plots))
+    return 0
+
+
+def render(cal: Any, rows: Any, cfg: Any, plots: list[Path]) -> str:
+    from gmemlab.cost.analysis import crossing
+    from gmemlab.cost.strategies import BASELINE, describe
+    from gmemlab.cost.workloads import COST_WORKLOADS
+    from gmemlab.report import Cell, table
+
+    meas = cal.measurement
+    prov = meas.provenance
+    out = [f"gmemlab cost: {cfg.gib:g} GiB per workload ({cfg.pages:,} pages; the model ran "
+           f"{cfg.model_pages} and {2 * cfg.model_pages} pages and scaled), priced for {cfg.ncpus} CPUs",
+           "", f"Calibration: {meas.source} (kernel {meas.kernel}, {meas.cpus} CPUs"
+           + (f", measured {prov['date']}" if prov.get("date") else "") + ")"]
+    checks: list[list[Cell]] = [
+        [c.name, c.role, c.measured, c.predicted, None if c.error is None else f"{100 * c.error:+.1f}%",
+         c.unit] for c in cal.checks]
+    out.append(table(["measured quantity", "role", "measured", "model", "error", "unit"], checks,
+                     align="llrrrl"))
+    sm = cal.check("memfd_secret fault")
+    out.append(f"  memfd_secret per-page fault: model {sm.predicted:.2f} µs against measured "
+               f"{sm.measured:.2f} µs (error {100 * (sm.error or 0):+.2f}%; the measured reps ranged "
+               f"{meas.secretmem_fault_min:.2f}-{meas.secretmem_fault_max:.2f} µs). The IPI round trip is "
+               "fitted to the memfd_secret - guest_memfd difference, so this checks the arithmetic and "
+               "the event composition; memfd, the memfd_secret free and the IPI count are predictions.")
+    p = cal.params
+    out.append("  per-event costs (µs): " + ", ".join(f"{k} {v:.3g}" for k, v in p.as_dict().items()))
+    prior = p.with_ipi_model("prior")
+    out.append("  IPI round trip of a kernel TLB flush, fitted shape 1 + 0.2/CPU scaled to the measured "
+               f"{meas.cpus}-CPU figure (prior unscaled): "
+               + ", ".join(f"{n} CPUs {p.ipi_round(n):.1f} ({prior.ipi_round(n):.1f})"
+                           for n in (2, 4, 16, 64, 256)))
+    out.extend(f"  note: {n}" for n in cal.notes)
+    out += ["", "Strategies:"]
+    out.extend(f"  {s:<10} {describe(s)}" for s in cfg.strategies)
+    out += ["", "Side by side (time scaled to the workload size; IPIs = flushes x (CPUs - 1); "
+            "DirectMap after = this machine's counters before plus the splits; exposure = share of "
+            "the secret bytes a gadget reaches, peak / mean over the measured phases, from the model run)"]
+    headers = ["workload", "strategy", "time s", "us/page", "slowdown", "flushes", "IPIs", "2M splits",
+               "DM4k GiB", "DM2M GiB", "DM1G GiB", "exposed %", "broken invariants"]
+    trows: list[list[Cell]] = []
+    for r in rows:
+        dm = r.dm_after_kb or (math.nan, math.nan, math.nan)
+        expo = ("-" if r.exposure_peak is None
+                else f"{100 * r.exposure_peak:.0f} / {100 * (r.exposure_mean or 0):.0f}")
+        trows.append([r.workload, r.strategy, r.time_us / 1e6, r.per_page_us, r.slowdown, round(r.flushes),
+                      round(r.ipis), round(r.splits_2m), dm[0] / (1 << 20), dm[1] / (1 << 20),
+                      dm[2] / (1 << 20), expo, ", ".join(f"{k} x{v}" for k, v in r.violations.items())
+                      or "-"])
+    out.append(table(headers, trows, align="llrrrrrrrrrrl"))
+    out += ["", "Where the series' figures are reached (CPU count at which the slowdown gets there; "
+            "IPI cost fitted here / bare-metal IPI prior):"]
+    for workload in cfg.workloads:
+        w = COST_WORKLOADS[workload]
+        if not w.series_slowdown:
+            continue
+        never = f">{cfg.sweep[-1]}"
+        cells = []
+        for r in (r for r in rows if r.workload == workload and r.strategy != BASELINE):
+            here = crossing(r, cfg.sweep, w.series_slowdown) or never
+            bare = crossing(r, cfg.sweep, w.series_slowdown, "prior") or never
+            cells.append(f"{r.strategy} {here}/{bare}")
+        out.append(f"  {w.series_label} ({w.series_slowdown:g}x) on {workload}: " + ", ".join(cells))
+    if plots:
+        out += ["", "plots: " + ", ".join(str(p) for p in plots)]
+    return "\n".join(out)
