@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from gmemlab.api import run_program
 from gmemlab.guest import GuestProgram
 from gmemlab.model.host import GuestMemfd, Host, Mapping, MemFile, VcpuFd, VmFd
+from gmemlab.model.invariants import InvariantMode
 from gmemlab.model.machine import MachineConfig
 from gmemlab.model.mm.tlb import speculative_read
 from gmemlab.uapi import (
@@ -70,6 +71,7 @@ class ScenarioConfig:
     tlb_entries: int = 1536
     profile: str = "x86_64"
     seed: int = 0
+    invariants: InvariantMode = "record"  # a design may break some by design: report, go on
 
 
 @dataclass(slots=True)
@@ -97,7 +99,7 @@ class Scenario:
     def __init__(self, design: str | Design, config: ScenarioConfig | None = None) -> None:
         cfg = self.config = config or ScenarioConfig()
         mc = MachineConfig(ram_gib=cfg.ram_gib, ncpus=cfg.ncpus, tlb_entries=cfg.tlb_entries,
-                           init_on_free=cfg.init_on_free, trace="off", invariants="record",
+                           init_on_free=cfg.init_on_free, trace="off", invariants=cfg.invariants,
                            seed=cfg.seed)
         self.host = Host(design=design, profile=cfg.profile, config=mc)  # type: ignore[arg-type]
         self.m = self.host.m

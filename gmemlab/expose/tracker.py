@@ -130,6 +130,7 @@ class ExposureTracker:
         self.timeline: list[tuple[int, float, int, int, int]] = [(0, 0.0, 0, 0, 0)]
         self.phases: list[Phase] = []
         self._prev_cause = [0, 0, 0]  # by_cause[1:] after the previous step
+        self._t0 = 0.0
         # Windows that opened or closed in the step being judged; settled once its time is known.
         self._opening: list[int] = []
         self._closing: list[int] = []
@@ -142,6 +143,7 @@ class ExposureTracker:
         if m.step_hook is not None:
             raise RuntimeError("the machine already has a step hook")
         m.mem.taint_watch = set(self.secret_frames())
+        self._t0 = self._priced()  # the clock starts at zero here
         m.step_hook = self.on_step
         self._attached = True
         self._drain()
@@ -220,8 +222,7 @@ class ExposureTracker:
         elif kind == "mermap":
             self._judge(key[1])
         self.steps += 1
-        counts = self.m.trace.counts
-        now = sum(counts.get(ev, 0) * c for ev, c in self.prices)
+        now = self._priced() - self._t0
         dt = now - self.time_us
         self.time_us = now
         if dt:
@@ -241,6 +242,10 @@ class ExposureTracker:
         self._settle()
         if self.exposed != before or self.by_cause[1:] != self._prev_cause:
             self._record()
+
+    def _priced(self) -> float:
+        counts = self.m.trace.counts
+        return sum(counts.get(ev, 0) * c for ev, c in self.prices)
 
     def _settle(self) -> None:
         """Date the windows the last step opened and closed: it ended at (steps, time_us)."""
