@@ -163,9 +163,9 @@ def render(cal: Any, rows: Any, cfg: Any, plots: list[Path]) -> str:
     sm = cal.check("memfd_secret fault")
     out.append(f"  memfd_secret per-page fault: model {sm.predicted:.2f} µs against measured "
                f"{sm.measured:.2f} µs (error {100 * (sm.error or 0):+.2f}%; the measured reps ranged "
-               f"{meas.secretmem_fault_min:.2f}-{meas.secretmem_fault_max:.2f} µs). The IPI round trip is "
-               "fitted to the memfd_secret - guest_memfd difference, so this checks the arithmetic and "
-               "the event composition; memfd, the memfd_secret free and the IPI count are predictions.")
+               f"{meas.secretmem_fault_min:.2f}-{meas.secretmem_fault_max:.2f} µs): a guest_memfd-like "
+               "fault (fitted) plus the removal and flush (fitted against memfd); memfd, the memfd_secret "
+               "free and the IPI count are predictions too.")
     p = cal.params
     out.append("  per-event costs (µs): " + ", ".join(f"{k} {v:.3g}" for k, v in p.as_dict().items()))
     prior = p.with_ipi_model("prior")

@@ -19,11 +19,12 @@ machine with the measured number of CPUs.  The fit, in order:
    zeroing.
 2. ``user_fault`` is what is left of the measured guest_memfd host fault.
 3. ``free_page`` is the measured guest_memfd free cost per page.
-4. The extra cost of memfd_secret over guest_memfd, minus the priced events
-   the composition adds (the direct-map PTE change and the local flush; priors),
-   is the IPI round trip at the measured CPU count; the prior's shape (1 µs +
-   0.2 µs per receiving CPU) is scaled to it.  That is the extrapolation to
-   other CPU counts.
+4. The extra cost of memfd_secret over memfd (a page-cache fault without the
+   removal: realkernel.md §4.5 defines "removal + flush per page" this way),
+   minus the priced events the composition adds (the direct-map PTE change and
+   the local flush; priors), is the IPI round trip at the measured CPU count;
+   the prior's shape (1 µs + 0.2 µs per receiving CPU) is scaled to it.  That
+   is the extrapolation to other CPU counts.
 
 What stays a prior (anchors §E.4 unless noted): the direct-map PTE change
 (0.3 µs), a split's table fill (1 µs), the local INVLPG (0.1 µs, the
@@ -33,11 +34,12 @@ per-folio work, not the buddy list operation, is what an allocation costs
 [assumption]), a mermap map+unmap (two PTE changes and an INVLPG).
 
 The checks then compare what the fitted model predicts for each measured kind
-with the measurement.  The memfd_secret fault is predicted from events priced
-with the fitted costs; since step 4 fits the IPI to that very difference, its
-error only checks the arithmetic and the composition.  The independent checks
-are the memfd fault, the memfd_secret free (restore and zeroing, from priors),
-and IPIs per page.
+with the measurement.  The memfd_secret fault is predicted as the model prices
+its events: a fault like guest_memfd's (step 2) plus the removal and flush
+(step 4, learnt against memfd), so its error is how far memfd_secret's fault
+is from "guest_memfd's fault plus what removal adds to a page-cache fault".
+The other independent checks are the memfd fault, the memfd_secret free
+(restore and zeroing, from priors) and IPIs per page.
 """
 
 from __future__ import annotations
@@ -292,13 +294,13 @@ def calibrate(meas: Measurement, comp: Composition | None = None) -> Calibration
     p = solve(p, "guest_fault", "spte_map", meas.guest_fault, "guest fault")
     p = solve(p, "user_fault", "user_fault", meas.gmem_fault, "guest_memfd fault")
     p = solve(p, "free_page", "free_page", meas.gmem_free, "guest_memfd free")
-    secret, gmem = comp["memfd_secret fault"], comp["guest_memfd fault"]
-    extra = {k: secret.get(k, 0) - gmem.get(k, 0) for k in secret.keys() | gmem.keys()}
+    secret, memfd = comp["memfd_secret fault"], comp["memfd fault"]
+    extra = {k: secret.get(k, 0) - memfd.get(k, 0) for k in secret.keys() | memfd.keys()}
     flushes = extra.get("tlb_flush", 0)
     if flushes <= 0:
-        raise CalibrationError("the model's memfd_secret fault does not flush more than guest_memfd's")
+        raise CalibrationError("the model's memfd_secret fault does not flush more than memfd's")
     removal = _priced(CostModel(p, meas.cpus), extra)
-    round_trip = (meas.secretmem_fault - meas.gmem_fault - removal) / flushes
+    round_trip = (meas.secretmem_fault - meas.memfd_fault - removal) / flushes
     shape = IPI_PRIOR_BASE_US + IPI_PRIOR_PER_CPU_US * (meas.cpus - 1)
     if meas.cpus <= 1 or round_trip <= 0:
         notes.append(f"no IPI round trip to fit ({meas.cpus} CPU(s), {round_trip:.2f} µs); prior kept")
@@ -320,8 +322,8 @@ def _checks(meas: Measurement, p: CostParams, comp: Composition) -> tuple[Check,
         Check("guest_memfd fault", meas.gmem_fault, at("guest_memfd fault"), "fit"),
         Check("guest first touch (kvm_gmem_get_pfn)", meas.guest_fault, at("guest fault"), "fit"),
         Check("guest_memfd free", meas.gmem_free, at("guest_memfd free"), "fit"),
-        Check("memfd_secret - guest_memfd fault", meas.secretmem_fault - meas.gmem_fault,
-              at("memfd_secret fault") - at("guest_memfd fault"), "fit"),
+        Check("memfd_secret - memfd fault", meas.secretmem_fault - meas.memfd_fault,
+              at("memfd_secret fault") - at("memfd fault"), "fit"),
         Check("memfd_secret fault", meas.secretmem_fault, at("memfd_secret fault"), "prediction"),
         Check("memfd fault", meas.memfd_fault, at("memfd fault"), "prediction"),
         Check("memfd_secret free", meas.secretmem_free, at("memfd_secret free"), "prediction"),

@@ -23,7 +23,7 @@ which is how the slowdown-against-CPUs curves are drawn.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 # event (Trace.counts key) -> CostParams field
@@ -85,10 +85,6 @@ class CostParams:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, float]) -> CostParams:
-        return cls(**{f.name: float(d[f.name]) for f in fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)

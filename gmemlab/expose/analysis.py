@@ -49,6 +49,7 @@ class CaseResult:
     window_max_steps: int
     window_max_us: float
     window_mean_us: float
+    window_mean_steps: float
     open_at_end: int  # frames whose secrets are still reachable when the workload ends
     exposed_at_end: int
     phases: list[Phase]
@@ -72,6 +73,7 @@ class CaseResult:
             "time_us": self.time_us,
             "windows": {"closed": self.windows, "max_steps": self.window_max_steps,
                         "max_us": self.window_max_us, "mean_us": self.window_mean_us,
+                        "mean_steps": self.window_mean_steps,
                         "open_at_end": self.open_at_end},
             "exposed_bytes_at_end": self.exposed_at_end,
             "phases": [ph.as_json() for ph in self.phases],
@@ -104,6 +106,7 @@ def run_case(design: str, workload: str, init_on_free: bool, cfg: ExposeConfig,
         byte_steps=tracker.byte_steps, byte_us=tracker.byte_us, by_cause_us=list(tracker.by_cause_us),
         steps=tracker.steps, time_us=tracker.time_us, windows=w.count, window_max_steps=w.max_steps,
         window_max_us=w.max_us, window_mean_us=w.total_us / w.count if w.count else 0.0,
+        window_mean_steps=w.total_steps / w.count if w.count else 0.0,
         open_at_end=tracker.open_windows(), exposed_at_end=tracker.exposed, phases=tracker.phases,
         timeline=tracker.timeline, violations={k: v for k, v in sc.m.inv.verdicts().items() if v},
         oops=oops,

@@ -36,7 +36,6 @@ from gmemlab.model.machine import MachineConfig
 from gmemlab.model.mm.tlb import speculative_read
 from gmemlab.uapi import (
     FALLOC_FL_KEEP_SIZE,
-    FALLOC_FL_PUNCH_HOLE,
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
@@ -186,11 +185,6 @@ class Scenario:
     def fallocate(self, g: Guest, first: int = 0, n: int | None = None) -> None:
         n = g.pages - first if n is None else n
         g.gmem.fallocate(FALLOC_FL_KEEP_SIZE, first * PAGE_SIZE, n * PAGE_SIZE)
-        self._boundary(self.host.task)
-
-    def punch_hole(self, g: Guest, first: int = 0, n: int | None = None) -> None:
-        n = g.pages - first if n is None else n
-        g.gmem.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, first * PAGE_SIZE, n * PAGE_SIZE)
         self._boundary(self.host.task)
 
     def close_guest(self, g: Guest) -> None:

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from gmemlab.model.task import Step
-from gmemlab.uapi import PAGE_SIZE
 
 if TYPE_CHECKING:
     from gmemlab.cost.model import CostModel
@@ -339,10 +338,3 @@ class ExposureTracker:
         if exposed != self.exposed:
             problems.append(f"exposed {exposed} bytes, tracker has {self.exposed}")
         return problems
-
-    def fraction(self) -> float:
-        """Peak reachable bytes as a share of the secret bytes written (0 if none)."""
-        return self.peak / self.secret_written if self.secret_written else 0.0
-
-    def pages_peak(self) -> float:
-        return self.peak / PAGE_SIZE

