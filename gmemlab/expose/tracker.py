@@ -157,14 +157,7 @@ class ExposureTracker:
 
     def secret_frames(self) -> list[int]:
         """Every frame holding a secret byte (a full scan)."""
-        mem = self.m.mem
-        full = mem.taint_full
-        out = list(mem.dense_taint)
-        pos = full.find(1)
-        while pos >= 0:
-            out.append(pos)
-            pos = full.find(1, pos + 1)
-        return out
+        return self.m.mem.secret_frames()
 
     # --- phases ----------------------------------------------------------------------------
     def phase(self, name: str) -> None:
