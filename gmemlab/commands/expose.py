@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="comma-separated designs (NAME or batch:N / falloc:N); default: %(default)s")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help="comma-separated workloads; default: %(default)s")
-    p.add_argument("--pages", type=int, default=256, help="guest memory per VM in 4 KiB pages (default 256)")
+    p.add_argument("--pages", type=int, default=512,
+                   help="guest memory per VM in 4 KiB pages (default 512: one 2 MiB block)")
     p.add_argument("--init-on-free", choices=("off", "on", "both"), default="both",
                    help="boot the model with init_on_free off, on, or each (default: both)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the modelled host (default 2)")

@@ -22,7 +22,7 @@ DEFAULT_DESIGNS = ("base", "v12", "noflush", "batch", "falloc", "zap2m", "pool",
 class ExposeConfig:
     designs: tuple[str, ...] = DEFAULT_DESIGNS
     workloads: tuple[str, ...] = tuple(WORKLOADS)
-    pages: int = 256
+    pages: int = 512  # one 2 MiB block: the 2 MiB strategies need a whole one
     init_on_free: tuple[bool, ...] = (False, True)
     ncpus: int = 2
     tlb_entries: int = 1536
