@@ -180,7 +180,7 @@ def render(cal: Any, rows: Any, cfg: Any, plots: list[Path]) -> str:
             "DirectMap after = this machine's counters before plus the splits; exposure = share of "
             "the secret bytes a gadget reaches, peak / mean over the measured phases, from the model run)"]
     headers = ["workload", "strategy", "time s", "us/page", "slowdown", "flushes", "IPIs", "2M splits",
-               "DM4k GiB", "DM2M GiB", "DM1G GiB", "exposed %", "broken invariants"]
+               "DM4k GiB", "DM2M GiB", "DM1G GiB", "exposed %", "broken invariants (whole run)"]
     trows: list[list[Cell]] = []
     for r in rows:
         dm = r.dm_after_kb or (math.nan, math.nan, math.nan)
