@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 # Modules that contribute a subcommand, in the order ``gmemlab --help`` lists them.
 COMMAND_MODULES = (
     "gmemlab.commands.run",
+    "gmemlab.commands.check",
     "gmemlab.commands.probe",
     "gmemlab.commands.measure",
     "gmemlab.commands.conformance",

@@ -1,0 +1,1 @@
+"""The interleaving checker (``gmemlab check``)."""

@@ -1,0 +1,279 @@
+"""One execution: a fresh machine, a scenario's setup, and its actors stepped one at a time.
+
+Generators cannot be copied, so the explorer reaches a state by *replaying* a
+schedule (the list of actor indices that moved) on a new execution; setup is
+cheap (a 4 MiB machine boots in tens of microseconds).  A transition resumes
+one actor's generator: the atomic action after its pending step runs, up to
+its next yield.
+
+An actor waiting on a lock (``("wait", (mode, key))``) is enabled only once
+``Locks.blocked`` says it may go on.  When no actor is enabled the execution
+has ended: all actors finished, or the rest wait for something that never
+comes, which is a valid end ("waiting is not failing").  A kernel oops ends it
+too: the machine is dead.
+
+Properties: the model's invariants (``gmemlab.model.invariants``), recorded by
+the machine as the kernel paths run and read here after every step, plus what
+only the checker can judge:
+
+* ``end-locks-released``: once every actor has finished, no lock, folio lock
+  or KVM invalidation is left held;
+* ``end-refcount-balanced``: once every actor has finished, each page-cache
+  folio's refcount is the page cache's reference plus one per user PTE, and no
+  file folio is left allocated outside a page cache;
+* ``model-error``: a kernel path raised something other than an oops (a bug in
+  the model, or a state the model's code does not expect).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from types import GeneratorType
+from typing import Any, cast
+
+from gmemlab.check.digest import Namer
+from gmemlab.check.scenarios import Scenario
+from gmemlab.check.world import Op, World
+from gmemlab.model.designs import Design, get_design
+from gmemlab.model.invariants import INVARIANTS, KernelOops
+from gmemlab.model.machine import Machine
+from gmemlab.model.mm.memmap import FRAME_ALLOCATED, KIND_FILE, PG_locked
+from gmemlab.model.task import WAIT, Step, Task
+from gmemlab.model.trace import TraceEvent, TraceMode
+
+DesignSpec = str | Design | Callable[[], Design]
+
+CHECKER_PROPERTIES: dict[str, tuple[str, str]] = {
+    "end-locks-released": (
+        "once every actor has finished, no lock, folio lock or KVM invalidation is left held",
+        "lifetime sanity (checker)",
+    ),
+    "end-refcount-balanced": (
+        "once every actor has finished, a page-cache folio holds one reference for the page "
+        "cache and one per user PTE, and no file folio is left outside a page cache",
+        "refcount and lifetime sanity (checker)",
+    ),
+    "model-error": (
+        "a kernel path of the model raised an exception other than an oops",
+        "model sanity (checker)",
+    ),
+}
+
+
+def describe(name: str) -> tuple[str, str]:
+    """(summary, source) of an invariant or checker property."""
+    inv = INVARIANTS.get(name)
+    if inv is not None:
+        return inv.summary, inv.source
+    return CHECKER_PROPERTIES[name]
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """A property that failed in a step (or at the end of an execution)."""
+
+    invariant: str
+    message: str
+    pfn: int = -1
+    oops: bool = False
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """What one transition did, for counterexample timelines."""
+
+    actor: int
+    op: int  # which of the actor's operations the step belongs to
+    step: Step
+    stack: tuple[str, ...]
+    events: list[TraceEvent]
+    broken: list[Broken]
+
+
+@dataclass(eq=False, slots=True)
+class ActorRun:
+    name: str
+    task: Task
+    gen: Generator[Step, None, None]
+    results: list[Any]
+    pending: Step | None = None
+    done: bool = False
+    digest: Any = None  # the actor's part of the fingerprint; None once it has moved
+
+
+def _actor_body(world: World, task: Task, ops: tuple[Op, ...],
+                results: list[Any]) -> Generator[Step, None, None]:
+    for op in ops:
+        results.append((yield from op.run(world, task)))
+
+
+def make_design(design: DesignSpec) -> Design:
+    if isinstance(design, str | Design):
+        return get_design(design)
+    return design()
+
+
+class Execution:
+    """A scenario on a fresh machine, ready to be stepped."""
+
+    __slots__ = ("actors", "capture", "crashed", "ignore", "m", "namer", "records", "setup_broken",
+                 "steps", "world")
+
+    def __init__(self, scenario: Scenario, design: DesignSpec, *, trace: TraceMode = "off",
+                 ignore: frozenset[str] = frozenset(), capture: bool = False) -> None:
+        self.m = m = Machine(scenario.machine_config(trace), profile=scenario.profile,
+                             design=make_design(design))
+        self.ignore = ignore
+        self.capture = capture
+        self.records: list[StepRecord] = []
+        self.crashed = False
+        self.steps = 0
+        self.actors: list[ActorRun] = []
+        self.namer = Namer()
+        try:
+            self.world = scenario.setup(m)
+        except KernelOops:
+            self.crashed = True
+        self.setup_broken = self._new_broken(0)
+        if self.crashed:
+            return
+        for a in scenario.actors:
+            task = m.task(a.name, a.cpu)
+            results: list[Any] = []
+            run = ActorRun(a.name, task, _actor_body(self.world, task, a.ops, results), results)
+            try:
+                run.pending = next(run.gen)
+            except StopIteration:
+                run.done = True
+            self.actors.append(run)
+        self.namer.name_world(self.world, ((r.task, a.ops) for r, a in zip(self.actors, scenario.actors,
+                                                                           strict=True)))
+
+    # --- scheduling ---------------------------------------------------------------------------
+    def enabled(self) -> list[int]:
+        if self.crashed:
+            return []
+        out = []
+        m = self.m
+        for i, a in enumerate(self.actors):
+            if a.done:
+                continue
+            step = a.pending
+            assert step is not None
+            if step[0] == WAIT and m.locks.blocked(step[1][0], step[1][1], m):
+                continue
+            out.append(i)
+        return out
+
+    def step(self, i: int) -> list[Broken]:
+        """Resume actor ``i`` for one atomic action; the properties it broke (not ignored)."""
+        m = self.m
+        a = self.actors[i]
+        m.switch_to(a.task)
+        seen = len(m.inv.violations)
+        record = None
+        if self.capture:
+            assert a.pending is not None
+            record = StepRecord(i, len(a.results), a.pending, call_stack(a.gen), [], [])
+            seq = m.trace.seq
+        error: Broken | None = None
+        a.digest = None
+        try:
+            a.pending = a.gen.send(None)
+        except StopIteration:
+            a.done = True
+            a.pending = None
+        except KernelOops:
+            a.done = True
+            self.crashed = True
+        except Exception as e:
+            a.done = True
+            self.crashed = True
+            error = Broken("model-error", f"{type(e).__name__}: {e} (in actor {a.name})")
+        self.steps += 1
+        broken = self._new_broken(seen)
+        if error is not None:
+            broken.append(error)
+        if record is not None:
+            record.events = [e for e in m.trace.events() if e.seq > seq]
+            record.broken = broken
+            self.records.append(record)
+        return broken
+
+    def run(self, schedule: tuple[int, ...] | list[int]) -> list[Broken]:
+        """Replay ``schedule``; the properties broken on the way (the first step that broke any)."""
+        for i in schedule:
+            broken = self.step(i)
+            if broken:
+                return broken
+        return []
+
+    def _new_broken(self, seen: int) -> list[Broken]:
+        out = []
+        for v in self.m.inv.violations[seen:]:
+            name = v.invariant.name
+            if name not in self.ignore:
+                out.append(Broken(name, v.message, v.pfn, name == "kernel-oops"))
+        return out
+
+    # --- end states ---------------------------------------------------------------------------
+    @property
+    def all_done(self) -> bool:
+        return all(a.done for a in self.actors)
+
+    def end_state(self) -> list[Broken]:
+        """Properties judged when the execution has ended with every actor finished."""
+        if self.crashed or not self.all_done:
+            return []
+        m = self.m
+        mem = m.mem
+        out: list[Broken] = []
+        held = [str(k) for k in m.locks.held] + [str(k) for k, n in m.locks.readers.items() if n]
+        held += [f"mmu_invalidate of VM {k}" for k, kvm in m.kvms.items()
+                 if kvm.mmu_invalidate_in_progress]
+        for pfn in range(mem.nr_pages):
+            if mem.state[pfn] != FRAME_ALLOCATED:
+                continue
+            if mem.flags[pfn] & PG_locked:
+                held.append(f"folio lock of pfn {pfn:#x}")
+            if mem.mapping[pfn]:
+                want = 1 + mem.mapcount[pfn]
+                if mem.refcount[pfn] != want:
+                    out.append(Broken("end-refcount-balanced",
+                                      f"page-cache folio pfn {pfn:#x} ends with refcount "
+                                      f"{mem.refcount[pfn]}, expected {want}", pfn))
+            elif mem.kind[pfn] == KIND_FILE:
+                out.append(Broken("end-refcount-balanced",
+                                  f"file folio pfn {pfn:#x} left allocated outside any page cache "
+                                  f"(refcount {mem.refcount[pfn]})", pfn))
+        if held:
+            out.append(Broken("end-locks-released", "left held at the end: " + ", ".join(held)))
+        return [b for b in out if b.invariant not in self.ignore]
+
+    # --- fingerprints --------------------------------------------------------------------------
+    def fingerprint(self) -> int:
+        """A hash of the state (64-bit: collisions are negligible at these state counts).
+
+        An actor's digest is kept until it moves: other actors cannot change its
+        locals, and the shared objects its locals reach are named, or digested
+        with the machine, so a kept digest can only tell equal states apart,
+        never merge different ones.
+        """
+        namer = self.namer
+        actors = []
+        for a in self.actors:
+            if a.digest is None:
+                a.digest = (a.done, namer.canon(a.results), namer.generator(a.gen))
+            actors.append(a.digest)
+        return hash((self.crashed, namer.machine(self.m), tuple(actors)))
+
+
+def call_stack(gen: Generator[Any, Any, Any]) -> tuple[str, ...]:
+    """Function names of a suspended generator chain, outermost first (the actor body left out)."""
+    names = []
+    g: Any = cast("GeneratorType[Any, Any, Any]", gen).gi_yieldfrom
+    while g is not None and hasattr(g, "gi_code"):
+        names.append(g.gi_code.co_name)
+        g = g.gi_yieldfrom
+    return tuple(names)

@@ -1,0 +1,389 @@
+"""Exploring a scenario's interleavings: exhaustive within bounds, or randomised (PCT).
+
+Exhaustive search is a breadth-first search over *states*: a state is an
+execution's fingerprint (``digest.py``), plus the running actor and the
+preemptions spent when preemptions are bounded.  Every transition from every
+reachable state is taken once; schedules that reach a state already seen
+stop there (state hashing: the reduction).  Breadth-first order makes the
+first schedule found to break a property a shortest one.
+
+States are reached by replaying their schedule on a fresh execution.  A state
+found by a step keeps that execution alive (up to ``LIVE_MAX`` of them) so
+its first expansion continues in place; only its other transitions replay.
+
+Bounds: the number of actors and operations is the scenario's; the
+preemption bound (a switch away from an actor that could have gone on)
+defaults to none; schedules longer than ``max_steps`` are cut and reported
+(the verdict is then bounded, not exhaustive).
+
+Randomised search follows PCT (Burckhardt et al., ASPLOS'10): random distinct
+actor priorities, the highest-priority enabled actor runs, and at ``depth - 1``
+random steps the running actor drops below all others.  Run ``r`` of seed
+``s`` draws from ``random.Random(f"{s}:{r}")``, so any run is reproducible
+alone; a schedule that breaks a property is shrunk greedily (drop one step
+at a time while the same property still breaks) before it is reported.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from functools import partial
+
+from gmemlab.check.execution import Broken, DesignSpec, Execution
+from gmemlab.check.scenarios import Scenario
+
+LIVE_MAX = 2048  # executions kept alive for their state's first expansion (~40 KB each)
+PROGRESS_EVERY = 500  # transitions between progress callbacks
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    preemptions: int | None = None  # None: unbounded
+    max_steps: int = 400
+
+    def describe(self, scenario: Scenario | None = None) -> str:
+        pre = "unbounded" if self.preemptions is None else f"<= {self.preemptions}"
+        shape = ""
+        if scenario is not None:
+            shape = f"actors {len(scenario.actors)}, ops/actor <= {scenario.nops}, "
+        return f"{shape}preemptions {pre}, steps <= {self.max_steps}"
+
+
+@dataclass(frozen=True, slots=True)
+class Counterexample:
+    """A shortest schedule found to break ``invariant`` (``()``: the setup broke it)."""
+
+    invariant: str
+    message: str
+    pfn: int
+    schedule: tuple[int, ...]
+    oops: bool = False
+    at_end: bool = False  # broken by the state the execution ended in
+    in_setup: bool = False
+
+    @property
+    def replay(self) -> str:
+        return ",".join(map(str, self.schedule))
+
+
+@dataclass(slots=True)
+class Stats:
+    executions: int = 0
+    states: int = 0
+    transitions: int = 0
+    depth: int = 0
+    seconds: float = 0.0
+
+
+Progress = Callable[[Stats], None]
+
+
+@dataclass(slots=True)
+class Result:
+    scenario: str
+    design: str
+    mode: str  # "exhaustive" or "random"
+    bounds: Bounds
+    stats: Stats = field(default_factory=Stats)
+    found: list[Counterexample] = field(default_factory=list)
+    complete: bool = True  # every state within the bounds was explored
+    bound_hits: int = 0  # schedules cut at max_steps
+    finals: set[int] = field(default_factory=set)  # end-state fingerprints (when collected)
+    unknown: set[str] = field(default_factory=set)  # local types the digest could not name
+    seed: int | None = None
+    runs: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return not self.found
+
+    def verdict(self) -> str:
+        if self.found:
+            first = self.found[0]
+            where = "in setup" if first.in_setup else f"{len(first.schedule)} steps"
+            more = f" (+{len(self.found) - 1} more)" if len(self.found) > 1 else ""
+            return f"FAIL {first.invariant} ({where}){more}"
+        if self.mode == "random":
+            return f"pass ({self.runs} random runs)"
+        if self.bound_hits:
+            return f"pass (bounded: {self.bound_hits} cut)"
+        return "pass (exhaustive)"
+
+
+@dataclass(slots=True)
+class _Node:
+    parent: Hashable | None
+    actor: int
+    depth: int
+    enabled: list[int]
+    last: int  # actor that ran last (-1 at the root)
+    preemptions: int
+
+
+class _Search:
+    """Shared plumbing: fresh executions, counterexample bookkeeping, progress."""
+
+    def __init__(self, scenario: Scenario, design: DesignSpec, design_name: str, bounds: Bounds,
+                 ignore: frozenset[str], stop_at_first: bool, progress: Progress | None,
+                 mode: str) -> None:
+        self.scenario = scenario
+        self.design = design
+        self.ignore = ignore
+        self.stop_at_first = stop_at_first
+        self.progress = progress
+        self.start = time.perf_counter()
+        self.result = Result(scenario.name, design_name, mode, bounds)
+        self.seen: set[str] = set()
+
+    def fresh(self) -> Execution:
+        self.result.stats.executions += 1
+        return Execution(self.scenario, self.design, ignore=self.ignore)
+
+    def replay(self, schedule: tuple[int, ...]) -> Execution:
+        ex = self.fresh()
+        for a in schedule:
+            ex.step(a)
+        return ex
+
+    def note(self, broken: list[Broken], schedule: tuple[int, ...], *, at_end: bool = False,
+             in_setup: bool = False) -> bool:
+        """Record the first schedule for each newly broken property; True: stop searching."""
+        for b in broken:
+            if b.invariant not in self.seen:
+                self.seen.add(b.invariant)
+                self.result.found.append(Counterexample(b.invariant, b.message, b.pfn, schedule,
+                                                        b.oops, at_end, in_setup))
+        return bool(broken) and self.stop_at_first
+
+    def tick(self, force: bool = False) -> None:
+        stats = self.result.stats
+        stats.seconds = time.perf_counter() - self.start
+        if self.progress is not None and (force or stats.transitions % PROGRESS_EVERY == 0):
+            self.progress(stats)
+
+    def finish(self, ex: Execution | None) -> Result:
+        if ex is not None:
+            self.result.unknown |= ex.namer.unknown
+        self.tick(force=True)
+        return self.result
+
+    def ended(self, ex: Execution, fp: int, schedule: Callable[[], tuple[int, ...]],
+              collect: bool) -> bool:
+        """An execution that can go no further: judge its end state; True: stop searching."""
+        if collect:
+            self.result.finals.add(fp)
+        broken = ex.end_state()
+        return bool(broken) and self.note(broken, schedule(), at_end=True)
+
+
+def explore(scenario: Scenario, design: DesignSpec, *, design_name: str | None = None,
+            bounds: Bounds = Bounds(), ignore: frozenset[str] = frozenset(),
+            stop_at_first: bool = True, collect_finals: bool = False,
+            progress: Progress | None = None) -> Result:
+    """Breadth-first exhaustive search of ``scenario`` on ``design`` within ``bounds``."""
+    s = _Search(scenario, design, design_name or _name(design), bounds, ignore, stop_at_first,
+                progress, "exhaustive")
+    res = s.result
+    stats = res.stats
+    root = s.fresh()
+    if root.setup_broken or root.crashed:
+        s.note(root.setup_broken, (), in_setup=True)
+        return s.finish(root)
+    bounded = bounds.preemptions is not None
+    nodes: dict[Hashable, _Node] = {}
+
+    def key(ex: Execution, last: int, pre: int) -> tuple[int, Hashable]:
+        fp = ex.fingerprint()
+        return fp, ((fp, last, pre) if bounded else fp)
+
+    def schedule(k: Hashable) -> tuple[int, ...]:
+        out = []
+        node = nodes[k]
+        while node.parent is not None:
+            out.append(node.actor)
+            node = nodes[node.parent]
+        return tuple(reversed(out))
+
+    fp0, k0 = key(root, -1, 0)
+    nodes[k0] = _Node(None, -1, 0, root.enabled(), -1, 0)
+    stats.states = 1
+    if not nodes[k0].enabled:
+        s.ended(root, fp0, tuple, collect_finals)
+        return s.finish(root)
+    live: dict[Hashable, Execution] = {k0: root}
+    frontier: deque[Hashable] = deque([k0])
+    ex = root
+    while frontier:
+        k = frontier.popleft()
+        node = nodes[k]
+        for a in node.enabled:
+            pre = node.preemptions
+            if node.last >= 0 and a != node.last and node.last in node.enabled:
+                pre += 1
+                if bounded and pre > bounds.preemptions:  # type: ignore[operator]
+                    res.complete = False
+                    continue
+            ex = live.pop(k) if k in live else s.replay(schedule(k))
+            broken = ex.step(a)
+            stats.transitions += 1
+            s.tick()
+            if broken and s.note(broken, (*schedule(k), a)):
+                res.complete = False
+                return s.finish(ex)
+            fp, ck = key(ex, a, pre)
+            if ck in nodes:
+                continue
+            depth = node.depth + 1
+            enabled = ex.enabled()
+            nodes[ck] = _Node(k, a, depth, enabled, a, pre)
+            stats.states = len(nodes)
+            stats.depth = max(stats.depth, depth)
+            if not enabled:
+                if s.ended(ex, fp, partial(schedule, ck), collect_finals):
+                    res.complete = False
+                    return s.finish(ex)
+            elif depth >= bounds.max_steps:
+                res.bound_hits += 1
+            else:
+                frontier.append(ck)
+                if len(live) < LIVE_MAX:
+                    live[ck] = ex
+    return s.finish(ex)
+
+
+def enumerate_all(scenario: Scenario, design: DesignSpec, *, ignore: frozenset[str] = frozenset(),
+                  max_executions: int = 200_000) -> Result:
+    """Every interleaving, no reduction: the reference the reduced search is tested against.
+
+    Explores past violations (as ``explore(stop_at_first=False)`` does) and
+    collects the fingerprint of every end state.
+    """
+    s = _Search(scenario, design, _name(design), Bounds(), ignore, False, None, "all")
+    res = s.result
+    root = s.fresh()
+    if root.setup_broken or root.crashed:
+        s.note(root.setup_broken, (), in_setup=True)
+        return s.finish(root)
+    stack: list[tuple[tuple[int, ...], Execution]] = [((), root)]
+    while stack:
+        prefix, ex = stack.pop()
+        enabled = ex.enabled()
+        if not enabled:
+            res.finals.add(ex.fingerprint())
+            s.note(ex.end_state(), prefix, at_end=True)
+            continue
+        for j, a in enumerate(enabled):
+            if res.stats.executions >= max_executions:
+                raise RuntimeError(f"{scenario.name}: more than {max_executions} interleavings")
+            child = ex if j == len(enabled) - 1 else s.replay(prefix)
+            s.note(child.step(a), (*prefix, a))
+            res.stats.transitions += 1
+            stack.append(((*prefix, a), child))
+    return s.finish(root)
+
+
+def random_search(scenario: Scenario, design: DesignSpec, *, seed: int, runs: int, depth: int = 3,
+                  design_name: str | None = None, bounds: Bounds = Bounds(),
+                  ignore: frozenset[str] = frozenset(), stop_at_first: bool = True,
+                  progress: Progress | None = None) -> Result:
+    """PCT-style randomised search: ``runs`` schedules drawn from ``seed``."""
+    s = _Search(scenario, design, design_name or _name(design), bounds, ignore, stop_at_first,
+                progress, "random")
+    res = s.result
+    res.seed = seed
+    res.complete = False
+    stats = res.stats
+    states: set[int] = set()
+    length = 2 * sum(len(a.ops) for a in scenario.actors) * 16  # first guess at a run's length
+    ex: Execution | None = None
+    for r in range(runs):
+        res.runs = r + 1
+        sched = pct_schedule(s, seed, r, depth, length, bounds.max_steps, states)
+        length = max(length, len(sched.steps))
+        ex = sched.execution
+        if sched.broken:
+            first = sched.broken[0]
+            short = shrink(scenario, design, sched.steps, first.invariant, ignore, at_end=sched.at_end)
+            s.note([first], short, at_end=sched.at_end, in_setup=not sched.steps and not sched.at_end)
+            if s.stop_at_first:
+                break
+        stats.states = len(states)
+        s.tick(force=r % 50 == 0)
+    return s.finish(ex)
+
+
+@dataclass(slots=True)
+class _Run:
+    execution: Execution
+    steps: tuple[int, ...]
+    broken: list[Broken]
+    at_end: bool = False
+
+
+def pct_schedule(s: _Search, seed: int, run: int, depth: int, length: int, max_steps: int,
+                 states: set[int]) -> _Run:
+    """One PCT run; its schedule and the first properties it broke."""
+    rng = random.Random(f"{seed}:{run}")
+    ex = s.fresh()
+    if ex.setup_broken or ex.crashed:
+        return _Run(ex, (), ex.setup_broken)
+    n = len(ex.actors)
+    prio = list(range(depth, depth + n))
+    rng.shuffle(prio)
+    changes = sorted(rng.sample(range(1, length + 1), min(depth - 1, length)))
+    steps: list[int] = []
+    while len(steps) < max_steps:
+        enabled = ex.enabled()
+        if not enabled:
+            return _Run(ex, tuple(steps), ex.end_state(), at_end=True)
+        a = max(enabled, key=prio.__getitem__)
+        broken = ex.step(a)
+        steps.append(a)
+        s.result.stats.transitions += 1
+        states.add(ex.fingerprint())
+        if broken:
+            return _Run(ex, tuple(steps), broken)
+        while changes and changes[0] == len(steps):
+            prio[a] = depth - len(changes)  # below every initial priority
+            changes.pop(0)
+    s.result.bound_hits += 1
+    return _Run(ex, tuple(steps), [])
+
+
+def replay_lenient(scenario: Scenario, design: DesignSpec, schedule: tuple[int, ...],
+                   invariant: str, ignore: frozenset[str], at_end: bool) -> tuple[int, ...] | None:
+    """Replay skipping steps of actors that cannot move; the prefix that breaks ``invariant``."""
+    ex = Execution(scenario, design, ignore=ignore)
+    done: list[int] = []
+    for a in schedule:
+        if a not in ex.enabled():
+            continue
+        done.append(a)
+        if any(b.invariant == invariant for b in ex.step(a)):
+            return tuple(done)
+    if at_end and not ex.enabled() and any(b.invariant == invariant for b in ex.end_state()):
+        return tuple(done)
+    return None
+
+
+def shrink(scenario: Scenario, design: DesignSpec, schedule: tuple[int, ...], invariant: str,
+           ignore: frozenset[str], *, at_end: bool = False) -> tuple[int, ...]:
+    """Drop steps one at a time, from the end, while ``invariant`` still breaks."""
+    best = replay_lenient(scenario, design, schedule, invariant, ignore, at_end) or schedule
+    i = len(best) - 1
+    while i >= 0:
+        cand = replay_lenient(scenario, design, best[:i] + best[i + 1:], invariant, ignore, at_end)
+        if cand is not None and len(cand) < len(best):
+            best = cand
+        i = min(i - 1, len(best) - 1)
+    return best
+
+
+def _name(design: DesignSpec) -> str:
+    if isinstance(design, str):
+        return design
+    return str(getattr(design, "name", getattr(design, "__name__", "design")))

@@ -1,0 +1,259 @@
+"""Showing results: the design x scenario table, counterexample timelines, JSON.
+
+A counterexample is replayed once more with the full trace and a record of
+every transition (``Execution(capture=True)``), then drawn as one lane per
+actor (with its CPU): each row is one step, in the lane of the actor that
+took it, naming the kernel function that yielded it, what it touched, and
+the trace events it emitted.  The kernel call chain at the breaking step is
+printed in full, with the invariant and a command that replays the schedule.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
+from gmemlab.check.execution import Broken, DesignSpec, Execution, StepRecord, describe
+from gmemlab.check.explore import Counterexample, Result
+from gmemlab.check.scenarios import Scenario
+from gmemlab.model.task import Step
+from gmemlab.model.trace import TraceEvent
+
+WIDTH = 110  # of a timeline, lanes included
+
+
+@dataclass(slots=True)
+class Replayed:
+    """A schedule replayed with everything recorded."""
+
+    scenario: Scenario
+    execution: Execution
+    records: list[StepRecord]
+    broken: list[Broken]  # what the last step broke, or the end state
+    setup_events: list[TraceEvent]
+
+
+class ScheduleError(ValueError):
+    """A replayed schedule names an actor that cannot move at that point."""
+
+
+def replay(scenario: Scenario, design: DesignSpec, schedule: tuple[int, ...], *,
+           ignore: frozenset[str] = frozenset()) -> Replayed:
+    """Replay ``schedule`` exactly, recording each step; stops at the first broken property."""
+    ex = Execution(scenario, design, trace="full", ignore=ignore, capture=True)
+    setup_events = ex.m.trace.events()
+    if ex.setup_broken or ex.crashed:
+        return Replayed(scenario, ex, [], ex.setup_broken, setup_events)
+    broken: list[Broken] = []
+    for n, a in enumerate(schedule):
+        if a not in ex.enabled():
+            names = ", ".join(f"{i}={r.name}" for i, r in enumerate(ex.actors))
+            raise ScheduleError(f"step {n + 1}: actor {a} cannot move there (actors: {names}; "
+                                f"enabled: {ex.enabled()})")
+        broken = ex.step(a)
+        if broken:
+            break
+    if not broken and not ex.enabled():
+        broken = ex.end_state()
+    return Replayed(scenario, ex, ex.records, broken, setup_events)
+
+
+def replay_command(design: str, scenario: str, schedule: tuple[int, ...],
+                   ignore: frozenset[str]) -> str:
+    cmd = f"gmemlab check --design {design} --scenario {scenario} --replay {','.join(map(str, schedule))}"
+    if ignore:
+        cmd += " --ignore " + ",".join(sorted(ignore))
+    return cmd
+
+
+# --- timelines -------------------------------------------------------------------------------------
+def step_label(step: Step) -> str:
+    """What a step touches, for people (object identities left out)."""
+    kind, key = step
+    if kind == "wait":
+        mode, what = key
+        return f"wait {mode} {_key(what)}".rstrip()
+    if kind == "tlb":
+        return f"flush cpu{key}" if isinstance(key, int) else f"tlb cpu{key[0]} {key[1]:#x}"
+    if kind in ("folio", "ref", "dmap", "frame"):
+        return f"{kind} {key:#x}"
+    if kind == "spte":
+        return f"spte vm{key[0]} gfn {key[1]:#x}"
+    if kind == "pte":
+        return f"pte {key[1]:#x}"
+    if kind == "xa":
+        return "pick target" if key == "target" else f"xa as{key[0]}[{key[1]}]"
+    if kind in ("lock", "unlock"):
+        return f"{kind} {_key(key)}"
+    if kind == "kvm":
+        return f"vm{key}"
+    if kind in ("file", "slot"):
+        return kind  # keyed by object identity, meaningless to a reader
+    return f"{kind} {_key(key)}".rstrip()
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, tuple):
+        return ":".join(_key(k) for k in key)
+    return "" if key is None else str(key)
+
+
+def _event(e: TraceEvent) -> str:
+    pfn = f" {e.pfn:#x}" if e.pfn >= 0 else ""
+    det = ""
+    if e.detail:
+        det = " " + " ".join(f"{k}={_value(v)}" for k, v in e.detail.items())
+    return f"{e.fn}: {e.event}{pfn}{det}"
+
+
+def _value(v: object) -> str:
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 4096:
+        return hex(v)
+    return str(v)
+
+
+def _wrap(text: str, width: int, indent: str = "") -> list[str]:
+    return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_on_hyphens=False) or [""]
+
+
+def timeline(rep: Replayed) -> list[str]:
+    """One lane per actor; a row per step.  A lane ends after its actor's last step."""
+    actors = rep.execution.actors
+    width = max(28, (WIDTH - 8) // len(actors) - 2)
+    head = "  step  " + "".join(f"{a.name} (cpu{a.task.cpu})".ljust(width + 2) for a in actors)
+    lines = [head.rstrip(), "  " + "-" * (min(len(head), WIDTH) - 2)]
+    last_step = {r.actor: n for n, r in enumerate(rep.records)}
+    finished: set[int] = set()
+    current_op: dict[int, int] = {}
+    ops = rep.scenario.actors
+    for n, r in enumerate(rep.records):
+        cell = []
+        if current_op.get(r.actor) != r.op:
+            current_op[r.actor] = r.op
+            cell += _wrap(f">> {ops[r.actor].ops[r.op].label}", width)
+        fn = r.stack[-1] if r.stack else "(op)"
+        caller = r.stack[-2] + " > " if len(r.stack) > 1 else ""
+        cell += _wrap(f"{caller}{fn} [{step_label(r.step)}]", width)
+        for e in r.events:
+            if e.event != "violation":  # shown as !! below
+                cell += _wrap(_event(e), width, "  ")
+        for b in r.broken:
+            cell += _wrap(f"!! {b.invariant}", width, "  ")
+        for row, text in enumerate(cell):
+            parts = [text.ljust(width) if i == r.actor else ("" if i in finished else "|").ljust(width)
+                     for i in range(len(actors))]
+            num = f"{n + 1:>5}" if row == 0 else "     "
+            lines.append(f"  {num}  " + "  ".join(parts).rstrip())
+        if actors[r.actor].done and last_step[r.actor] == n:
+            finished.add(r.actor)
+    return lines
+
+
+def render_counterexample(scenario: Scenario, design: DesignSpec, design_name: str,
+                          cx: Counterexample, *, ignore: frozenset[str] = frozenset()) -> str:
+    rep = replay(scenario, design, cx.schedule, ignore=ignore)
+    summary, source = describe(cx.invariant)
+    where = ("during setup" if cx.in_setup else
+             f"at the end of a {len(cx.schedule)}-step schedule" if cx.at_end else
+             f"after {len(cx.schedule)} steps")
+    lines = [f"{design_name} x {scenario.name}: invariant '{cx.invariant}' broken {where}",
+             f"  {summary}",
+             f"  ({source})",
+             f"  {cx.message}"]
+    if ignore:
+        lines.append(f"  (ignoring {', '.join(sorted(ignore))})")
+    lines.append("")
+    if cx.in_setup:
+        lines.append("  setup (run sequentially, before any actor) did:")
+        lines += ["    " + _event(e) for e in rep.setup_events[-25:]]
+    else:
+        lines += timeline(rep)
+        last = rep.records[-1] if rep.records else None
+        if last is not None and not cx.at_end:
+            chain = " > ".join((rep.execution.actors[last.actor].name, *last.stack))
+            lines += ["", f"  kernel functions at the break: {chain}"]
+    lines += ["", "  replay: " + replay_command(design_name, scenario.name, cx.schedule, ignore)]
+    return "\n".join(lines)
+
+
+def render_replay(rep: Replayed, design_name: str) -> str:
+    """A replayed schedule: its timeline and what (if anything) it broke."""
+    ex = rep.execution
+    lines = [f"{design_name} x {rep.scenario.name}: replayed {len(rep.records)} steps", ""]
+    lines += timeline(rep)
+    lines.append("")
+    if rep.broken:
+        for b in rep.broken:
+            summary, source = describe(b.invariant)
+            lines += [f"  BROKEN {b.invariant}: {b.message}", f"    {summary} ({source})"]
+    else:
+        enabled = ex.enabled()
+        states = [f"{a.name} {'done' if a.done else 'can go on' if i in enabled else 'waits'}"
+                  for i, a in enumerate(ex.actors)]
+        lines.append(f"  no property broken ({', '.join(states)})")
+    return "\n".join(lines)
+
+
+# --- tables and JSON --------------------------------------------------------------------------------
+TABLE_HEAD = ("design", "scenario", "verdict", "execs", "states", "time s", "execs/s", "states/s")
+
+
+def table(results: list[Result]) -> str:
+    rows = [TABLE_HEAD]
+    for r in results:
+        st = r.stats
+        secs = max(st.seconds, 1e-9)
+        rows.append((r.design, r.scenario, r.verdict(), str(st.executions), str(st.states),
+                     f"{st.seconds:.2f}", f"{st.executions / secs:.0f}", f"{st.states / secs:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEAD))]
+    right = {3, 4, 5, 6, 7}
+    out = []
+    for n, row in enumerate(rows):
+        cells = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    total_s = sum(r.stats.seconds for r in results)
+    execs = sum(r.stats.executions for r in results)
+    states = sum(r.stats.states for r in results)
+    out.append(f"total: {len(results)} runs, {execs} executions, {states} distinct states, "
+               f"{total_s:.1f} s ({execs / max(total_s, 1e-9):.0f} execs/s, "
+               f"{states / max(total_s, 1e-9):.0f} states/s)")
+    return "\n".join(out)
+
+
+def result_json(r: Result, ignore: frozenset[str]) -> dict[str, Any]:
+    st = r.stats
+    secs = max(st.seconds, 1e-9)
+    out: dict[str, Any] = {
+        "design": r.design,
+        "scenario": r.scenario,
+        "mode": r.mode,
+        "verdict": r.verdict(),
+        "passed": r.passed,
+        "complete": r.complete,
+        "bounds": {"preemptions": r.bounds.preemptions, "max_steps": r.bounds.max_steps,
+                   "cut_at_max_steps": r.bound_hits},
+        "executions": st.executions,
+        "states": st.states,
+        "transitions": st.transitions,
+        "max_depth": st.depth,
+        "seconds": round(st.seconds, 4),
+        "executions_per_second": round(st.executions / secs, 1),
+        "states_per_second": round(st.states / secs, 1),
+        "ignored": sorted(ignore),
+        "counterexamples": [
+            {"invariant": c.invariant, "summary": describe(c.invariant)[0], "message": c.message,
+             "pfn": c.pfn, "length": len(c.schedule), "schedule": list(c.schedule),
+             "in_setup": c.in_setup, "at_end": c.at_end, "oops": c.oops,
+             "replay": replay_command(r.design, r.scenario, c.schedule, ignore)}
+            for c in r.found
+        ],
+    }
+    if r.mode == "random":
+        out["seed"] = r.seed
+        out["runs"] = r.runs
+    return out

@@ -1,0 +1,255 @@
+"""The standard scenarios: small concurrent situations the series must survive.
+
+Each scenario sets up one VMM process on a 2 MiB (4 MiB when it needs a 2M
+direct-map leaf), 2-CPU machine with a
+``MMAP | INIT_SHARED | NO_DIRECT_MAP`` guest_memfd bound to a memslot, then
+names its actors.  They come from the review history (``series-spec.md`` §8)
+and the concurrency list of ``anchors.md`` §F.9; none of them names a bug, the
+invariants judge what happens.
+
+The gadget and TLB-eviction actors aim at the frame behind guest_memfd index 0
+when there is one, else at the frame the setup expects the next folio to get
+(after a punch-hole, the frame just freed).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gmemlab.check.world import (
+    Actor,
+    World,
+    close,
+    gadget,
+    guest_fault,
+    inject_enomem,
+    kernel_alloc,
+    munmap,
+    punch_hole,
+    tlb_evict,
+    user_fault,
+)
+from gmemlab.model.host import Host
+from gmemlab.model.kvm.mmu import kvm_mmu_page_fault
+from gmemlab.model.machine import Machine, MachineConfig
+from gmemlab.model.mm.direct_map import LEVEL_4K
+from gmemlab.model.mm.memmap import FRAME_ALLOCATED, KIND_KERNEL
+from gmemlab.model.trace import TraceMode
+from gmemlab.uapi import (
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
+    GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    KVM_MEM_GUEST_MEMFD,
+    PAGE_SIZE,
+)
+
+GMEM_FLAGS = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+GMEM_SIZE = 2 * PAGE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    summary: str
+    setup: Callable[[Machine], World]
+    actors: tuple[Actor, ...]
+    low_ram_mib: int = 2  # 1-2 MiB: 256 frames, all 4K-mapped (the machine boots faster)
+    ncpus: int = 2
+    profile: str = "x86_64"
+
+    def machine_config(self, trace: TraceMode) -> MachineConfig:
+        # Invariants are recorded rather than raised so a violation inside a step never
+        # leaves a half-run generator behind; the checker reads them after each step.
+        return MachineConfig(ram_gib=0, low_ram_mib=self.low_ram_mib, ncpus=self.ncpus,
+                             trace=trace, invariants="record")
+
+    @property
+    def nops(self) -> int:
+        return max(len(a.ops) for a in self.actors)
+
+
+# --- setup pieces ----------------------------------------------------------------------------------
+def next_frame(m: Machine) -> int:
+    """The frame the page allocator will hand out next."""
+    pfn = m.alloc.take()
+    if pfn is None:
+        raise RuntimeError("scenario machine has no free memory")
+    m.alloc.give(pfn)  # LIFO: the same frame comes out first again
+    return pfn
+
+
+def use_up_small_frames(m: Machine) -> None:
+    """Hand the kernel the frames before the first one inside a large direct-map leaf.
+
+    The next folio then sits in a 2M leaf, so zapping it must split the leaf and
+    allocate a page table: the only way the zap can fail (ENOMEM).  Done in bulk
+    because setup runs once per replayed schedule.
+    """
+    first = next_frame(m)
+    end = first
+    while (leaf := m.dmap.leaf(end)) is not None and leaf[0] == LEVEL_4K:
+        end += 1
+    frames = m.alloc.take_many(end - first)
+    if frames != list(range(first, end)):
+        raise RuntimeError("the allocator did not hand out the 4K-mapped frames in order")
+    n = end - first
+    mem = m.mem
+    mem.state[first:end] = bytes((FRAME_ALLOCATED,)) * n
+    mem.kind[first:end] = bytes((KIND_KERNEL,)) * n
+    mem.refcount[first:end] = array("i", [1]) * n
+
+
+def vmm(m: Machine, *, mmap: bool = True, second_vm: bool = False) -> World:
+    """A VMM with one VM, one vCPU and a NO_DIRECT_MAP guest_memfd bound at gpa 0.
+
+    ``second_vm``: a second VM with its own file on the same inode
+    (``link_guest_memfd``), bound at gpa 0 too, and its own vCPU on CPU 1.
+    """
+    host = Host(m)
+    kvm = host.open_kvm()
+    w = World(m, host.proc)
+    vm = kvm.create_vm(0)
+    gmem = vm.create_guest_memfd(GMEM_SIZE, GMEM_FLAGS)
+    vm.set_user_memory_region2(0, KVM_MEM_GUEST_MEMFD, 0, GMEM_SIZE, 0, gmem, 0)
+    vcpu = vm.create_vcpu(0, cpu=0)
+    w.vms.append(vm.kvm)
+    w.vm_fds.append(vm.fileno())
+    w.vcpus.append(vcpu.vcpu)
+    w.vcpu_fds.append(vcpu.fileno())
+    w.gmem_fds.append(gmem.fileno())
+    w.gmem_mapping = gmem.file.inode.mapping
+    if mmap:
+        w.maps.append(gmem.mmap(GMEM_SIZE).addr)
+    if second_vm:
+        vm2 = kvm.create_vm(0)
+        gmem2 = vm2.link_guest_memfd(gmem)
+        vm2.set_user_memory_region2(0, KVM_MEM_GUEST_MEMFD, 0, GMEM_SIZE, 0, gmem2, 0)
+        vcpu2 = vm2.create_vcpu(0, cpu=1)
+        w.vms.append(vm2.kvm)
+        w.vm_fds.append(vm2.fileno())
+        w.vcpus.append(vcpu2.vcpu)
+        w.vcpu_fds.append(vcpu2.fileno())
+        w.gmem_fds.append(gmem2.fileno())
+    w.target = next_frame(m)
+    return w
+
+
+def guest_prefault(w: World) -> None:
+    """The guest has touched gfn 0: the folio is zeroed, zapped, prepared and stage-2 mapped."""
+    m = w.m
+    w.target = m.run(m.task("vcpu0", 0), kvm_mmu_page_fault(m, w.vcpus[0], 0, True))
+
+
+# --- the scenarios ------------------------------------------------------------------------------------
+def _setup_plain(m: Machine) -> World:
+    return vmm(m)
+
+
+def _setup_unmapped(m: Machine) -> World:
+    return vmm(m, mmap=False)
+
+
+def _setup_two_vms(m: Machine) -> World:
+    return vmm(m, mmap=False, second_vm=True)
+
+
+def _setup_prefaulted(m: Machine) -> World:
+    w = vmm(m, mmap=False)
+    guest_prefault(w)
+    return w
+
+
+def _setup_large_leaf(m: Machine) -> World:
+    w = vmm(m)
+    use_up_small_frames(m)
+    w.target = next_frame(m)
+    return w
+
+
+STANDARD: tuple[Scenario, ...] = (
+    Scenario(
+        "fault-punch",
+        "guest fault (kvm_gmem_get_pfn) || punch-hole of the same index",
+        _setup_unmapped,
+        (Actor("vcpu0", 0, (guest_fault(),)),
+         Actor("punch", 1, (punch_hole(),))),
+    ),
+    Scenario(
+        "ufault-release",
+        "user fault || release of the last guest_memfd file (close, munmap) while a "
+        "memslot is bound || guest fault",
+        _setup_plain,
+        (Actor("user", 0, (user_fault(),)),
+         Actor("release", 1, (close("gmem"), munmap())),
+         Actor("vcpu0", 0, (guest_fault(),))),
+    ),
+    Scenario(
+        "two-vms",
+        "two VMs on one inode: guest fault in VM A || punch-hole through VM B's file",
+        _setup_two_vms,
+        (Actor("vcpuA", 0, (guest_fault(0),)),
+         Actor("punchB", 1, (punch_hole(1),))),
+    ),
+    Scenario(
+        "zap-gadget",
+        "guest fault (zap, flush) || speculative reads and a TLB eviction on both CPUs",
+        _setup_unmapped,
+        (Actor("vcpu0", 0, (guest_fault(),)),
+         Actor("gadget1", 1, (gadget(), gadget())),
+         Actor("evict0", 0, (tlb_evict(),))),
+    ),
+    Scenario(
+        "free-reuse",
+        "punch-hole of a guest-mapped folio || the allocator handing its frame to the "
+        "kernel || a gadget on the other CPU",
+        _setup_prefaulted,
+        (Actor("punch", 0, (punch_hole(),)),
+         Actor("kalloc", 1, (kernel_alloc(),)),
+         Actor("gadget1", 1, (gadget(),))),
+    ),
+    Scenario(
+        "enomem-split",
+        "guest fault || user fault on a folio inside a 2M direct-map leaf || ENOMEM at "
+        "the split's page-table allocation",
+        _setup_large_leaf,
+        (Actor("vcpu0", 0, (guest_fault(),)),
+         Actor("user", 1, (user_fault(),)),
+         Actor("enomem", 1, (inject_enomem(),))),
+        low_ram_mib=4,  # a 2M leaf at 2-4 MiB
+    ),
+    Scenario(
+        "enomem-guest",
+        "guest fault on a folio inside a 2M direct-map leaf || ENOMEM at the split's "
+        "page-table allocation (the guest path alone)",
+        _setup_large_leaf,
+        (Actor("vcpu0", 0, (guest_fault(),)),
+         Actor("enomem", 1, (inject_enomem(),))),
+        low_ram_mib=4,
+    ),
+    Scenario(
+        "lifecycle",
+        "user fault, punch-hole, guest refault (maybe of the same frame) || the "
+        "allocator handing frames to the kernel",
+        _setup_plain,
+        (Actor("vmm", 0, (user_fault(), punch_hole(), guest_fault())),
+         Actor("kalloc", 1, (kernel_alloc(),))),
+    ),
+    Scenario(
+        "teardown",
+        "guest fault (KVM_RUN) || VM teardown: close the vCPU, VM and guest_memfd fds",
+        _setup_unmapped,
+        (Actor("vcpu0", 0, (guest_fault(),)),
+         Actor("teardown", 1, (close("vcpu"), close("vm"), close("gmem")))),
+    ),
+)
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in STANDARD}
+
+
+def get_scenario(name: str) -> Scenario:
+    s = SCENARIOS.get(name)
+    if s is None:
+        raise KeyError(f"unknown scenario {name!r}; choose one of: {', '.join(SCENARIOS)}")
+    return s

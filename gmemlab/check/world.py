@@ -1,0 +1,227 @@
+"""What a checker scenario is made of: the world its setup builds, and its actors.
+
+A scenario's setup runs synchronously on a fresh tiny machine (through the
+model's :class:`~gmemlab.model.host.Host`) and returns a :class:`World`: the
+handles its actors need.  An *actor* is a short sequence of operations run as
+one task pinned to one CPU; each operation is a generator over the model's own
+kernel paths, so the checker interleaves the same code that runs straight
+through in normal use.
+
+Every operation yields before it touches shared state: an actor's generator is
+primed when the actor is created, and nothing of the kernel may run then.  The
+operations are the system calls and hardware events the series has to survive
+(``fdget``/``fdput`` and ``mmap_lock`` around them, as the real entry points
+take them, so the checker does not explore races the kernel excludes):
+
+* ``guest_fault``: ``KVM_RUN`` on a vCPU whose guest touches a gfn;
+* ``user_fault``: a VMM access to its guest_memfd mapping;
+* ``punch_hole``: ``fallocate(PUNCH_HOLE)``;
+* ``close`` and ``munmap``: dropping file references, which releases the last
+  guest_memfd file, tears the VM down, or evicts the inode;
+* ``gadget``: a speculative kernel read of the target frame's direct-map
+  address on the actor's CPU (it fills the TLB as a walk does);
+* ``tlb_evict``: the CPU drops its translation of the target frame;
+* ``kernel_alloc``: the page allocator hands a zeroed page to the kernel
+  (``get_page_from_freelist`` -> ``clear_page_erms``, the v7 crash site);
+* ``inject_enomem``: the next direct-map split fails to allocate its page table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gmemlab.model.fs import File, fput, get_file
+from gmemlab.model.kvm.guest_memfd import kvm_gmem_fallocate
+from gmemlab.model.kvm.kvm_main import Kvm
+from gmemlab.model.kvm.mmu import kvm_mmu_page_fault
+from gmemlab.model.kvm.vcpu import Vcpu
+from gmemlab.model.machine import Machine
+from gmemlab.model.mm.filemap import AddressSpace
+from gmemlab.model.mm.locks import down_read, down_write, up_read, up_write
+from gmemlab.model.mm.memory import Process, do_munmap, get_pte_or_fault
+from gmemlab.model.mm.page_alloc import __GFP_ZERO, GFP_KERNEL, alloc_page
+from gmemlab.model.mm.tlb import speculative_read
+from gmemlab.model.mm.xarray import EMPTY
+from gmemlab.model.task import KGen, Task
+from gmemlab.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, PAGE_SHIFT
+
+EBADF, EFAULT = 9, 14
+
+
+@dataclass(eq=False, slots=True)
+class World:
+    """The handles a scenario's setup built, by position (VM 0, vCPU 0, guest_memfd 0...)."""
+
+    m: Machine
+    proc: Process
+    vms: list[Kvm] = field(default_factory=list)
+    vm_fds: list[int] = field(default_factory=list)
+    vcpus: list[Vcpu] = field(default_factory=list)
+    vcpu_fds: list[int] = field(default_factory=list)
+    gmem_fds: list[int] = field(default_factory=list)
+    maps: list[int] = field(default_factory=list)  # start addresses of guest_memfd mappings
+    gmem_mapping: AddressSpace | None = None  # the page cache of guest_memfd 0
+    target: int = -1  # where gadgets aim when guest_memfd index 0 has no folio
+
+    def target_frame(self) -> int:
+        """The frame an attacker aims at: the one behind guest_memfd index 0, else ``target``.
+
+        Attackers are assumed to learn physical addresses; when index 0 is empty the
+        last known (or next expected) frame is the interesting one.
+        """
+        if self.gmem_mapping is not None:
+            pfn = self.gmem_mapping.i_pages.load(0)
+            if pfn != EMPTY:
+                return pfn
+        return self.target
+
+    def fd(self, kind: str, index: int) -> int:
+        table = {"vm": self.vm_fds, "vcpu": self.vcpu_fds, "gmem": self.gmem_fds}[kind]
+        return table[index]
+
+
+OpFn = Callable[..., KGen[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation of an actor: ``fn(world, task, *args)``, shown as ``label``."""
+
+    label: str
+    fn: OpFn
+    args: tuple[int | str, ...] = ()
+
+    def run(self, world: World, task: Task) -> KGen[Any]:
+        return self.fn(world, task, *self.args)
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """A task pinned to ``cpu`` that runs ``ops`` one after the other."""
+
+    name: str
+    cpu: int
+    ops: tuple[Op, ...]
+
+
+# --- entry points the kernel takes before the paths under test --------------------------------
+def fdget(w: World, fd: int) -> KGen[File | None]:
+    """``fdget()``: the file behind ``fd`` with a reference, or None once it is closed."""
+    yield ("fd", fd)
+    file = w.proc.fds.get(fd)
+    if file is None:
+        return None
+    get_file(file)
+    return file
+
+
+def mmap_lock_key(proc: Process) -> tuple[str, int]:
+    return ("mmap_lock", proc.pid)
+
+
+# --- the operations ------------------------------------------------------------------------------
+def _guest_fault(w: World, task: Task, vcpu: int, gfn: int) -> KGen[int]:
+    file = yield from fdget(w, w.vcpu_fds[vcpu])
+    if file is None:
+        return -EBADF
+    r = yield from kvm_mmu_page_fault(w.m, w.vcpus[vcpu], gfn << PAGE_SHIFT, True)
+    yield from fput(w.m, file)
+    return r
+
+
+def _user_fault(w: World, task: Task, mapping: int, page: int) -> KGen[int]:
+    m = w.m
+    addr = w.maps[mapping] + (page << PAGE_SHIFT)
+    yield from down_read(m, mmap_lock_key(w.proc))
+    vma = w.proc.mm.find_vma(addr)
+    r = -EFAULT if vma is None else (yield from get_pte_or_fault(m, vma, addr, write=True))
+    yield from up_read(m, mmap_lock_key(w.proc))
+    return r
+
+
+def _punch_hole(w: World, task: Task, gmem: int, index: int) -> KGen[int]:
+    file = yield from fdget(w, w.gmem_fds[gmem])
+    if file is None:
+        return -EBADF
+    mode = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+    r = yield from kvm_gmem_fallocate(w.m, file, mode, index << PAGE_SHIFT, 1 << PAGE_SHIFT)
+    yield from fput(w.m, file)
+    return r
+
+
+def _close(w: World, task: Task, kind: str, index: int) -> KGen[int]:
+    fd = w.fd(kind, index)
+    yield ("fd", fd)
+    file = w.proc.fds.files.pop(fd, None)
+    if file is None:
+        return -EBADF
+    yield from fput(w.m, file)
+    return 0
+
+
+def _munmap(w: World, task: Task, mapping: int) -> KGen[int]:
+    m = w.m
+    yield from down_write(m, mmap_lock_key(w.proc))
+    r = yield from do_munmap(m, w.proc, w.maps[mapping])
+    yield from up_write(m, mmap_lock_key(w.proc))
+    return r
+
+
+def _gadget(w: World, task: Task) -> KGen[bool]:
+    yield ("xa", "target")  # the attacker picks its address, then reads it
+    return (yield from speculative_read(w.m, task.cpu, w.target_frame()))
+
+
+def _tlb_evict(w: World, task: Task) -> KGen[bool]:
+    yield ("xa", "target")
+    pfn = w.target_frame()
+    yield ("tlb", (task.cpu, pfn))
+    return w.m.tlb.evict(task.cpu, pfn)
+
+
+def _kernel_alloc(w: World, task: Task) -> KGen[int]:
+    return (yield from alloc_page(w.m, GFP_KERNEL | __GFP_ZERO, kind="kernel"))
+
+
+def _inject_enomem(w: World, task: Task) -> KGen[int]:
+    yield ("fault", "pt_alloc")
+    w.m.faults.arm("pt_alloc", times=1)
+    return 0
+
+
+def guest_fault(vcpu: int = 0, gfn: int = 0) -> Op:
+    return Op(f"guest fault gfn {gfn}", _guest_fault, (vcpu, gfn))
+
+
+def user_fault(mapping: int = 0, page: int = 0) -> Op:
+    return Op(f"user fault page {page}", _user_fault, (mapping, page))
+
+
+def punch_hole(gmem: int = 0, index: int = 0) -> Op:
+    return Op(f"punch-hole index {index}", _punch_hole, (gmem, index))
+
+
+def close(kind: str, index: int = 0) -> Op:
+    return Op(f"close {kind} fd", _close, (kind, index))
+
+
+def munmap(mapping: int = 0) -> Op:
+    return Op("munmap", _munmap, (mapping,))
+
+
+def gadget() -> Op:
+    return Op("gadget read", _gadget)
+
+
+def tlb_evict() -> Op:
+    return Op("TLB evict", _tlb_evict)
+
+
+def kernel_alloc() -> Op:
+    return Op("kernel alloc", _kernel_alloc)
+
+
+def inject_enomem() -> Op:
+    return Op("ENOMEM at next split", _inject_enomem)

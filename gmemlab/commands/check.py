@@ -1,0 +1,202 @@
+"""``gmemlab check``: the interleaving checker over every design and the standard scenarios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from gmemlab.cli import UsageError
+
+if TYPE_CHECKING:
+    from gmemlab.check.explore import Stats
+
+DESCRIPTION = """\
+Run each scenario's actors (guest and user faults, punch-hole, file release, VM
+teardown, gadget reads, TLB evictions, kernel allocations, ENOMEM at a split)
+concurrently on the model of each design, exploring every interleaving within
+the bounds (breadth-first, states hashed) or random PCT schedules, and judge the
+series' invariants on every step.  Prints a design x scenario table and, for
+what fails, the shortest schedule as a timeline per actor and CPU with a
+command that replays it.  Exit status: 0 if every run passed, 1 if any failed.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "check",
+        help="explore concurrent interleavings of every design and judge the invariants",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--design", action="append", metavar="NAME[,NAME]",
+                   help="design(s) to check (default: every design of the series)")
+    p.add_argument("--scenario", action="append", metavar="NAME[,NAME]",
+                   help="scenario(s) to run (default: the standard ones)")
+    p.add_argument("--replay", metavar="SCHEDULE",
+                   help="replay a schedule (comma-separated actor indices) of one design and "
+                        "scenario, step by step")
+    p.add_argument("--random", action="store_true",
+                   help="randomised PCT schedules instead of exhaustive search")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    p.add_argument("--runs", type=int, default=300, help="schedules per run with --random (300)")
+    p.add_argument("--pct-depth", type=int, default=3,
+                   help="PCT bug depth: priority change points + 1 (default 3)")
+    p.add_argument("--preemptions", type=int, default=None,
+                   help="bound on preemptions per schedule (default: unbounded)")
+    p.add_argument("--max-steps", type=int, default=400,
+                   help="longest schedule explored (default 400)")
+    p.add_argument("--ignore", action="append", metavar="INVARIANT[,INVARIANT]",
+                   help="do not judge these properties (to look past a bug already found)")
+    p.add_argument("--all", action="store_true", dest="all_violations",
+                   help="keep exploring after a violation: every broken property, each with its "
+                        "shortest schedule")
+    p.add_argument("--explain", action="store_true",
+                   help="print the counterexample timeline of every failing run (default when "
+                        "at most two runs are selected)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--list", action="store_true",
+                   help="list designs, scenarios and properties, then exit")
+    p.set_defaults(handler=run)
+
+
+def _names(values: list[str] | None) -> list[str]:
+    return [n for v in values or () for n in v.split(",") if n]
+
+
+class _Progress:
+    """Progress of one long run on stderr: after 2 s, then every second (every 5 s off a TTY)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.last = self.start + 2.0 - (1.0 if self.tty else 5.0)
+        self.shown = False
+
+    def __call__(self, st: Stats) -> None:
+        now = time.monotonic()
+        if now - self.last < (1.0 if self.tty else 5.0):
+            return
+        self.last = now
+        line = (f"  {self.label}: {st.states} states, {st.executions} executions, "
+                f"depth {st.depth}, {now - self.start:.0f} s")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr,
+              flush=True)
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown and self.tty:
+            print(file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gmemlab.check import report
+    from gmemlab.check.explore import Bounds
+    from gmemlab.check.scenarios import SCENARIOS, STANDARD
+    from gmemlab.check.suite import Options, check_one, property_names, series_designs
+    from gmemlab.model.designs import DESIGNS
+
+    if args.list:
+        print("designs:   " + ", ".join(series_designs()))
+        print("scenarios:")
+        for s in STANDARD:
+            print(f"  {s.name:<15} {s.summary}")
+            for i, a in enumerate(s.actors):
+                print(f"      actor {i}: {a.name} on cpu{a.cpu}: " + "; ".join(o.label for o in a.ops))
+        print("properties: " + ", ".join(property_names()))
+        return 0
+
+    designs = _names(args.design) or series_designs()
+    for d in designs:
+        if d not in DESIGNS:
+            raise UsageError(f"unknown design {d!r}; choose from: {', '.join(DESIGNS)}")
+    scenario_names = _names(args.scenario) or [s.name for s in STANDARD]
+    for n in scenario_names:
+        if n not in SCENARIOS:
+            raise UsageError(f"unknown scenario {n!r}; choose from: {', '.join(SCENARIOS)}")
+    ignore = frozenset(_names(args.ignore))
+    unknown = ignore - set(property_names())
+    if unknown:
+        raise UsageError(f"unknown propert{'y' if len(unknown) == 1 else 'ies'} "
+                         f"{', '.join(sorted(unknown))}; see --list")
+    if args.runs < 1 or args.pct_depth < 1 or args.max_steps < 1:
+        raise UsageError("--runs, --pct-depth and --max-steps must be positive")
+    if args.preemptions is not None and args.preemptions < 0:
+        raise UsageError("--preemptions must not be negative")
+
+    if args.replay is not None:
+        return _replay(args, designs, scenario_names, ignore)
+
+    opts = Options(Bounds(args.preemptions, args.max_steps), ignore, args.all_violations, args.random,
+                   args.seed, args.runs, args.pct_depth)
+    scenarios = [SCENARIOS[n] for n in scenario_names]
+    if not args.json:
+        mode = (f"random PCT, seed {args.seed}, {args.runs} runs per cell, depth {args.pct_depth}"
+                if args.random else "exhaustive, states hashed")
+        print(f"gmemlab check: {len(designs)} design(s) x {len(scenarios)} scenario(s); {mode}")
+        print(f"bounds: actors <= {max(len(s.actors) for s in scenarios)}, ops per actor <= "
+              f"{max(s.nops for s in scenarios)}, {opts.bounds.describe()}")
+        if ignore:
+            print("ignoring: " + ", ".join(sorted(ignore)))
+        print()
+    results = []
+    for d in designs:
+        for s in scenarios:
+            prog = None if args.quiet else _Progress(f"{d} x {s.name}")
+            results.append(check_one(d, s, opts, progress=prog))
+            if prog is not None:
+                prog.done()
+    failed = [r for r in results if not r.passed]
+    if args.json:
+        print(json.dumps({"bounds": opts.bounds.describe(), "random": args.random,
+                          "results": [report.result_json(r, ignore) for r in results]}, indent=2))
+        return 1 if failed else 0
+    print(report.table(results))
+    explain = args.explain or len(results) <= 2
+    for r in failed:
+        print()
+        for cx in r.found:
+            if explain:
+                print(report.render_counterexample(SCENARIOS[r.scenario], r.design, r.design, cx,
+                                                   ignore=ignore))
+                print()
+            else:
+                print(f"{r.design} x {r.scenario}: {cx.invariant} ({len(cx.schedule)} steps): "
+                      f"{cx.message}\n  replay: "
+                      + report.replay_command(r.design, r.scenario, cx.schedule, ignore))
+    return 1 if failed else 0
+
+
+def _replay(args: argparse.Namespace, designs: list[str], scenarios: list[str],
+            ignore: frozenset[str]) -> int:
+    from gmemlab.check import report
+    from gmemlab.check.scenarios import SCENARIOS
+
+    if len(designs) != 1 or len(scenarios) != 1:
+        raise UsageError("--replay needs exactly one --design and one --scenario")
+    try:
+        schedule = tuple(int(x) for x in args.replay.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"--replay wants comma-separated actor indices, not {args.replay!r}") from None
+    scenario = SCENARIOS[scenarios[0]]
+    try:
+        rep = report.replay(scenario, designs[0], schedule, ignore=ignore)
+    except report.ScheduleError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        actors = rep.execution.actors
+        print(json.dumps({
+            "design": designs[0], "scenario": scenario.name, "schedule": list(schedule),
+            "steps": [{"actor": actors[r.actor].name, "cpu": actors[r.actor].task.cpu,
+                       "step": report.step_label(r.step), "stack": list(r.stack),
+                       "events": [e.as_json() for e in r.events],
+                       "broken": [b.invariant for b in r.broken]} for r in rep.records],
+            "broken": [{"invariant": b.invariant, "message": b.message} for b in rep.broken],
+        }, indent=2))
+    else:
+        print(report.render_replay(rep, designs[0]))
+    return 1 if rep.broken else 0
