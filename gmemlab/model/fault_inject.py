@@ -46,6 +46,10 @@ class FaultInject:
     def disarm(self, site: str) -> None:
         self._arms.pop(site, None)
 
+    def armed(self) -> bool:
+        """Is any site armed (so every call of :meth:`should_fail` counts)?"""
+        return bool(self._arms)
+
     def should_fail(self, site: str) -> bool:
         arm = self._arms.get(site)
         if arm is None:

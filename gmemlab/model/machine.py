@@ -49,6 +49,9 @@ class MachineConfig:
     trace_ring: int = 4096
     invariants: InvariantMode = "stop"
     seed: int = 0
+    # Run range operations through the batched paths (gmemlab.model.ranges) when nothing
+    # observes or interleaves steps; False forces the per-page generator paths.
+    range_paths: bool = True
 
     def validate(self) -> None:
         if not 0 <= self.ram_gib <= 4096:
@@ -99,6 +102,9 @@ class Machine:
         self.processes: list[Process] = []
         # Called after every step of every kernel path run through run(); see observe().
         self.step_hook: Callable[[Step], None] | None = None
+        # True only while run() runs a path straight through with nobody watching its steps:
+        # then the batched range paths may stand in for the per-page ones.
+        self.range_paths_active = False
 
     def _ram_ranges(self) -> list[tuple[int, int]]:
         """e820 RAM in pfns: [4K, 636K), [1M, low_ram), [4G, 4G + ram)."""
@@ -117,9 +123,14 @@ class Machine:
         """
         self.current = task
         self.trace.current = task
-        if self.step_hook is None:
+        if self.step_hook is not None:
+            return run_sync(_observed(gen, self.step_hook))
+        outer = self.range_paths_active
+        self.range_paths_active = self.config.range_paths
+        try:
             return run_sync(gen)
-        return run_sync(_observed(gen, self.step_hook))
+        finally:
+            self.range_paths_active = outer
 
     def switch_to(self, task: Task) -> None:
         """Make ``task`` current (the checker calls this before each step it schedules)."""

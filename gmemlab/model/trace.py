@@ -96,6 +96,16 @@ class Trace:
         """Count ``n`` occurrences of ``event`` without recording each (bulk paths)."""
         self.counts[event] += n
 
+    def skip(self, event: str, n: int) -> None:
+        """``n`` events ``event`` happened but are not recorded: counted, and numbered.
+
+        What :meth:`emit` does minus the record; the batched range paths use it
+        for the events the mode would not keep anyway (``off``, or older than the
+        ring), so counts and sequence numbers stay those of the per-page paths.
+        """
+        self.counts[event] += n
+        self.seq += n
+
     def events(self) -> list[TraceEvent]:
         return list(self._events) if self._events is not None else []
 

@@ -25,6 +25,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+from numpy.typing import NDArray
+
 from gmemlab.api import DirectMapCounters
 from gmemlab.model.task import KGen
 from gmemlab.uapi import PAGES_PER_PMD, PAGES_PER_PUD
@@ -143,6 +146,32 @@ class DirectMap:
             return self.pte[r2][pfn & 511] == PTE_PRESENT
         return s2 == E_LEAF
 
+    def lookup_many(self, pfns: NDArray[np.int64]) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
+        """:meth:`leaf` for each of ``pfns``: its level (0: unmapped) and whether it is present."""
+        s1 = np.frombuffer(self.pud, np.uint8)[pfns >> _PUD_SHIFT]
+        r2 = pfns >> _PMD_SHIFT
+        s2 = np.frombuffer(self.pmd, np.uint8)[r2]
+        level = np.where(s1 == E_NONE, 0, LEVEL_1G).astype(np.uint8)
+        present = s1 == E_LEAF
+        in_pmd = s1 == E_TABLE
+        level[in_pmd & (s2 != E_NONE)] = LEVEL_2M
+        present[in_pmd] = s2[in_pmd] == E_LEAF
+        for r, at in _by_region(r2, in_pmd & (s2 == E_TABLE)):
+            e = np.frombuffer(self.pte[r], np.uint8)[pfns[at] & 511]
+            level[at] = np.where(e == PTE_NONE, 0, LEVEL_4K)
+            present[at] = e == PTE_PRESENT
+        return level, present
+
+    def present_many(self, pfns: NDArray[np.int64]) -> NDArray[np.bool_]:
+        """:meth:`present` for each of ``pfns``."""
+        return self.lookup_many(pfns)[1]
+
+    def set_ptes(self, pfns: NDArray[np.int64], valid: bool) -> None:
+        """:meth:`set_pte` for each of ``pfns``, all mapped by 4K entries."""
+        new = PTE_PRESENT if valid else PTE_NOT_PRESENT
+        for r, at in _by_region(pfns >> _PMD_SHIFT, None):
+            np.frombuffer(self.pte[r], np.uint8)[pfns[at] & 511] = new
+
     def meminfo(self) -> DirectMapCounters:
         c = self.count
         return DirectMapCounters(c[LEVEL_4K] * 4, c[LEVEL_2M] * 2048, c[LEVEL_1G] * 1024 * 1024)
@@ -183,6 +212,22 @@ class DirectMap:
 
     def set_pmd_leaf(self, r2: int, valid: bool) -> None:
         self.pmd[r2] = E_LEAF if valid else E_LEAF_NP
+
+
+def _by_region(r2: NDArray[np.int64], where: NDArray[np.bool_] | None
+               ) -> list[tuple[int, NDArray[np.intp]]]:
+    """Positions grouped by 2M region: (region, positions in ``r2``) for the selected ones."""
+    pos = np.flatnonzero(where) if where is not None else np.arange(len(r2))
+    if not len(pos):
+        return []
+    regions = r2[pos]
+    if regions[0] == regions[-1] and (regions == regions[0]).all():
+        return [(int(regions[0]), pos)]
+    order = np.argsort(regions, kind="stable")
+    regions = regions[order]
+    cuts = np.flatnonzero(np.diff(regions)) + 1
+    return [(int(regions[c]), pos[order[c:e]])
+            for c, e in zip(np.r_[0, cuts], np.r_[cuts, len(pos)], strict=True)]
 
 
 def _split_mem_range(start: int, end: int, granularity: Granularity,

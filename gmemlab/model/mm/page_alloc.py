@@ -18,6 +18,9 @@ from array import array
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import numpy as np
+from numpy.typing import NDArray
+
 from gmemlab.model.mm.memmap import FRAME_ALLOCATED, FRAME_FREE, KIND_KERNEL, KIND_NAMES, KIND_NONE, MemMap
 from gmemlab.model.mm.tlb import kernel_access
 from gmemlab.model.task import KGen
@@ -91,6 +94,25 @@ class PageAllocator:
                 self._cursor += 1
         self.nr_free -= len(out)
         return out
+
+    def peek(self, n: int) -> NDArray[np.int64]:
+        """The next (up to) ``n`` frames :meth:`take` would give, without taking them."""
+        fl = self.freelist
+        k = min(n, len(fl))
+        parts = [np.frombuffer(fl[len(fl) - k :][::-1], np.int64)] if k else []
+        for lo, hi in self._ranges[self._cursor :]:
+            if k >= n:
+                break
+            c = min(n - k, hi - lo)
+            if c > 0:
+                parts.append(np.arange(lo, lo + c, dtype=np.int64))
+                k += c
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def give_many(self, pfns: NDArray[np.int64]) -> None:
+        """:meth:`give` each of ``pfns``, in order."""
+        self.freelist.frombytes(pfns.astype(np.int64).tobytes())
+        self.nr_free += len(pfns)
 
     def take_block(self, nr: int) -> int | None:
         """The first frame of a naturally aligned run of ``nr`` (a power of two) frames.

@@ -11,6 +11,9 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 
+import numpy as np
+from numpy.typing import NDArray
+
 XA_CHUNK_SHIFT = 6
 XA_CHUNK_SIZE = 1 << XA_CHUNK_SHIFT
 _MASK = XA_CHUNK_SIZE - 1
@@ -66,16 +69,8 @@ class XArray:
 
         Snapshots each node before yielding from it, so callers may erase as they go.
         """
-        lo_k = start >> XA_CHUNK_SHIFT
-        hi_k = ((end - 1) >> XA_CHUNK_SHIFT) if end is not None else None
-        if hi_k is not None and hi_k < lo_k:
-            return
         nodes = self._nodes
-        if hi_k is not None and hi_k - lo_k + 1 <= len(nodes):
-            keys: list[int] | range = range(lo_k, hi_k + 1)
-        else:
-            keys = sorted(k for k in nodes if k >= lo_k and (hi_k is None or k <= hi_k))
-        for k in keys:
+        for k in self._keys(start, end):
             node = nodes.get(k)
             if node is None:
                 continue
@@ -84,6 +79,120 @@ class XArray:
                 idx = base + i
                 if v != EMPTY and idx >= start and (end is None or idx < end):
                     yield idx, v
+
+    def _keys(self, start: int, end: int | None) -> list[int] | range:
+        """Keys of the nodes that may hold entries of [start, end), ascending.
+
+        Walks the shorter of the key range and the populated nodes, so a range op
+        costs what is populated, not the size of the index space.
+        """
+        lo_k = start >> XA_CHUNK_SHIFT
+        hi_k = ((end - 1) >> XA_CHUNK_SHIFT) if end is not None else None
+        if hi_k is not None and hi_k < lo_k:
+            return []
+        nodes = self._nodes
+        if hi_k is not None and hi_k - lo_k + 1 <= len(nodes):
+            return range(lo_k, hi_k + 1)
+        return sorted(k for k in nodes if k >= lo_k and (hi_k is None or k <= hi_k))
+
+    # --- many entries at once (the batched range paths) --------------------------------------
+    def load_range(self, start: int, n: int) -> NDArray[np.int64]:
+        """The entries at [start, start + n), EMPTY where absent."""
+        out = np.full(n, EMPTY, np.int64)
+        nodes = self._nodes
+        for k in self._keys(start, start + n):
+            node = nodes.get(k)
+            if node is None:
+                continue
+            base = k << XA_CHUNK_SHIFT
+            lo, hi = max(start, base), min(start + n, base + XA_CHUNK_SIZE)
+            out[lo - start : hi - start] = np.frombuffer(node, np.int64)[lo - base : hi - base]
+        return out
+
+    def load_many(self, indices: NDArray[np.int64]) -> NDArray[np.int64]:
+        """The entries at ``indices`` (ascending), EMPTY where absent."""
+        out = np.full(len(indices), EMPTY, np.int64)
+        if not len(indices):
+            return out
+        keys = indices >> XA_CHUNK_SHIFT
+        cuts = np.flatnonzero(np.diff(keys)) + 1
+        nodes = self._nodes
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(indices)].tolist(), strict=True):
+            node = nodes.get(int(keys[lo]))
+            if node is not None:
+                out[lo:hi] = np.frombuffer(node, np.int64)[indices[lo:hi] & _MASK]
+        return out
+
+    def store_range(self, start: int, values: NDArray[np.int64]) -> None:
+        """:meth:`store` ``values[i]`` at ``start + i`` for every value that is not EMPTY."""
+        nodes, count = self._nodes, self._count
+        end = start + len(values)
+        pos = start
+        while pos < end:
+            k = pos >> XA_CHUNK_SHIFT
+            base = k << XA_CHUNK_SHIFT
+            hi = min(end, base + XA_CHUNK_SIZE)
+            vals = values[pos - start : hi - start]
+            put = vals != EMPTY
+            if put.any():
+                node = nodes.get(k)
+                if node is None:
+                    node = nodes[k] = array("q", _EMPTY_NODE)
+                    count[k] = 0
+                view = np.frombuffer(node, np.int64)[pos - base : hi - base]
+                added = int(np.count_nonzero(view[put] == EMPTY))
+                view[put] = vals[put]
+                count[k] += added
+                self.nr += added
+            pos = hi
+
+    def node_items(self, start: int = 0, end: int | None = None
+                   ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.int64]]]:
+        """:meth:`items` as (indices, values) arrays, one node at a time.
+
+        Each node is read when reached, so callers may erase what they were given.
+        """
+        nodes = self._nodes
+        for k in self._keys(start, end):
+            node = nodes.get(k)
+            if node is None:
+                continue
+            base = k << XA_CHUNK_SHIFT
+            v = np.frombuffer(node, np.int64)
+            i = np.flatnonzero(v != EMPTY)
+            vals = v[i]
+            i += base
+            if base < start or (end is not None and base + XA_CHUNK_SIZE > end):
+                keep = i >= start
+                if end is not None:
+                    keep &= i < end
+                i, vals = i[keep], vals[keep]
+            yield i, vals
+
+    def items_range(self, start: int = 0, end: int | None = None
+                    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """:meth:`items` as two arrays (indices, values), ascending."""
+        parts = list(self.node_items(start, end))
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def erase_indices(self, indices: NDArray[np.int64]) -> None:
+        """:meth:`erase` each of ``indices`` (ascending, all present)."""
+        if not len(indices):
+            return
+        nodes, count = self._nodes, self._count
+        keys = indices >> XA_CHUNK_SHIFT
+        cuts = np.flatnonzero(np.diff(keys)) + 1
+        for part in np.split(indices, cuts):
+            k = int(part[0]) >> XA_CHUNK_SHIFT
+            left = count[k] - len(part)
+            if left:
+                np.frombuffer(nodes[k], np.int64)[part - (k << XA_CHUNK_SHIFT)] = EMPTY
+                count[k] = left
+            else:
+                del nodes[k], count[k]
+        self.nr -= len(indices)
 
     def first(self, start: int, end: int) -> int:
         """``xa_find``: the first present index in [start, end), or -1."""
