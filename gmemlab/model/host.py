@@ -17,6 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Self, TypeVar
 
+import numpy as np
+from numpy.typing import NDArray
+
 from gmemlab import api
 from gmemlab.api import DirectMapCounters, KernelError, MemoryFault, SigBus, VcpuExit
 from gmemlab.guest import GuestProgram
@@ -57,6 +60,7 @@ from gmemlab.model.mm.memory import (
     VM_FAULT_HWPOISON,
     VM_FAULT_OOM,
     VM_FAULT_SIGBUS,
+    BulkOp,
     UserOp,
     do_mlock,
     do_mmap,
@@ -146,7 +150,8 @@ class Mapping:
             raise ValueError(f"[{offset}, {offset + length}) is outside the {self.length}-byte mapping")
         return self.addr + offset
 
-    def _access(self, offset: int, length: int, write: bool, op: UserOp) -> None:
+    def _access(self, offset: int, length: int, write: bool, op: UserOp,
+                bulk: BulkOp | None = None) -> None:
         addr = self._range(offset, length)
         h = self.host
         done = 0
@@ -156,7 +161,14 @@ class Mapping:
             op(pfn, poff, boff, n)
             done = boff + n
 
-        r = h.run(walk_user(h.m, h.proc, addr, length, write, counted))
+        def counted_bulk(pfns: NDArray[np.int64], boff: int) -> None:
+            nonlocal done
+            assert bulk is not None
+            bulk(pfns, boff)
+            done = boff + len(pfns) * PAGE_SIZE
+
+        r = h.run(walk_user(h.m, h.proc, addr, length, write, counted,
+                            None if bulk is None else counted_bulk))
         if r in (-VM_FAULT_SIGBUS, -VM_FAULT_HWPOISON):
             raise SigBus(addr + done, "user access")
         if r == -VM_FAULT_OOM:
@@ -188,7 +200,10 @@ class Mapping:
         def op(pfn: int, poff: int, boff: int, n: int) -> None:
             mem.memset(pfn, poff, n, value, secret=True)
 
-        self._access(offset, length, True, op)
+        def pages(pfns: NDArray[np.int64], boff: int) -> None:
+            mem.memset_pages(pfns, value, secret=True)
+
+        self._access(offset, length, True, op, pages)
 
     def mlock(self) -> None:
         h = self.host

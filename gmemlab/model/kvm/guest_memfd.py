@@ -314,19 +314,34 @@ def kvm_gmem_allocate(m: Machine, inode: Inode, offset: int, length: int) -> KGe
         return -EINVAL
     mapping = inode.mapping
     yield from down_read(m, mapping.invalidate_lock)
-    r = 0
-    for index in range(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT):
-        if m.faults.should_fail("signal_pending"):
-            r = -EINTR
-            break
-        folio = yield from kvm_gmem_get_folio(m, inode, index)
-        if folio < 0:
-            r = folio
-            break
-        yield from folio_unlock(m, folio)
-        yield from folio_put(m, folio)
+    start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
+    batched = None
+    if m.range_paths_active:
+        from gmemlab.model.ranges.free import allocate
+
+        batched = allocate(m, inode, start, end, lambda index: kvm_gmem_allocate_one(m, inode, index))
+    if batched is None:
+        r = 0
+        for index in range(start, end):
+            r = yield from kvm_gmem_allocate_one(m, inode, index)
+            if r:
+                break
+    else:
+        r = batched
     yield from up_read(m, mapping.invalidate_lock)
     return r
+
+
+def kvm_gmem_allocate_one(m: Machine, inode: Inode, index: int) -> KGen[int]:
+    """One index of :func:`kvm_gmem_allocate`'s loop: 0 or -errno."""
+    if m.faults.should_fail("signal_pending"):
+        return -EINTR
+    folio = yield from kvm_gmem_get_folio(m, inode, index)
+    if folio < 0:
+        return folio
+    yield from folio_unlock(m, folio)
+    yield from folio_put(m, folio)
+    return 0
 
 
 # --- memslot binding --------------------------------------------------------------------------------

@@ -202,17 +202,28 @@ def truncate_inode_pages_range(m: Machine, mapping: AddressSpace, start: int,
 
     Returns the number of folios removed.
     """
-    mem = m.mem
+    if m.range_paths_active:
+        from gmemlab.model.ranges.free import truncate
+
+        batched = truncate(m, mapping, start, end)
+        if batched is not None:
+            return batched
     removed = 0
     for index, pfn in mapping.i_pages.items(start, end):
-        yield from folio_get(m, pfn)  # find_lock_entries()
-        yield from folio_lock(m, pfn)
-        if mem.mapping[pfn] != mapping.id or mem.index[pfn] != index:
-            yield from folio_unlock(m, pfn)  # someone else removed it meanwhile
-            yield from folio_put(m, pfn)
-            continue
-        yield from truncate_inode_folio(m, mapping, pfn)
-        yield from folio_unlock(m, pfn)
-        yield from folio_put(m, pfn)
-        removed += 1
+        removed += yield from truncate_folio(m, mapping, index, pfn)
     return removed
+
+
+def truncate_folio(m: Machine, mapping: AddressSpace, index: int, pfn: int) -> KGen[int]:
+    """One folio of :func:`truncate_inode_pages_range`: 1 if it removed it, 0 if someone else did."""
+    mem = m.mem
+    yield from folio_get(m, pfn)  # find_lock_entries()
+    yield from folio_lock(m, pfn)
+    if mem.mapping[pfn] != mapping.id or mem.index[pfn] != index:
+        yield from folio_unlock(m, pfn)  # someone else removed it meanwhile
+        yield from folio_put(m, pfn)
+        return 0
+    yield from truncate_inode_folio(m, mapping, pfn)
+    yield from folio_unlock(m, pfn)
+    yield from folio_put(m, pfn)
+    return 1

@@ -22,6 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+from numpy.typing import NDArray
+
 from gmemlab.model.fs import FdTable, File, fput, get_file
 from gmemlab.model.mm.folio import folio_put, folio_unlock
 from gmemlab.model.mm.memmap import KIND_ANON
@@ -141,14 +144,22 @@ def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
     vma = proc.mm.find_vma(addr)
     if vma is None or vma.start != addr:
         return -EINVAL
-    for page, _pfn in vma.ptes.items():
-        yield from zap_pte(m, vma, page)
+    if not (m.range_paths_active and _zap_batched(m, vma)):
+        for page, _pfn in vma.ptes.items():
+            yield from zap_pte(m, vma, page)
     proc.mm.vmas.remove(vma)
     m.trace.emit("do_munmap", "munmap", -1, {"addr": addr})
     if vma.file is not None:
         vma.file.inode.mapping.i_mmap.remove(vma)
         yield from fput(m, vma.file)
     return 0
+
+
+def _zap_batched(m: Machine, vma: Vma) -> bool:
+    """Every PTE of ``vma`` zapped at once, where it can be (``gmemlab.model.ranges``)."""
+    from gmemlab.model.ranges.free import zap_user_range
+
+    return zap_user_range(m, vma)
 
 
 def do_mlock(m: Machine, proc: Process, addr: int, length: int) -> KGen[int]:
@@ -253,18 +264,27 @@ def get_pte_or_fault(m: Machine, vma: Vma, addr: int, *, write: bool) -> KGen[in
 
 # --- accesses ------------------------------------------------------------------------------------
 UserOp = Callable[[int, int, int, int], None]  # (pfn, offset in page, offset in buffer, n)
+BulkOp = Callable[[NDArray[np.int64], int], None]  # (whole pages, offset in buffer of the first)
 
 
 def walk_user(m: Machine, proc: Process, addr: int, length: int, write: bool,
-              op: UserOp) -> KGen[int]:
+              op: UserOp, bulk: BulkOp | None = None) -> KGen[int]:
     """Apply ``op`` to each page-piece of [addr, addr+length) through the PTEs.
 
     Returns 0, or the negative ``VM_FAULT_*`` code (or ``-EFAULT`` for an unmapped
     address) of the first fault that could not be resolved; bytes before it have
-    been processed, as with a real access.
+    been processed, as with a real access.  ``bulk``, if given, does what ``op``
+    does to many whole pages at once (the batched path uses it).
     """
     done = 0
     while done < length:
+        if m.range_paths_active:
+            from gmemlab.model.ranges.fault import user_access
+
+            batch, again = user_access(m, proc, addr, length, done, write, op, bulk)
+            done += batch
+            if again:
+                continue
         a = addr + done
         vma = proc.mm.find_vma(a)
         if vma is None:

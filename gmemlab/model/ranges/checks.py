@@ -1,0 +1,106 @@
+"""The invariant hooks of ``gmemlab.model.invariants``, judged on many frames at once.
+
+Each function is the vectorised condition under which the hook of the same
+name could fail; the frames that meet it go through the hook itself, which
+judges and reports them exactly as on the per-page paths.  The batched paths
+call these at the points where the per-page paths call the hooks, with the
+frames' state as it is at that point.  ``check_all`` uses them too, so a sweep
+of a 64 GiB machine takes seconds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K
+from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
+from gmemlab.model.mm.memmap import FRAME_ALLOCATED, PG_locked
+
+if TYPE_CHECKING:
+    from gmemlab.model.machine import Machine
+
+Pfns = NDArray[np.int64]
+
+
+def _mapping_ids(m: Machine, want: str) -> NDArray[np.int64]:
+    """ids of the registered mappings with AS_NO_DIRECT_MAP (``ndm``), or of guest_memfd ones too."""
+    return np.fromiter((mid for mid, a in m.mappings.items()
+                        if a.test(AS_NO_DIRECT_MAP) and (want == "ndm" or a.kind == "guest_memfd")),
+                       np.int64)
+
+
+def no_direct_map(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
+    """``Machine.folio_no_direct_map_mapping()`` for each of ``pfns``."""
+    return np.isin(m.mem.views().mapping[pfns], _mapping_ids(m, "ndm"))
+
+
+def cached_anywhere(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
+    """``Tlbs.cached_anywhere()`` for each of ``pfns``."""
+    out = np.zeros(len(pfns), np.bool_)
+    for t in m.tlb.entries:
+        for level, mask in ((LEVEL_4K, -1), (LEVEL_2M, ~511), (LEVEL_1G, ~0x3FFFF)):
+            bases = np.fromiter((b for lv, b in t if lv == level), np.int64)
+            if len(bases):
+                out |= np.isin(pfns & mask, bases)
+    return out
+
+
+def _report(pfns: Pfns, bad: NDArray[np.bool_], hook: object, *args: object) -> None:
+    for p in pfns[bad].tolist():
+        hook(p, *args)  # type: ignore[operator]
+
+
+def on_handout(m: Machine, pfns: Pfns, how: str) -> None:
+    if not m.inv.enabled or not len(pfns):
+        return
+    v = m.mem.views()
+    ndm = no_direct_map(m, pfns)
+    bad = v.state[pfns] != FRAME_ALLOCATED
+    if ndm.any():
+        bad |= ndm & (m.dmap.present_many(pfns) | cached_anywhere(m, pfns))
+    _report(pfns, bad, m.inv.on_handout, how)
+
+
+def on_folio_unlock(m: Machine, pfns: Pfns) -> None:
+    if not m.inv.enabled or not m.design.uses_marker or not len(pfns):
+        return
+    v = m.mem.views()
+    gmem = np.isin(v.mapping[pfns], _mapping_ids(m, "gmem_ndm"))
+    if gmem.any():
+        marked = (v.private[pfns] & 1) != 0
+        _report(pfns, gmem & (marked == m.dmap.present_many(pfns)), m.inv.on_folio_unlock)
+
+
+def on_direct_map_change(m: Machine, pfns: Pfns, valid: bool) -> None:
+    if not m.inv.enabled or not len(pfns):
+        return
+    v = m.mem.views()
+    in_cache = v.mapping[pfns] != 0
+    bad = in_cache & ((v.flags[pfns] & PG_locked) == 0)
+    if valid:
+        bad |= v.guest_owned[pfns] != 0
+    else:
+        bad |= in_cache & ~no_direct_map(m, pfns)
+    _report(pfns, bad, m.inv.on_direct_map_change, valid)
+
+
+def on_arch_prepare(m: Machine, pfns: Pfns) -> None:
+    if not m.inv.enabled or not len(pfns):
+        return
+    _report(pfns, no_direct_map(m, pfns) & m.dmap.present_many(pfns), m.inv.on_arch_prepare)
+
+
+def on_restore(m: Machine, pfns: Pfns) -> None:
+    if m.inv.enabled and len(pfns):
+        _report(pfns, m.mem.views().invalidated[pfns] == 0, m.inv.on_restore)
+
+
+def on_free_to_allocator(m: Machine, pfns: Pfns) -> None:
+    if not m.inv.enabled or not len(pfns):
+        return
+    v = m.mem.views()
+    bad = ~m.dmap.present_many(pfns) | (v.mapcount[pfns] != 0) | (v.s2count[pfns] != 0)
+    _report(pfns, bad, m.inv.on_free_to_allocator)
