@@ -53,25 +53,46 @@ def _report(pfns: Pfns, bad: NDArray[np.bool_], hook: object, *args: object) -> 
         hook(p, *args)  # type: ignore[operator]
 
 
-def on_handout(m: Machine, pfns: Pfns, how: str) -> None:
-    if not m.inv.enabled or not len(pfns):
-        return
+def handout_suspects(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
+    """Which of ``pfns`` ``Invariants.on_handout()`` could fail."""
     v = m.mem.views()
     ndm = no_direct_map(m, pfns)
-    bad = v.state[pfns] != FRAME_ALLOCATED
+    bad: NDArray[np.bool_] = v.state[pfns] != FRAME_ALLOCATED
     if ndm.any():
         bad |= ndm & (m.dmap.present_many(pfns) | cached_anywhere(m, pfns))
-    _report(pfns, bad, m.inv.on_handout, how)
+    return bad
+
+
+def on_handout(m: Machine, pfns: Pfns, how: str) -> None:
+    if m.inv.enabled and len(pfns):
+        _report(pfns, handout_suspects(m, pfns), m.inv.on_handout, how)
+
+
+def unlock_suspects(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
+    """Which of ``pfns`` ``Invariants.on_folio_unlock()`` could fail."""
+    v = m.mem.views()
+    bad = np.zeros(len(pfns), np.bool_)
+    if m.design.uses_marker:
+        gmem = np.isin(v.mapping[pfns], _mapping_ids(m, "gmem_ndm"))
+        if gmem.any():
+            marked = (v.private[pfns] & 1) != 0
+            bad = gmem & (marked == m.dmap.present_many(pfns))
+    return bad
 
 
 def on_folio_unlock(m: Machine, pfns: Pfns) -> None:
-    if not m.inv.enabled or not m.design.uses_marker or not len(pfns):
-        return
+    if m.inv.enabled and len(pfns):
+        _report(pfns, unlock_suspects(m, pfns), m.inv.on_folio_unlock)
+
+
+def out_of_direct_map_suspects(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
+    """Which of ``pfns`` (not present in the direct map) ``check_all()`` could report:
+    free ones, and those not in a page cache of an AS_NO_DIRECT_MAP or secretmem mapping."""
     v = m.mem.views()
-    gmem = np.isin(v.mapping[pfns], _mapping_ids(m, "gmem_ndm"))
-    if gmem.any():
-        marked = (v.private[pfns] & 1) != 0
-        _report(pfns, gmem & (marked == m.dmap.present_many(pfns)), m.inv.on_folio_unlock)
+    allowed = np.fromiter((mid for mid, a in m.mappings.items()
+                           if a.test(AS_NO_DIRECT_MAP) or a.kind == "secretmem"), np.int64)
+    bad: NDArray[np.bool_] = (v.state[pfns] != FRAME_ALLOCATED) | ~np.isin(v.mapping[pfns], allowed)
+    return bad
 
 
 def on_direct_map_change(m: Machine, pfns: Pfns, valid: bool) -> None:
