@@ -17,7 +17,8 @@ the machine as the kernel paths run and read here after every step, plus what
 only the checker can judge:
 
 * ``end-locks-released``: once every actor has finished, no lock, folio lock
-  or KVM invalidation is left held;
+  or KVM invalidation is left held; and when the others wait forever, no
+  lock is held by an actor that has finished (a leak, not a wait);
 * ``end-refcount-balanced``: once every actor has finished, each page-cache
   folio's refcount is the page cache's reference plus one per user PTE, and no
   file folio is left allocated outside a page cache;
@@ -46,7 +47,8 @@ DesignSpec = str | Design | Callable[[], Design]
 
 CHECKER_PROPERTIES: dict[str, tuple[str, str]] = {
     "end-locks-released": (
-        "once every actor has finished, no lock, folio lock or KVM invalidation is left held",
+        "no lock is held by an actor that has finished; once all have, no lock, folio lock or "
+        "KVM invalidation is left held",
         "lifetime sanity (checker)",
     ),
     "end-refcount-balanced": (
@@ -86,9 +88,15 @@ class StepRecord:
     actor: int
     op: int  # which of the actor's operations the step belongs to
     step: Step
-    stack: tuple[str, ...]
+    stack: tuple[str, ...]  # the call chain that yielded the step
     events: list[TraceEvent]
     broken: list[Broken]
+    after: tuple[str, ...] = ()  # the chain where the actor stopped next (empty if it ended)
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """The kernel functions the step ran in: where it stopped, or where it started."""
+        return self.after or self.stack
 
 
 @dataclass(eq=False, slots=True)
@@ -198,6 +206,8 @@ class Execution:
         if record is not None:
             record.events = [e for e in m.trace.events() if e.seq > seq]
             record.broken = broken
+            if not a.done:
+                record.after = call_stack(a.gen)
             self.records.append(record)
         return broken
 
@@ -223,13 +233,19 @@ class Execution:
         return all(a.done for a in self.actors)
 
     def end_state(self) -> list[Broken]:
-        """Properties judged when the execution has ended with every actor finished."""
-        if self.crashed or not self.all_done:
+        """Properties judged when the execution can go no further (no oops)."""
+        if self.crashed:
             return []
         m = self.m
+        finished = {a.task.name for a in self.actors if a.done}
+        # Spinlocks and mutexes know their holder: one held by a finished actor is leaked
+        # even while others wait.  Anything else can only be judged once all are done.
+        held = [f"{k} (by {who})" for k, who in m.locks.held.items() if who in finished]
+        if not self.all_done:
+            return self._judged([], held)
         mem = m.mem
         out: list[Broken] = []
-        held = [str(k) for k in m.locks.held] + [str(k) for k, n in m.locks.readers.items() if n]
+        held += [str(k) for k, n in m.locks.readers.items() if n]
         held += [f"mmu_invalidate of VM {k}" for k, kvm in m.kvms.items()
                  if kvm.mmu_invalidate_in_progress]
         for pfn in range(mem.nr_pages):
@@ -247,6 +263,9 @@ class Execution:
                 out.append(Broken("end-refcount-balanced",
                                   f"file folio pfn {pfn:#x} left allocated outside any page cache "
                                   f"(refcount {mem.refcount[pfn]})", pfn))
+        return self._judged(out, held)
+
+    def _judged(self, out: list[Broken], held: list[str]) -> list[Broken]:
         if held:
             out.append(Broken("end-locks-released", "left held at the end: " + ", ".join(held)))
         return [b for b in out if b.invariant not in self.ignore]

@@ -137,7 +137,7 @@ class _Search:
         self.progress = progress
         self.start = time.perf_counter()
         self.result = Result(scenario.name, design_name, mode, bounds)
-        self.seen: set[str] = set()
+        self.seen: dict[str, int] = {}  # invariant -> index in result.found
 
     def fresh(self) -> Execution:
         self.result.stats.executions += 1
@@ -151,12 +151,20 @@ class _Search:
 
     def note(self, broken: list[Broken], schedule: tuple[int, ...], *, at_end: bool = False,
              in_setup: bool = False) -> bool:
-        """Record the first schedule for each newly broken property; True: stop searching."""
+        """Keep the shortest schedule seen for each broken property; True: stop searching.
+
+        Breadth-first search finds the shortest first; the unreduced enumeration
+        and random search see longer ones first.
+        """
+        found = self.result.found
         for b in broken:
-            if b.invariant not in self.seen:
-                self.seen.add(b.invariant)
-                self.result.found.append(Counterexample(b.invariant, b.message, b.pfn, schedule,
-                                                        b.oops, at_end, in_setup))
+            cx = Counterexample(b.invariant, b.message, b.pfn, schedule, b.oops, at_end, in_setup)
+            i = self.seen.get(b.invariant)
+            if i is None:
+                self.seen[b.invariant] = len(found)
+                found.append(cx)
+            elif len(schedule) < len(found[i].schedule):
+                found[i] = cx
         return bool(broken) and self.stop_at_first
 
     def tick(self, force: bool = False) -> None:

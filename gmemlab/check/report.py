@@ -172,7 +172,7 @@ def render_counterexample(scenario: Scenario, design: DesignSpec, design_name: s
         lines += timeline(rep)
         last = rep.records[-1] if rep.records else None
         if last is not None and not cx.at_end:
-            chain = " > ".join((rep.execution.actors[last.actor].name, *last.stack))
+            chain = " > ".join((rep.execution.actors[last.actor].name, *last.chain))
             lines += ["", f"  kernel functions at the break: {chain}"]
     lines += ["", "  replay: " + replay_command(design_name, scenario.name, cx.schedule, ignore)]
     return "\n".join(lines)
