@@ -1,0 +1,222 @@
+"""One NO_DIRECT_MAP guest's life on the model, timed operation by operation.
+
+Two lifecycles, each on a fresh machine with enough RAM for the guest plus its
+direct-map page tables, trace off and invariants stopping at the first
+violation:
+
+* ``guest``: bind (VM, guest_memfd ``MMAP|INIT_SHARED|NO_DIRECT_MAP``, memslot
+  without a userspace mapping), the guest's first touch of every page (one
+  byte per page, as ``gmemlab measure`` does on the real kernel; 1 GiB per
+  ``KVM_RUN``), punch the upper half (1 GiB per ``fallocate``), then close the
+  guest_memfd, the vCPU and the VM, which frees every frame left.
+* ``host``: the same, except that the VMM maps the guest_memfd, backs the
+  memslot with the mapping, and touches every page first by filling it
+  (``Mapping.fill``, 1 GiB at a time); the close also unmaps.
+
+Each operation's time is per page it handles (the punch and the close handle
+half each).  The invariant sweep (``check_all``) runs after the first touch
+and at the end, timed apart, and must find nothing; every frame the guest had
+must be back with the allocator.
+
+``python -m gmemlab.bench.lifecycle SIZE_GIB KIND [--per-page]`` runs one and
+prints its JSON on stdout (progress on stderr); ``gmemlab bench`` runs it once
+per size and kind, each in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gmemlab.api import IoOut
+from gmemlab.guest import PORT_DONE, GuestProgram
+from gmemlab.model import Host, MachineConfig
+from gmemlab.uapi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
+    GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    KVM_MEM_GUEST_MEMFD,
+    PAGE_SHIFT,
+)
+
+KINDS = ("guest", "host")
+OPS = {"guest": ("bind", "guest first touch", "punch half", "close + free"),
+       "host": ("bind", "host first touch", "punch half", "close + free")}
+GIB = 1 << 30
+GPA = 1 << 32
+FLAGS = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+PORT_CHUNK = 0x80  # the guest's "another GiB done" exit
+Progress = Callable[[str, int, int], None]  # (operation, pages done, pages in all)
+
+
+@dataclass(slots=True)
+class _Clock:
+    """CPU and wall time of each operation, per page it handled."""
+
+    ops: dict[str, dict[str, float]] = field(default_factory=dict)
+    _cpu: float = field(default_factory=time.process_time)
+    _wall: float = field(default_factory=time.perf_counter)
+
+    def lap(self, name: str, pages: int) -> None:
+        cpu, wall = time.process_time(), time.perf_counter()
+        self.ops[name] = {"pages": pages, "cpu_s": cpu - self._cpu, "wall_s": wall - self._wall,
+                          "us_per_page": (cpu - self._cpu) / pages * 1e6}
+        self._cpu, self._wall = cpu, wall
+
+    def restart(self) -> None:
+        """Leave what ran since the last lap out of every operation."""
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+
+
+def _sweep(host: Host) -> dict[str, float]:
+    """``check_all()``, timed (outside the operations' times)."""
+    c, w = time.process_time(), time.perf_counter()
+    host.machine.inv.check_all()
+    return {"cpu_s": time.process_time() - c, "wall_s": time.perf_counter() - w}
+
+
+def ram_gib_for(size: int) -> float:
+    """Modelled RAM above 4 GiB for a guest of ``size`` bytes: the guest, its direct-map page
+    tables (one per 2 MiB) and room to spare."""
+    return size / GIB * (1 + 1 / 256) + 1
+
+
+def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | None = None
+        ) -> dict[str, Any]:
+    """Run the ``kind`` lifecycle of a ``size``-byte guest; see the module docstring."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown lifecycle {kind!r} ({', '.join(KINDS)})")
+    say = progress or (lambda op, done, total: None)
+    pages = size >> PAGE_SHIFT
+    chunk = min(size, GIB)
+    t0c, t0w = time.process_time(), time.perf_counter()
+    config = MachineConfig(ram_gib=ram_gib_for(size), trace="off", invariants="stop",
+                           range_paths=not per_page)
+    host = Host(config=config)
+    m = host.machine
+    free_before = m.alloc.nr_free
+    boot = {"cpu_s": time.process_time() - t0c, "wall_s": time.perf_counter() - t0w}
+    clock = _Clock()
+    total = 2 * pages
+    kvm = host.open_kvm()
+    vm = kvm.create_vm()
+    gmem = vm.create_guest_memfd(size, FLAGS)
+    mapping = gmem.mmap(size) if kind == "host" else None
+    vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, GPA, size, mapping.addr if mapping else 0,
+                               gmem, 0)
+    vcpu = vm.create_vcpu(0)
+    clock.lap("bind", pages)
+    touch = OPS[kind][1]
+    if mapping is None:
+        prog = GuestProgram()
+        for off in range(0, size, chunk):
+            prog.touch(GPA + off, min(chunk, size - off)).out(PORT_CHUNK, 0)
+        vcpu.load_program(prog)
+        done = 0
+        while True:
+            ex = vcpu.run()
+            if not isinstance(ex, IoOut):
+                raise RuntimeError(f"the guest stopped with {ex}")
+            if ex.port == PORT_DONE:
+                break
+            done = min(done + chunk, size)
+            say(touch, done >> PAGE_SHIFT, total)
+    else:
+        for off in range(0, size, chunk):
+            mapping.fill(off, min(chunk, size - off), 0x5A)
+            say(touch, (off + chunk) >> PAGE_SHIFT, total)
+    clock.lap(touch, pages)
+    checks = [_sweep(host)]  # every page mapped: the sweep's largest case
+    clock.restart()
+    half = size // 2 // chunk * chunk if size >= 2 * chunk else size // 2
+    for off in range(half, size, chunk):
+        gmem.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, off, min(chunk, size - off))
+        say("punch half", pages + ((off + chunk - half) >> PAGE_SHIFT), total)
+    clock.lap("punch half", (size - half) >> PAGE_SHIFT)
+    if mapping is not None:
+        mapping.munmap()
+    gmem.close()
+    vcpu.close()
+    vm.close()
+    kvm.close()
+    say("close + free", total, total)
+    clock.lap("close + free", half >> PAGE_SHIFT)
+    checks.append(_sweep(host))
+    counts = m.trace.counts
+    pt_pages = counts["dmap_split_1g"] + counts["dmap_split_2m"]
+    if m.alloc.nr_free != free_before - pt_pages or counts["free_page"] != pages:
+        raise RuntimeError(f"frames not all freed: {free_before - m.alloc.nr_free} still out, "
+                           f"{pt_pages} are direct-map page tables")
+    return {
+        "kind": kind,
+        "size_bytes": size,
+        "pages": pages,
+        "per_page_path": per_page,
+        "boot": boot,
+        "ops": clock.ops,
+        "lifecycle_wall_s": sum(op["wall_s"] for op in clock.ops.values()),
+        "lifecycle_cpu_s": sum(op["cpu_s"] for op in clock.ops.values()),
+        "check_all": checks,
+        "violations": len(m.inv.violations),
+        "splits": {"1G": m.dmap.splits_1g, "2M": m.dmap.splits_2m},
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+class Bar:
+    """A progress bar on stderr, redrawn at most every 0.2 s (a line per operation if not a tty)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.op = ""
+
+    def __call__(self, op: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if not self.tty:
+            if op != self.op:
+                print(f"bench: {self.label}: {op}", file=sys.stderr, flush=True)
+                self.op = op
+            return
+        if now - self.last < 0.2 and done < total:
+            return
+        self.last = now
+        width = 30
+        fill = width * done // max(total, 1)
+        print(f"\r  {self.label:<22} [{'#' * fill}{'.' * (width - fill)}] {100 * done // max(total, 1):3d}%"
+              f"  {op:<18}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gmemlab.bench.lifecycle")
+    p.add_argument("size_gib", type=float)
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("--per-page", action="store_true", help="force the per-page generator paths")
+    args = p.parse_args(argv)
+    size = int(args.size_gib * GIB) >> PAGE_SHIFT << PAGE_SHIFT
+    label = f"{args.size_gib:g} GiB {args.kind}" + (" per page" if args.per_page else "")
+    bar = Bar(label)
+    try:
+        result = run(size, args.kind, per_page=args.per_page, progress=bar)
+    finally:
+        bar.close()
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

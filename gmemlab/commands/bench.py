@@ -1,0 +1,75 @@
+"""``gmemlab bench``: the model's costs at VM sizes, next to the real kernel's (not a test)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gmemlab.cli import UsageError
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time the model's guest lifecycle at 1-64 GiB against the real kernel",
+        description=(
+            "Run the lifecycle of a NO_DIRECT_MAP guest (bind, first touch of every page from "
+            "the guest or the VMM, punch half, close and free) on the model at each size, each "
+            "in a fresh process, and the real kernel's first-touch and free measurement "
+            "(gmemlab measure); print model and real cost per page, their ratio, peak RSS, "
+            "flatness across sizes and the scale targets."
+        ),
+    )
+    p.add_argument("--sizes", metavar="GIB,...",
+                   help="guest sizes in GiB (default 1,4,16,64; quick 0.25,1)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and a short real measurement (a minute, not ten)")
+    p.add_argument("--no-real", action="store_true", help="skip the real kernel's measurement")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
+    p.add_argument("--compare", metavar="OLD.json", help="show the change against an earlier --json")
+    p.set_defaults(handler=run)
+
+
+def _sizes(text: str) -> tuple[float, ...]:
+    try:
+        sizes = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"--sizes takes GiB numbers separated by commas, not {text!r}") from None
+    if not sizes or any(s <= 0 or s * 1024 != int(s * 1024) for s in sizes):
+        raise UsageError("--sizes must be positive whole numbers of MiB, in GiB (e.g. 0.25,1,4)")
+    return sizes
+
+
+def run(args: argparse.Namespace) -> int:
+    from gmemlab.bench.report import compare, render
+    from gmemlab.bench.run import QUICK_SIZES, BenchConfig, run_bench
+    from gmemlab.twin.measure import MeasureConfig
+
+    sizes = _sizes(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else None)
+    old = None
+    if args.compare:
+        try:
+            with open(args.compare) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--compare: cannot read {args.compare}: {e}") from None
+    cfg = BenchConfig(real=not args.no_real,
+                      measure=MeasureConfig.quick() if args.quick else MeasureConfig())
+    if sizes:
+        cfg = BenchConfig(sizes, cfg.per_page_mib, cfg.real, cfg.measure)
+
+    def say(message: str) -> None:
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+
+    result = run_bench(cfg, say)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    print(render(result))
+    if old is not None:
+        print()
+        print(compare(old, result))
+    failed = any("error" in r for r in result["runs"] + result["per_page"])
+    return 1 if failed else 0
