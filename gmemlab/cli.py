@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "gmemlab.commands.conformance",
     "gmemlab.commands.expose",
     "gmemlab.commands.cost",
+    "gmemlab.commands.bench",
 )
 
 Handler = Callable[[argparse.Namespace], int]
