@@ -6,9 +6,15 @@ covers everything that can influence what happens next:
 
 * the machine: every memmap column the kernel paths read (``gen`` is left
   out: it counts folio lifetimes for reports and steers nothing), the direct
-  map tables, the TLBs, locks, allocator free list, fault-injection counters,
+  map tables, the TLBs, locks, allocator free list, fault-injection arms,
   page caches, user page tables, stage-2 tables, memslots and bindings, file,
-  inode and VM reference counts.  Trace and statistics counters are left out.
+  inode and VM reference counts, the design's own state (a pool, a pending
+  flush batch), and every other attribute of the machine, canonicalised
+  generically, so that state a model change adds is covered (or reported as
+  an unknown type) rather than silently ignored.  Left out, by name: the
+  trace, the invariants' record, the current task, observation hooks and the
+  static configuration (``MACHINE_NOT_STATE``).  TLB entries are digested as
+  sets: their LRU order only matters at capacity, far beyond these scenarios.
 * each actor: its chain of suspended generators (outermost first), and for
   each frame its code position, the names of its bound locals and the values
   of its locals *and value stack*.  The stack holds ``for`` loops' iterators,
@@ -30,6 +36,7 @@ from __future__ import annotations
 import gc
 import hashlib
 from collections.abc import Callable, Generator, Iterable
+from dataclasses import fields, is_dataclass
 from types import (
     BuiltinMethodType,
     CellType,
@@ -55,6 +62,11 @@ from gmemlab.model.mm.xarray import XArray
 # dense content/taint dicts (exposure data, never read by a decision) are left out.
 MEM_COLUMNS = ("state", "kind", "flags", "private", "refcount", "mapcount", "s2count", "mapping",
                "index", "guest_owned", "invalidated", "fill", "taint_full")
+# Machine attributes that are not state: history, observers, or fixed at boot.
+MACHINE_NOT_STATE = frozenset({"trace", "inv", "current", "step_hook", "config", "profile", "ram"})
+# Machine attributes machine() digests in its own way.
+_MACHINE_SPECIAL = frozenset({"mem", "dmap", "alloc", "tlb", "locks", "kvms", "mappings", "faults",
+                              "design"})
 _ATOMS = (int, str, bool, float, bytes, type(None))
 # Iterators whose __reduce__ gives what is left to iterate (plus their wrappers).
 _ITERABLES: tuple[Iterable[Any], ...] = ([], (), range(1), {}, {}.items(), {}.values(), set(), "", b"",
@@ -82,112 +94,109 @@ class Namer:
 
     def __init__(self) -> None:
         self.names: dict[int, str] = {}
-        self._keep: list[object] = []  # keeps named objects alive, so their ids stay theirs
+        self._keep: list[tuple[object, str]] = []  # keeps named objects alive: ids stay theirs
         self.unknown: set[str] = set()
         # Named objects whose own fields are state (digested by machine()).
         self.files: list[File] = []
         self.inodes: list[Inode] = []
         self.procs: list[Process] = []
 
-    def add(self, obj: object, name: str) -> None:
-        if id(obj) in self.names:
-            return
-        self.names[id(obj)] = name
-        self._keep.append(obj)
-        if isinstance(obj, XArray):
-            # Generators over an xarray hold its node dict; the xarray's content is in the
-            # machine digest, so a name is all the actor's digest needs.
-            for slot in XArray.__slots__:
-                value = getattr(obj, slot)
-                if isinstance(value, dict):
-                    self.add(value, f"{name}.{slot}")
-
     def name_world(self, w: World, actors: Iterable[tuple[object, tuple[object, ...]]]) -> None:
         """Name everything the setup built, and each actor's task and operations.
 
-        Call once, before any actor runs.
+        Call once, before any actor runs.  Runs once per replayed schedule, so it
+        collects (object, name) pairs and files them in one go; the first name of
+        an object reachable twice wins.
         """
         m = w.m
-        add = self.add
-        add(w, "world")
-        add(m, "m")
+        pairs = [(w, "world"), (m, "m")]
+        put = pairs.append
         for attr in ("mem", "dmap", "tlb", "locks", "alloc", "trace", "inv", "faults", "design",
                      "profile", "config", "mappings", "kvms"):
-            add(getattr(m, attr), attr)
+            put((getattr(m, attr), attr))
+        mem = m.mem
         for col in MEM_COLUMNS:
-            add(getattr(m.mem, col), "mem." + col)
+            put((getattr(mem, col), "mem." + col))
         for i, (task, ops) in enumerate(actors):
-            add(task, f"task{i}")
-            add(ops, f"ops{i}")
+            put((task, f"task{i}"))
+            put((ops, f"ops{i}"))
             for j, op in enumerate(ops):
-                add(op, f"op{i}.{j}")
+                put((op, f"op{i}.{j}"))
         for kid, kvm in sorted(m.kvms.items()):
-            self._name_kvm(kvm, f"kvm{kid}")
+            self._kvm(put, kvm, f"kvm{kid}")
         for mid, mapping in sorted(m.mappings.items()):
-            self._name_mapping(mapping, f"as{mid}")
-        self._name_proc(w.proc)
-        for kvm in m.kvms.values():
-            self._name_proc(kvm.owner)
+            self._mapping(put, mapping, f"as{mid}")
+        for proc in (w.proc, *(kvm.owner for kvm in m.kvms.values())):
+            if all(p is not proc for p in self.procs):
+                self._proc(put, proc)
+        names = self.names
+        for obj, name in reversed(pairs):
+            names[id(obj)] = name
+        self._keep = pairs
+        self.inodes = list({id(i): i for i in self.inodes}.values())  # once each, in order
 
     @staticmethod
-    def _track(objects: list[Any], obj: Any) -> bool:
-        """Append ``obj`` (by identity) unless it is there; whether it was new."""
-        if any(o is obj for o in objects):
-            return False
-        objects.append(obj)
-        return True
+    def _xa(put: Callable[[tuple[object, str]], None], xa: XArray, name: str) -> None:
+        # Generators over an xarray hold its node dicts; its content is digested with the
+        # machine, so a name is all an actor's digest needs.
+        put((xa, name))
+        for slot in XArray.__slots__:
+            value = getattr(xa, slot)
+            if isinstance(value, dict):
+                put((value, f"{name}.{slot}"))
 
-    def _name_kvm(self, kvm: Kvm, name: str) -> None:
-        self.add(kvm, name)
-        self.add(kvm.spte, name + ".spte")
-        self.add(kvm.memslots, name + ".memslots")
+    def _kvm(self, put: Callable[[tuple[object, str]], None], kvm: Kvm, name: str) -> None:
+        put((kvm, name))
+        self._xa(put, kvm.spte, name + ".spte")
+        put((kvm.memslots, name + ".memslots"))
         for sid, slot in sorted(kvm.memslots.items()):
-            self.add(slot, f"{name}.slot{sid}")
+            put((slot, f"{name}.slot{sid}"))
         for vid, vcpu in sorted(kvm.vcpus.items()):
-            self.add(vcpu, f"{name}.vcpu{vid}")
-            self.add(vcpu.task, f"{name}.vcpu{vid}.task")
+            put((vcpu, f"{name}.vcpu{vid}"))
+            put((vcpu.task, f"{name}.vcpu{vid}.task"))
 
-    def _name_mapping(self, mapping: AddressSpace, name: str) -> None:
-        self.add(mapping, name)
-        self.add(mapping.i_pages, name + ".i_pages")
-        self.add(mapping.i_mmap, name + ".i_mmap")
-        self.add(mapping.private_list, name + ".private_list")
+    def _mapping(self, put: Callable[[tuple[object, str]], None], mapping: AddressSpace,
+                 name: str) -> None:
+        put((mapping, name))
+        self._xa(put, mapping.i_pages, name + ".i_pages")
+        put((mapping.i_mmap, name + ".i_mmap"))
+        put((mapping.private_list, name + ".private_list"))
         if mapping.host is not None:
-            self._track(self.inodes, mapping.host)
-            self.add(mapping.host, name + ".inode")
+            self.inodes.append(mapping.host)
+            put((mapping.host, name + ".inode"))
         if mapping.a_ops is not None:
-            self.add(mapping.a_ops, type(mapping.a_ops).__qualname__)
+            put((mapping.a_ops, type(mapping.a_ops).__qualname__))
         for i, f in enumerate(mapping.private_list):
-            self._name_gmem_file(f, f"{name}.gf{i}")
+            self._gmem_file(put, f, f"{name}.gf{i}")
 
-    def _name_gmem_file(self, f: GmemFile, name: str) -> None:
-        self.add(f, name)
-        self.add(f.bindings, name + ".bindings")
+    @staticmethod
+    def _gmem_file(put: Callable[[tuple[object, str]], None], f: GmemFile, name: str) -> None:
+        put((f, name))
+        put((f.bindings, name + ".bindings"))
         for j, b in enumerate(f.bindings):
-            self.add(b, f"{name}.b{j}")
+            put((b, f"{name}.b{j}"))
 
-    def _name_proc(self, proc: Process) -> None:
-        if not self._track(self.procs, proc):
-            return
+    def _proc(self, put: Callable[[tuple[object, str]], None], proc: Process) -> None:
+        self.procs.append(proc)
         name = f"proc{proc.pid}"
-        self.add(proc, name)
-        self.add(proc.mm, name + ".mm")
-        self.add(proc.mm.vmas, name + ".vmas")
-        self.add(proc.mm.notifiers, name + ".notifiers")
-        self.add(proc.fds, name + ".fds")
-        self.add(proc.fds.files, name + ".fds.files")
+        put((proc, name))
+        put((proc.mm, name + ".mm"))
+        put((proc.mm.vmas, name + ".vmas"))
+        put((proc.mm.notifiers, name + ".notifiers"))
+        put((proc.fds, name + ".fds"))
+        put((proc.fds.files, name + ".fds.files"))
         for fd, file in sorted(proc.fds.files.items()):
-            self._track(self.files, file)
-            self._track(self.inodes, file.inode)
-            self.add(file, f"{name}.file{fd}")
-            self.add(file.f_op, f"{name}.file{fd}.f_op")
-            self.add(file.inode, f"{name}.file{fd}.inode")
+            self.files.append(file)
+            self.inodes.append(file.inode)
+            put((file, f"{name}.file{fd}"))
+            put((file.f_op, f"{name}.file{fd}.f_op"))
+            put((file.inode, f"{name}.file{fd}.inode"))
             if isinstance(file.private_data, GmemFile):
-                self._name_gmem_file(file.private_data, f"{name}.file{fd}.gf")
+                self._gmem_file(put, file.private_data, f"{name}.file{fd}.gf")
         for vma in proc.mm.vmas:
             vname = f"{name}.vma{vma.start:#x}"
-            self.add(vma, vname)
-            self.add(vma.ptes, vname + ".ptes")
+            put((vma, vname))
+            self._xa(put, vma.ptes, vname + ".ptes")
 
     # --- canonical values -----------------------------------------------------------------------
     def canon(self, v: object) -> Any:
@@ -204,6 +213,8 @@ class Namer:
             return ("iter", t.__name__, self.canon(v.__reduce__()[1:]))
         if isinstance(v, BaseException):
             return ("exc", t.__qualname__)
+        if is_dataclass(v):  # a small value object created after setup: by content
+            return (t.__qualname__, *(self.canon(getattr(v, f.name)) for f in fields(v)))
         self.unknown.add(t.__qualname__)
         return ("?", t.__qualname__, id(v))
 
@@ -257,8 +268,23 @@ class Namer:
                    tuple(name(k) for k in p.mm.notifiers))
                   for p in self.procs),
         )
-        return (h.digest(), kvms, mappings, objects, m.tlb.state(), m.locks.state(),
-                tuple(sorted(m.faults.fired.items())))
+        other = tuple((k, name(v)) for k, v in sorted(vars(m).items())
+                      if k not in MACHINE_NOT_STATE and k not in _MACHINE_SPECIAL)
+        return (h.digest(), kvms, mappings, objects, m.tlb.state(), m.locks.state(), self._faults(m),
+                self._instance(m.design), other)
+
+    def _faults(self, m: Machine) -> tuple[Any, ...]:
+        """Armed fault-injection sites (what is left of them) and the generator, if drawn from."""
+        arms = getattr(m.faults, "_arms", {})
+        state = tuple(sorted((site, self.canon(arm)) for site, arm in arms.items()))
+        if any(getattr(arm, "probability", 1.0) < 1.0 for arm in arms.values()):
+            return state, m.faults.rng.getstate()
+        return state
+
+    def _instance(self, obj: object) -> tuple[Any, ...]:
+        """An object's own attributes (a design keeps pools and queues there)."""
+        attrs = getattr(obj, "__dict__", {})
+        return tuple((k, self.canon(v)) for k, v in sorted(attrs.items()))
 
 
 def _seq(n: Namer, v: Any) -> tuple[Any, ...]:
@@ -300,15 +326,10 @@ def _array(n: Namer, v: Any) -> tuple[str, str, bytes]:
     return ("array", v.typecode, v.tobytes())
 
 
-def _dataclass_fields(n: Namer, v: Any) -> tuple[Any, ...]:
-    return (type(v).__qualname__, *(n.canon(getattr(v, f)) for f in v.__slots__))
-
-
 def _build_handlers() -> dict[type, Callable[[Namer, Any], Any]]:
     from array import array
 
     from gmemlab.check.world import Op
-    from gmemlab.model.kvm.guest_memfd import Binding
     from gmemlab.model.task import Task
 
     return {
@@ -331,7 +352,6 @@ def _build_handlers() -> dict[type, Callable[[Namer, Any], Any]]:
         # Small value objects an actor may create after setup: digested by content.
         Op: lambda n, v: ("op", v.label, _function(n, v.fn), v.args),
         Task: lambda n, v: ("task", v.name, v.cpu),
-        Binding: _dataclass_fields,
     }
 
 

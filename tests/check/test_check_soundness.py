@@ -183,3 +183,17 @@ def test_fingerprints_do_not_depend_on_how_often_they_were_taken(scenario: str) 
             assert a.fingerprint() == b.fingerprint(), (scenario, seed, n)
             n += 1
         assert not a.namer.unknown, a.namer.unknown
+
+
+def test_state_a_design_or_the_machine_adds_is_part_of_the_fingerprint() -> None:
+    """Designs keep pools and queues of their own; model changes add machine attributes."""
+    ex = Execution(get_scenario("fault-punch"), "v12")
+    before = ex.fingerprint()
+    ex.m.design.queue = [0x101]  # type: ignore[attr-defined]
+    assert ex.fingerprint() != before
+    after_design = ex.fingerprint()
+    ex.m.new_table = {1: 2}  # type: ignore[attr-defined]
+    assert ex.fingerprint() != after_design
+    ex.m.trace.emit("test", "noise")  # history is not state
+    ex.m.new_table = {1: 2}  # type: ignore[attr-defined]
+    assert ex.fingerprint() == ex.fingerprint()
