@@ -1,72 +1,25 @@
 """The bugs reviewers found by reading, found mechanically, each with a shortest schedule.
 
-The checker is told no bug: each design runs its own code and an invariant
-breaks.  Where one design has several bugs, ``ignore`` looks past the one
-already reported to the next, as a reviewer would after a fix.  Every
-counterexample is checked minimal (no schedule one step shorter breaks the
-invariant: exhaustively, with a step bound) and replayed.
+The catalogue is ``gmemlab.check.known``.  Every counterexample is checked
+minimal (no schedule one step shorter breaks the invariant: exhaustively,
+with a step bound), replayed, and shown to pass through the kernel functions
+of the bug it is said to be.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from gmemlab.check.explore import Bounds, Counterexample, explore
+from gmemlab.check.known import KNOWN_BUGS, KnownBug
 from gmemlab.check.report import replay
 from gmemlab.check.scenarios import get_scenario
 
 MAX_EXECUTIONS = 3000  # a deterministic stand-in for "found in well under 10 s"
+BUGS = {b.name: b for b in KNOWN_BUGS}
 
 
-@dataclass(frozen=True)
-class Bug:
-    design: str
-    scenario: str
-    ignore: tuple[str, ...]
-    invariant: str
-    length: int
-    functions: tuple[str, ...]  # kernel functions on the breaking step's path or in its events
-
-
-BUGS = {
-    # v7 05/12: marker set with '&': never set, so the folio is unlocked zapped but unmarked...
-    "v7-and-marker": Bug("v7", "lifecycle", (), "marker-matches-direct-map", 16,
-                         ("kvm_gmem_fault_user_mapping", "finish_fault", "folio_unlock")),
-    # ... then freed without restore...
-    "v7-free-without-restore": Bug("v7", "lifecycle", ("marker-matches-direct-map",),
-                                   "free-frame-in-direct-map", 32,
-                                   ("kvm_gmem_punch_hole", "truncate_inode_pages_range",
-                                    "free_page_to_allocator")),
-    # ... and the allocator's next user oopses writing it (Brendan Jackman's v7 report).
-    "v7-oops-on-reuse": Bug("v7", "lifecycle",
-                            ("marker-matches-direct-map", "free-frame-in-direct-map"),
-                            "kernel-oops", 34, ("alloc_page", "clear_page", "clear_page_erms")),
-    # v9: zap error ignored on the guest path, ENOMEM injected at the direct-map split.
-    "v9-ignored-zap-error": Bug("v9", "enomem-guest",
-                                ("zap-before-prepare", "marker-matches-direct-map"),
-                                "handout-zapped", 22,
-                                ("kvm_gmem_get_pfn", "split_large_page", "kvm_mmu_page_fault")),
-    # v12 without the TLB flush: a stale translation survives the zap...
-    "noflush-stale-tlb": Bug("noflush", "zap-gadget", (), "handout-flushed", 19,
-                             ("kvm_gmem_get_pfn", "kvm_mmu_page_fault")),
-    # ... and a gadget on the other CPU reads the guest's page through it.
-    "noflush-stale-read": Bug("noflush", "zap-gadget", ("handout-flushed",), "gadget-blocked", 23,
-                              ("speculative_read",)),
-    # <= v11: prepare before zap, and restore before invalidate (the windows v12 closed).
-    "v9-prepare-before-zap": Bug("v9", "fault-punch", (), "zap-before-prepare", 9,
-                                 ("kvm_gmem_prepare_folio_tracked", "kvm_arch_gmem_prepare")),
-    "v9-restore-before-invalidate": Bug("v9", "fault-punch", ("zap-before-prepare",),
-                                        "invalidate-before-restore", 26,
-                                        ("kvm_gmem_free_folio", "kvm_gmem_folio_restore_direct_map")),
-    "pagecache-restore-before-invalidate": Bug("pagecache", "fault-punch", (),
-                                               "invalidate-before-restore", 24,
-                                               ("filemap_free_folio",)),
-}
-
-
-def _find(bug: Bug) -> Counterexample:
+def _find(bug: KnownBug) -> Counterexample:
     r = explore(get_scenario(bug.scenario), bug.design, ignore=frozenset(bug.ignore))
     assert r.found, f"{bug}: nothing found ({r.verdict()})"
     cx = r.found[0]

@@ -1,0 +1,61 @@
+"""The bugs review found in the series, as the checker finds them.
+
+Each entry names a design, a standard scenario and the invariant the
+checker reports first, with the length of the shortest schedule that breaks
+it.  The checker is told none of this: the entries record what it finds (the
+tests hold it to them; the benchmark times it).  Where a design has several
+bugs, ``ignore`` looks past those already reported, as a reviewer would after
+the first fix.  ``functions`` are kernel functions the counterexample passes
+through, for a reader to check it is the bug named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class KnownBug:
+    name: str
+    what: str
+    design: str
+    scenario: str
+    ignore: tuple[str, ...]
+    invariant: str
+    length: int
+    functions: tuple[str, ...]
+
+
+KNOWN_BUGS: tuple[KnownBug, ...] = (
+    KnownBug("v7-and-marker", "v7 05/12: marker set with '&', so it is never set",
+             "v7", "lifecycle", (), "marker-matches-direct-map", 16,
+             ("kvm_gmem_fault_user_mapping", "finish_fault", "folio_unlock")),
+    KnownBug("v7-free-without-restore", "v7: ->free_folio sees no marker and never restores",
+             "v7", "lifecycle", ("marker-matches-direct-map",), "free-frame-in-direct-map", 32,
+             ("kvm_gmem_punch_hole", "truncate_inode_pages_range", "free_page_to_allocator")),
+    KnownBug("v7-oops-on-reuse", "v7: the frame's next user oopses in clear_page_erms "
+             "(get_page_from_freelist), the crash reported with Firecracker",
+             "v7", "lifecycle", ("marker-matches-direct-map", "free-frame-in-direct-map"),
+             "kernel-oops", 34, ("alloc_page", "clear_page", "clear_page_erms")),
+    KnownBug("v9-ignored-zap-error", "v7-v9: kvm_gmem_get_pfn() ignores the zap's error (ENOMEM "
+             "at the direct-map split) and the guest maps a direct-mapped frame",
+             "v9", "enomem-guest", ("zap-before-prepare", "marker-matches-direct-map"),
+             "handout-zapped", 22, ("kvm_gmem_get_pfn", "split_large_page", "kvm_mmu_page_fault")),
+    KnownBug("noflush-stale-tlb", "no TLB flush after the zap: a stale translation survives",
+             "noflush", "zap-gadget", (), "handout-flushed", 19,
+             ("kvm_gmem_get_pfn", "kvm_mmu_page_fault")),
+    KnownBug("noflush-stale-read", "no TLB flush: a gadget on the other CPU reads the guest's "
+             "page through the stale translation after the zap",
+             "noflush", "zap-gadget", ("handout-flushed",), "gadget-blocked", 23,
+             ("speculative_read",)),
+    KnownBug("v9-prepare-before-zap", "<= v11: arch prepare before the zap",
+             "v9", "fault-punch", (), "zap-before-prepare", 9,
+             ("kvm_gmem_prepare_folio_tracked", "kvm_arch_gmem_prepare")),
+    KnownBug("v9-restore-before-invalidate", "<= v11: restore before the arch invalidate",
+             "v9", "fault-punch", ("zap-before-prepare",), "invalidate-before-restore", 26,
+             ("kvm_gmem_free_folio", "kvm_gmem_folio_restore_direct_map")),
+    KnownBug("pagecache-restore-before-invalidate", "the page-cache-level proposal restores on "
+             "removal, before ->free_folio's invalidate",
+             "pagecache", "fault-punch", (), "invalidate-before-restore", 24,
+             ("filemap_free_folio",)),
+)
