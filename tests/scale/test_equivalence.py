@@ -23,6 +23,7 @@ from gmemlab.api import KernelError, run_program
 from gmemlab.guest import GuestProgram
 from gmemlab.model import Host
 from gmemlab.model.host import GuestMemfd, Mapping, VcpuFd, VmFd
+from gmemlab.model.mm.direct_map import LEVEL_4K
 from gmemlab.uapi import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -212,6 +213,20 @@ def zap_failed_earlier(h: Host) -> None:
     guest(g.vcpu, GuestProgram().touch(GPA, MIB))
 
 
+def split_at_region_end(h: Host) -> None:
+    """A region's only folio is its last frame: its page table is the next region's first."""
+    g = vm_with_gmem(h, 4 * MIB, NDM)
+    guest(g.vcpu, GuestProgram().touch(GPA, MIB))
+    m = h.machine
+    while True:
+        nxt = int(m.alloc.peek(1)[0])
+        leaf = m.dmap.leaf(nxt)
+        if nxt & 511 == 511 and leaf is not None and leaf[0] != LEVEL_4K:
+            break
+        h.kernel_alloc(1)
+    guest(g.vcpu, GuestProgram().touch(GPA + MIB, 3 * MIB))
+
+
 def snp_guest(h: Host) -> None:
     g = vm_with_gmem(h, 2 * MIB, GUEST_MEMFD_FLAG_MMAP, vm_type=KVM_X86_SNP_VM)
     guest(g.vcpu, GuestProgram().touch(GPA, 2 * MIB))
@@ -242,6 +257,7 @@ CASES: dict[str, tuple[Callable[[Host], None], dict[str, object]]] = {
     "v9-falls-back": (punch_refault_release(NDM), {"design": "v9"}),
     "hva-memslot": (hva_memslot, {}),
     "zap-failed-earlier": (zap_failed_earlier, {}),
+    "split-at-region-end": (split_at_region_end, {}),
     "trace-ring": (punch_refault_release(NDM), {"trace": "ring", "trace_ring": 300}),
     "trace-off": (vmm_then_guest(NDM), {"trace": "off"}),
 }

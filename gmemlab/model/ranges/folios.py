@@ -5,18 +5,28 @@ Stands for what both fault paths do before they map the folio, page by page:
 or ``alloc_page()`` + ``filemap_add_folio()``), ``zero_if_not_uptodate()``
 (``clear_highpage()`` through the direct map, then ``folio_mark_uptodate()``)
 and, in v12 for a NO_DIRECT_MAP inode, ``kvm_gmem_folio_zap_direct_map()``
-(``set_direct_map_valid_noflush()`` on a 4K entry, ``flush_tlb_kernel_range()``,
-marker).  The caller maps the folios and unlocks them.
+(``set_direct_map_valid_noflush()``, ``flush_tlb_kernel_range()``, marker).
+The caller maps the folios and unlocks them.
+
+The first zap in a 2M region still mapped by a large leaf splits it
+(``split_large_page()``: a page-table page from the same allocator, written
+through the direct map, then ``flush_tlb_all()``; a 1G leaf is split first).
+A run includes such zaps for new folios: :func:`_assign` walks the
+allocator's coming frames region by region to know which folio splits which
+region and which frames become page tables in between, and :func:`_zap`
+replays each split's TLB accesses and flushes in order; every TLB is empty
+after a split, so the pages after it need no more.
 
 :func:`plan` finds how many pages from the start go straight through these
-steps the same way every time (:class:`FolioRun` ``.n``); :func:`run` does them.
-A page that would do anything else (split a direct-map leaf, wait for a
-folio lock, meet ENOMEM, hwpoison, oops, break an invariant) ends the run
-before it, for the per-page path to take.
+steps (:class:`FolioRun` ``.n``); :func:`run` does them.  A page that would do
+anything else (wait for a folio lock, meet ENOMEM, hwpoison, oops, split for
+a folio that already existed, break an invariant) ends the run before it, for
+the per-page path to take.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,8 +34,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gmemlab.model.kvm.guest_memfd import kvm_gmem_no_direct_map
-from gmemlab.model.mm.direct_map import LEVEL_4K
-from gmemlab.model.mm.memmap import KIND_FILE, PG_hwpoison, PG_locked, PG_uptodate
+from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K
+from gmemlab.model.mm.memmap import KIND_FILE, KIND_PGTABLE, PG_hwpoison, PG_locked, PG_uptodate
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.ranges import checks, tlbsim, zaps
 from gmemlab.model.ranges.events import Events
@@ -35,6 +45,7 @@ if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
 Mask = NDArray[np.bool_]
+Arr = NDArray[np.int64]
 
 
 @dataclass(slots=True)
@@ -45,15 +56,18 @@ class FolioRun:
     index0: int
     n: int  # pages from the start that go straight through
     fault: Mask
-    pfn: NDArray[np.int64]  # the folio, -1 where the page does not fault
+    pfn: Arr  # the folio, -1 where the page does not fault
     new: Mask  # allocated and added to the page cache
     zero: Mask  # not uptodate: cleared through the direct map
     zap: Mask  # removed from the direct map (v12, NO_DIRECT_MAP)
+    pt1g: Arr  # the page table of the 1G split this page's zap makes, or -1
+    pt2m: Arr  # the page table of the 2M split this page's zap makes, or -1
+    taken: Arr  # frames taken from the allocator by this page and the ones before
 
     def prefix(self, n: int) -> None:
         """Keep only the first ``n`` pages (``n`` <= ``self.n``)."""
         self.n = n
-        for name in ("fault", "pfn", "new", "zero", "zap"):
+        for name in ("fault", "pfn", "new", "zero", "zap", "pt1g", "pt2m", "taken"):
             setattr(self, name, getattr(self, name)[:n])
 
 
@@ -61,6 +75,72 @@ def first(bad: Mask) -> int:
     """Position of the first true entry, or the length."""
     hits = np.flatnonzero(bad)
     return int(hits[0]) if len(hits) else len(bad)
+
+
+def _assign(m: Machine, stream: Arr, wanted: int) -> tuple[Arr, Arr, Arr, Arr]:
+    """Which of the allocator's coming frames ``stream`` become the next ``wanted`` folios.
+
+    Each folio is zapped right after its allocation; the first one in a region
+    still mapped by a large leaf splits it, taking the next frame (two, for a 1G
+    leaf) as page tables.  Returns, per folio that can go straight through: its
+    position in ``stream``, those of its 1G and 2M page tables (-1: none) and the
+    position after all it took; it stops before a folio in a region neither split
+    nor splittable, or whose page table would not be present.
+    """
+    size = len(stream)
+    level, present = m.dmap.lookup_many(stream)
+    large = ((level == LEVEL_2M) | (level == LEVEL_1G)) & present
+    stops = np.flatnonzero(~large & ~((level == LEVEL_4K) & present)).tolist()
+    regions = stream >> 9
+    at = np.flatnonzero(large)
+    # Each large region is split by its first frame that becomes a folio: in stream order,
+    # its first frame, unless that one went to a page table (then the next, found later).
+    cands = sorted(at[np.unique(regions[at], return_index=True)[1]].tolist())
+    split2m: set[int] = set()
+    split1g: set[int] = set()
+    runs: list[tuple[int, int]] = []  # folios at consecutive positions: (first, how many)
+    trig: list[tuple[int, int, int]] = []  # (folio number, 1G page table, 2M page table)
+    got = pos = ci = si = 0
+    while got < wanted:
+        while ci < len(cands) and cands[ci] < pos:
+            r = int(regions[cands[ci]])
+            ci += 1
+            if r not in split2m:  # its first frame became a page table
+                later = np.flatnonzero(regions[pos:] == r)
+                if len(later):
+                    bisect.insort(cands, pos + int(later[0]), lo=ci)
+        while si < len(stops) and stops[si] < pos:
+            si += 1
+        cand = cands[ci] if ci < len(cands) else size
+        stop = stops[si] if si < len(stops) else size
+        nxt = min(cand, stop)
+        take = min(nxt - pos, wanted - got)
+        if take:
+            runs.append((pos, take))
+            got += take
+            pos += take
+        if got == wanted or nxt == size or stop < cand:
+            break
+        ci += 1
+        pfn = int(stream[cand])
+        need_1g = level[cand] == LEVEL_1G and pfn >> 18 not in split1g
+        tables = 2 if need_1g else 1
+        if cand + tables >= size or not present[cand + 1 : cand + tables + 1].all():
+            break
+        trig.append((got, cand + 1 if need_1g else -1, cand + tables))
+        runs.append((cand, 1))
+        got += 1
+        pos = cand + tables + 1
+        split2m.add(pfn >> 9)
+        if need_1g:
+            split1g.add(pfn >> 18)
+    where = np.concatenate([np.arange(a, a + k) for a, k in runs]) if runs else np.zeros(0, np.int64)
+    pt1g = np.full(got, -1, np.int64)
+    pt2m = np.full(got, -1, np.int64)
+    end = where + 1
+    for j, q1, q2 in trig:
+        pt1g[j], pt2m[j], end[j] = q1, q2, q2 + 1
+    return where.astype(np.int64), pt1g, pt2m, end
 
 
 def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
@@ -77,11 +157,29 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
     cached = mapping.i_pages.load_range(index0, n)
     new = fault & (cached == EMPTY)
     new_at = np.flatnonzero(new)
-    fresh = m.alloc.peek(len(new_at))
-    if len(fresh) < len(new_at):  # the allocator runs dry there: -ENOMEM, per page
-        n = int(new_at[len(fresh)])
+    ndm = zaps(m) and kvm_gmem_no_direct_map(inode)
+    splits = prepare and ndm
+    # Splits take a page table or two per 2M region from the same stream of frames.
+    stream = m.alloc.peek(len(new_at) + (2 * (len(new_at) // 256) + 4 if splits else 0))
+    if splits:
+        where, t1g, t2m, end = _assign(m, stream, len(new_at))
+    else:
+        where = np.arange(min(len(new_at), len(stream)), dtype=np.int64)
+        t1g = t2m = np.full(len(where), -1, np.int64)
+        end = where + 1
+    got = len(where)
+    if got < len(new_at):  # the allocator runs dry, or a frame the run cannot take
+        n = int(new_at[got])
+    placed = new_at[:got]
     pfn = np.where(fault, cached, -1)
-    pfn[new_at[: len(fresh)]] = fresh
+    pfn[placed] = stream[where]
+    pt1g = np.full(len(fault), -1, np.int64)
+    pt2m = np.full(len(fault), -1, np.int64)
+    taken = np.zeros(len(fault), np.int64)
+    pt1g[placed] = np.where(t1g >= 0, stream[t1g], -1)
+    pt2m[placed] = np.where(t2m >= 0, stream[t2m], -1)
+    taken[placed] = end
+    np.maximum.accumulate(taken, out=taken)
     fault, pfn, new = fault[:n], pfn[:n], new[:n]
     old = fault & ~new
     op = np.where(old, pfn, 0)
@@ -91,7 +189,6 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
     if hwpoison:
         bad |= old & ((flags & PG_hwpoison) != 0)
     level, present = m.dmap.lookup_many(np.where(fault, pfn, 0))
-    ndm = zaps(m) and kvm_gmem_no_direct_map(inode)
     marked = old & ((v.private[op] & 1) != 0)
     if ndm:
         bad |= marked & present  # out of step: the unlock would report it
@@ -101,13 +198,16 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
         bad |= zero & ~present  # clear_page() would oops
         if ndm:
             zap = fault & ~marked
-            bad |= zap & ((level != LEVEL_4K) | ~present)  # a split, or nothing to clear
+            # _assign() vouched for the new folios; one that existed must not need a split.
+            bad |= zap & old & ((level != LEVEL_4K) | ~present)
     elif ndm:
         bad |= fault & ~marked & ~present  # out of step at the unlock
     n = first(bad)
-    run = FolioRun(inode, index0, n, fault[:n], pfn[:n], new[:n], zero[:n], zap[:n])
-    zapped = run.pfn[run.zap]
-    if len(zapped) and not tlbsim.can_access_flush(m, m.current.cpu, zapped):
+    run = FolioRun(inode, index0, n, fault[:n], pfn[:n], new[:n], zero[:n], zap[:n], pt1g[:n],
+                   pt2m[:n], taken[:n])
+    # Before the first split the TLBs hold whatever they hold; see tlbsim.access_flush().
+    before = run.zap & (np.arange(n) < first(run.pt2m >= 0))
+    if before.any() and not tlbsim.can_access_flush(m, m.current.cpu, run.pfn[before]):
         run.prefix(first(run.zap))
     return run
 
@@ -121,8 +221,8 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     mapping = r.inode.mapping
     pfn, new, zero, zap = r.pfn, r.new, r.zero, r.zap
     # __filemap_get_folio(): allocate and insert, or take a reference and lock.
+    m.alloc.take_many(int(r.taken[-1]) if r.n else 0)
     pn = pfn[new]
-    m.alloc.take_many(len(pn))
     m.mem.reset_for_alloc_many(pn, KIND_FILE)
     v.flags[pn] |= PG_locked
     v.refcount[pn] += 1  # the page cache's reference
@@ -138,53 +238,102 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     ev.add("__filemap_add_folio", "pagecache_add", new,
            lambda i: {"index": index_list[i], "as": mapping.kind})
     # zero_if_not_uptodate(): the faulting CPU writes the folio through the direct map.
-    cpu = m.current.cpu
+    if zap.any():
+        _zap(m, r, ev, zero_fn)
+        return
     pz = pfn[zero]
     details = [""] * r.n
-    if zap.any():
-        _zap(m, r, ev, cpu, details, zero_fn)
-    else:
-        for i, d in zip(np.flatnonzero(zero).tolist(), tlbsim.access_seq(m, cpu, pz), strict=True):
-            details[i] = d
-        m.mem.zero_many(pz)
-        v.flags[pz] |= PG_uptodate
-        ev.add(zero_fn, "kernel_write", zero, lambda i: {"tlb": details[i]})
-        ev.add(zero_fn, "zero_page", zero)
+    for i, d in zip(np.flatnonzero(zero).tolist(), tlbsim.access_seq(m, m.current.cpu, pz),
+                    strict=True):
+        details[i] = d
+    m.mem.zero_many(pz)
+    v.flags[pz] |= PG_uptodate
+    ev.add(zero_fn, "kernel_write", zero, lambda i: {"tlb": details[i]})
+    ev.add(zero_fn, "zero_page", zero)
 
 
-def _zap(m: Machine, r: FolioRun, ev: Events, cpu: int, details: list[str], zero_fn: str) -> None:
-    """Zeroing and v12's zap together: the TLB entry each access makes, each flush drops."""
+def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
+    """Zeroing and v12's zap together, splits included.
+
+    Every zeroed page is zapped here (plan() lets no other through), so each
+    access's TLB entry is dropped by the page's own flush before the next
+    page's access.  Up to the first split that is :func:`tlbsim.access_flush`;
+    each split is replayed step by step; after one, every TLB is empty again
+    when the next page comes, so its access fills and its flush drops just that.
+    """
     v = m.mem.views()
+    cpu = m.current.cpu
     pfn, zero, zap = r.pfn, r.zero, r.zap
-    # Every zeroed page is zapped here (plan() lets no other through), so each access's
-    # entry is dropped by the page's own flush before the next page's access.
+    split = r.pt2m >= 0
+    before = np.arange(r.n) < first(split)
+    details = [tlbsim.FILL_4K] * r.n
+    dropped = np.zeros(r.n, np.int64)
+    dropped[zero & ~before & ~split] = 1  # a split's own flush finds every TLB empty
+    a = zero & before
+    hit, dropped[a] = tlbsim.access_flush(m, cpu, pfn[a])
+    for i, h in zip(np.flatnonzero(a).tolist(), hit.tolist(), strict=True):
+        if h:
+            details[i] = tlbsim.HIT_4K
+    c = zap & ~zero & before
+    dropped[c] = tlbsim.flush_only(m, pfn[c])
+    # The splits, in order: the folio's zeroing, then per level the page table's
+    # allocation, its write through the direct map, the split and flush_tlb_all().
+    tables = np.flatnonzero(split)
+    table_tlb: dict[int, str] = {}
+    flushed: dict[int, int] = {}
+    for i in tables.tolist():
+        details[i] = tlbsim.access(m, cpu, int(pfn[i]))[0]
+        for q in (int(r.pt1g[i]), int(r.pt2m[i])):
+            if q < 0:
+                continue
+            table_tlb[q] = tlbsim.access(m, cpu, q)[0]
+            if q == r.pt1g[i]:
+                m.dmap.split_1g(int(pfn[i]) >> 18)
+            else:
+                m.dmap.split_2m(int(pfn[i]) >> 9)
+            flushed[q] = tlbsim.flush_all(m)
+    pts = np.concatenate([r.pt1g[r.pt1g >= 0], r.pt2m[split]])
+    m.mem.reset_for_alloc_many(pts, KIND_PGTABLE)
+    m.mem.zero_many(pts)
     pz = pfn[zero]
-    hit, dropped_a = tlbsim.access_flush(m, cpu, pz)
-    for i, h in zip(np.flatnonzero(zero).tolist(), hit.tolist(), strict=True):
-        details[i] = tlbsim.HIT_4K if h else tlbsim.FILL_4K
     m.mem.zero_many(pz)
     v.flags[pz] |= PG_uptodate
     ev.add(zero_fn, "kernel_write", zero, lambda i: {"tlb": details[i]})
     ev.add(zero_fn, "zero_page", zero)
     # kvm_gmem_folio_zap_direct_map() -> folio_zap_direct_map()
     pzap = pfn[zap]
-    dropped = np.zeros(r.n, np.int64)
-    dropped[zero] = dropped_a
-    only = zap & ~zero
-    dropped[only] = tlbsim.flush_only(m, pfn[only])
     m.dmap.set_ptes(pzap, False)
     checks.on_direct_map_change(m, pzap, False)
     v.private[pzap] |= 1  # KVM_GMEM_FOLIO_NO_DIRECT_MAP
-    prof = m.profile
-    ipis = 0 if prof.tlb_broadcast else m.tlb.ncpus - 1
+    ipis = 0 if m.profile.tlb_broadcast else m.tlb.ncpus - 1
     trace = m.trace
     trace.count("flush_tlb_kernel_range", len(pzap))
+    nsplits = len(tables) + int(np.count_nonzero(r.pt1g >= 0))
+    trace.count("flush_tlb_all", nsplits)
     if ipis:
-        trace.count("ipi", ipis * len(pzap))
-    dl = dropped.tolist()
+        trace.count("ipi", ipis * (len(pzap) + nsplits))
     fn = "kvm_gmem_folio_zap_direct_map"
     ev.add(fn, "zap", zap)
+    pl = pfn.tolist()
+    for where, pt, level, event in ((r.pt1g >= 0, r.pt1g.tolist(), "1G", "dmap_split_1g"),
+                                    (split, r.pt2m.tolist(), "2M", "dmap_split_2m")):
+        _split_events(ev, where, pt, pl, level, event, table_tlb, flushed, ipis)
     ev.add("set_direct_map_valid_noflush", "dmap_clear", zap, lambda i: {"level": "4K"})
+    dl = dropped.tolist()
     ev.add("folio_zap_direct_map", "tlb_flush", zap,
            lambda i: {"pages": 1, "full": False, "ipis": ipis, "dropped": dl[i]})
     ev.add(fn, "marker_set", zap)
+
+
+def _split_events(ev: Events, where: Mask, pt: list[int], pfn: list[int], level: str, event: str,
+                  table_tlb: dict[int, str], flushed: dict[int, int], ipis: int) -> None:
+    """The events of ``split_large_page()`` at ``level`` for the pages ``where`` marks."""
+    ev.add("get_page_from_freelist", "alloc_page", where, lambda i: {"kind": "pgtable"},
+           lambda i: pt[i])
+    ev.add("split_large_page", "pt_alloc", where, lambda i: {"for_pfn": pfn[i], "level": level},
+           lambda i: pt[i])
+    ev.add("__split_large_page", "kernel_write", where, lambda i: {"tlb": table_tlb[pt[i]]},
+           lambda i: pt[i])
+    ev.add("__split_large_page", event, where, lambda i: {"pt": pt[i]})
+    ev.add("__split_large_page", "tlb_flush", where,
+           lambda i: {"pages": 0, "full": True, "ipis": ipis, "dropped": flushed[pt[i]]}, lambda i: 0)

@@ -99,28 +99,39 @@ def flush_only(m: Machine, pfns: NDArray[np.int64]) -> NDArray[np.int64]:
     return dropped
 
 
+def access(m: Machine, cpu: int, pfn: int) -> tuple[str, tuple[int, int]]:
+    """``kernel_access()``'s TLB lookup or fill for a present ``pfn``: its detail and the entry."""
+    tlbs = m.tlb
+    key = tlbs.lookup(cpu, pfn)
+    if key is not None:
+        return _HIT[key[0]], key
+    leaf = m.dmap.leaf(pfn)
+    assert leaf is not None and leaf[2], f"kernel access to a frame not present: {pfn:#x}"
+    tlbs.fill(cpu, leaf[0], leaf[1])
+    return _FILL[leaf[0]], (leaf[0], leaf[1])
+
+
+def flush_all(m: Machine) -> int:
+    """``flush_tlb_all()`` on every CPU; the entries it dropped."""
+    dropped = 0
+    for cpu in range(m.tlb.ncpus):
+        dropped += m.tlb.invalidate_all(cpu)
+    return dropped
+
+
 def access_seq(m: Machine, cpu: int, pfns: NDArray[np.int64]) -> list[str]:
     """``kernel_access()`` on ``cpu`` to each of ``pfns`` in turn (all present in the direct map).
 
     Returns each access's TLB detail (``"hit 2M"``, ``"fill 4K"``...).
     """
-    tlbs, dmap = m.tlb, m.dmap
-    t = tlbs.entries[cpu]
+    t = m.tlb.entries[cpu]
     out: list[str] = []
     pl = pfns.tolist()
     n = len(pl)
     i = 0
     while i < n:
-        p = pl[i]
-        key = tlbs.lookup(cpu, p)
-        if key is not None:
-            out.append(_HIT[key[0]])
-        else:
-            leaf = dmap.leaf(p)
-            assert leaf is not None and leaf[2], f"access_seq on a frame not present: {p:#x}"
-            key = (leaf[0], leaf[1])
-            tlbs.fill(cpu, *key)
-            out.append(_FILL[key[0]])
+        detail, key = access(m, cpu, pl[i])
+        out.append(detail)
         i += 1
         level, base = key
         if level == LEVEL_4K:
