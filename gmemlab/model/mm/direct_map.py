@@ -156,8 +156,12 @@ class DirectMap:
         in_pmd = s1 == E_TABLE
         level[in_pmd & (s2 != E_NONE)] = LEVEL_2M
         present[in_pmd] = s2[in_pmd] == E_LEAF
-        for r, at in _by_region(r2, in_pmd & (s2 == E_TABLE)):
-            e = np.frombuffer(self.pte[r], np.uint8)[pfns[at] & 511]
+        at = np.flatnonzero(in_pmd & (s2 == E_TABLE))
+        if len(at):
+            # The PTE pages of the regions involved, joined: one lookup for all of them.
+            regions, rank = np.unique(r2[at], return_inverse=True)
+            ptes = np.frombuffer(b"".join([self.pte[r] for r in regions.tolist()]), np.uint8)
+            e = ptes[(rank << _PMD_SHIFT) | (pfns[at] & 511)]
             level[at] = np.where(e == PTE_NONE, 0, LEVEL_4K)
             present[at] = e == PTE_PRESENT
         return level, present
@@ -168,9 +172,17 @@ class DirectMap:
 
     def set_ptes(self, pfns: NDArray[np.int64], valid: bool) -> None:
         """:meth:`set_pte` for each of ``pfns``, all mapped by 4K entries."""
+        if not len(pfns):
+            return
         new = PTE_PRESENT if valid else PTE_NOT_PRESENT
-        for r, at in _by_region(pfns >> _PMD_SHIFT, None):
-            np.frombuffer(self.pte[r], np.uint8)[pfns[at] & 511] = new
+        r2 = pfns >> _PMD_SHIFT
+        order = None if (r2[1:] >= r2[:-1]).all() else np.argsort(r2, kind="stable")
+        if order is not None:
+            r2 = r2[order]
+        cuts = (np.flatnonzero(r2[1:] != r2[:-1]) + 1).tolist()
+        for lo, hi in zip([0, *cuts], [*cuts, len(pfns)], strict=True):
+            at = slice(lo, hi) if order is None else order[lo:hi]
+            np.frombuffer(self.pte[int(r2[lo])], np.uint8)[pfns[at] & 511] = new
 
     def meminfo(self) -> DirectMapCounters:
         c = self.count
@@ -212,22 +224,6 @@ class DirectMap:
 
     def set_pmd_leaf(self, r2: int, valid: bool) -> None:
         self.pmd[r2] = E_LEAF if valid else E_LEAF_NP
-
-
-def _by_region(r2: NDArray[np.int64], where: NDArray[np.bool_] | None
-               ) -> list[tuple[int, NDArray[np.intp]]]:
-    """Positions grouped by 2M region: (region, positions in ``r2``) for the selected ones."""
-    pos = np.flatnonzero(where) if where is not None else np.arange(len(r2))
-    if not len(pos):
-        return []
-    regions = r2[pos]
-    if regions[0] == regions[-1] and (regions == regions[0]).all():
-        return [(int(regions[0]), pos)]
-    order = np.argsort(regions, kind="stable")
-    regions = regions[order]
-    cuts = np.flatnonzero(np.diff(regions)) + 1
-    return [(int(regions[c]), pos[order[c:e]])
-            for c, e in zip(np.r_[0, cuts], np.r_[cuts, len(pos)], strict=True)]
 
 
 def _split_mem_range(start: int, end: int, granularity: Granularity,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -15,6 +15,22 @@ if TYPE_CHECKING:
 
 DetailFn = Callable[[int], Detail]
 PfnFn = Callable[[int], int]
+
+
+def listed(a: NDArray[Any]) -> Callable[[int], Any]:
+    """``a[i]`` as a Python value; ``a`` is converted once, when first asked.
+
+    Details are asked for only when an event is recorded, so a batch run with
+    the trace off converts nothing.
+    """
+    cache: list[list[Any]] = []
+
+    def get(i: int) -> Any:
+        if not cache:
+            cache.append(a.tolist())
+        return cache[0][i]
+
+    return get
 
 
 class Events:

@@ -28,7 +28,7 @@ from gmemlab.guest import Check, Fill, Touch
 from gmemlab.model.mm.memmap import PG_locked
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.ranges import CHUNK, FIRST_WINDOW, checks, folios, usable
-from gmemlab.model.ranges.events import Events
+from gmemlab.model.ranges.events import Events, listed
 from gmemlab.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -141,8 +141,8 @@ def _guest_fault(m: Machine, vcpu: Vcpu, r: folios.FolioRun, gfn0: int) -> None:
     checks.on_arch_prepare(m, pfn)
     if m.profile.has_arch_gmem_prepare(kvm.vm_type):
         v.guest_owned[pfn] = 1
-    rmp = (v.guest_owned[np.where(f, r.pfn, 0)] != 0).tolist()
-    ev.add("kvm_arch_gmem_prepare", "prepare", f, lambda i: {"gfn": gfn0 + i, "rmp": rmp[i]})
+    rmp = listed(v.guest_owned[np.where(f, r.pfn, 0)] != 0)
+    ev.add("kvm_arch_gmem_prepare", "prepare", f, lambda i: {"gfn": gfn0 + i, "rmp": rmp(i)})
     v.flags[pfn] &= ~np.uint8(PG_locked)
     checks.on_folio_unlock(m, pfn)
     ev.add("kvm_gmem_get_pfn", "get_pfn", f)

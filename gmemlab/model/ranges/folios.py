@@ -27,6 +27,7 @@ the per-page path to take.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,7 @@ from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K
 from gmemlab.model.mm.memmap import KIND_FILE, KIND_PGTABLE, PG_hwpoison, PG_locked, PG_uptodate
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.ranges import checks, tlbsim, zaps
-from gmemlab.model.ranges.events import Events
+from gmemlab.model.ranges.events import Events, listed
 
 if TYPE_CHECKING:
     from gmemlab.model.fs import Inode
@@ -234,18 +235,16 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     v.refcount[po] += 1
     v.flags[po] |= PG_locked
     ev.add("get_page_from_freelist", "alloc_page", new, lambda i: {"kind": "file"})
-    index_list = idx.tolist()
+    index = listed(idx)
     ev.add("__filemap_add_folio", "pagecache_add", new,
-           lambda i: {"index": index_list[i], "as": mapping.kind})
+           lambda i: {"index": index(i), "as": mapping.kind})
     # zero_if_not_uptodate(): the faulting CPU writes the folio through the direct map.
     if zap.any():
         _zap(m, r, ev, zero_fn)
         return
     pz = pfn[zero]
-    details = [""] * r.n
-    for i, d in zip(np.flatnonzero(zero).tolist(), tlbsim.access_seq(m, m.current.cpu, pz),
-                    strict=True):
-        details[i] = d
+    details = dict(zip(np.flatnonzero(zero).tolist(), tlbsim.access_seq(m, m.current.cpu, pz),
+                       strict=True))
     m.mem.zero_many(pz)
     v.flags[pz] |= PG_uptodate
     ev.add(zero_fn, "kernel_write", zero, lambda i: {"tlb": details[i]})
@@ -266,14 +265,12 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     pfn, zero, zap = r.pfn, r.zero, r.zap
     split = r.pt2m >= 0
     before = np.arange(r.n) < first(split)
-    details = [tlbsim.FILL_4K] * r.n
     dropped = np.zeros(r.n, np.int64)
     dropped[zero & ~before & ~split] = 1  # a split's own flush finds every TLB empty
     a = zero & before
-    hit, dropped[a] = tlbsim.access_flush(m, cpu, pfn[a])
-    for i, h in zip(np.flatnonzero(a).tolist(), hit.tolist(), strict=True):
-        if h:
-            details[i] = tlbsim.HIT_4K
+    hits = np.zeros(r.n, np.bool_)
+    hits[a], dropped[a] = tlbsim.access_flush(m, cpu, pfn[a])
+    hit = listed(hits)
     c = zap & ~zero & before
     dropped[c] = tlbsim.flush_only(m, pfn[c])
     # The splits, in order: the folio's zeroing, then per level the page table's
@@ -281,8 +278,9 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     tables = np.flatnonzero(split)
     table_tlb: dict[int, str] = {}
     flushed: dict[int, int] = {}
+    zeroed: dict[int, str] = {}  # the TLB detail of each splitting folio's zeroing
     for i in tables.tolist():
-        details[i] = tlbsim.access(m, cpu, int(pfn[i]))[0]
+        zeroed[i] = tlbsim.access(m, cpu, int(pfn[i]))[0]
         for q in (int(r.pt1g[i]), int(r.pt2m[i])):
             if q < 0:
                 continue
@@ -298,7 +296,8 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     pz = pfn[zero]
     m.mem.zero_many(pz)
     v.flags[pz] |= PG_uptodate
-    ev.add(zero_fn, "kernel_write", zero, lambda i: {"tlb": details[i]})
+    ev.add(zero_fn, "kernel_write", zero, lambda i: {
+        "tlb": zeroed.get(i) or (tlbsim.HIT_4K if hit(i) else tlbsim.FILL_4K)})
     ev.add(zero_fn, "zero_page", zero)
     # kvm_gmem_folio_zap_direct_map() -> folio_zap_direct_map()
     pzap = pfn[zap]
@@ -314,26 +313,24 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
         trace.count("ipi", ipis * (len(pzap) + nsplits))
     fn = "kvm_gmem_folio_zap_direct_map"
     ev.add(fn, "zap", zap)
-    pl = pfn.tolist()
-    for where, pt, level, event in ((r.pt1g >= 0, r.pt1g.tolist(), "1G", "dmap_split_1g"),
-                                    (split, r.pt2m.tolist(), "2M", "dmap_split_2m")):
+    pl = listed(pfn)
+    for where, pt, level, event in ((r.pt1g >= 0, listed(r.pt1g), "1G", "dmap_split_1g"),
+                                    (split, listed(r.pt2m), "2M", "dmap_split_2m")):
         _split_events(ev, where, pt, pl, level, event, table_tlb, flushed, ipis)
     ev.add("set_direct_map_valid_noflush", "dmap_clear", zap, lambda i: {"level": "4K"})
-    dl = dropped.tolist()
+    dl = listed(dropped)
     ev.add("folio_zap_direct_map", "tlb_flush", zap,
-           lambda i: {"pages": 1, "full": False, "ipis": ipis, "dropped": dl[i]})
+           lambda i: {"pages": 1, "full": False, "ipis": ipis, "dropped": dl(i)})
     ev.add(fn, "marker_set", zap)
 
 
-def _split_events(ev: Events, where: Mask, pt: list[int], pfn: list[int], level: str, event: str,
-                  table_tlb: dict[int, str], flushed: dict[int, int], ipis: int) -> None:
+def _split_events(ev: Events, where: Mask, pt: Callable[[int], int], pfn: Callable[[int], int],
+                  level: str, event: str, table_tlb: dict[int, str], flushed: dict[int, int],
+                  ipis: int) -> None:
     """The events of ``split_large_page()`` at ``level`` for the pages ``where`` marks."""
-    ev.add("get_page_from_freelist", "alloc_page", where, lambda i: {"kind": "pgtable"},
-           lambda i: pt[i])
-    ev.add("split_large_page", "pt_alloc", where, lambda i: {"for_pfn": pfn[i], "level": level},
-           lambda i: pt[i])
-    ev.add("__split_large_page", "kernel_write", where, lambda i: {"tlb": table_tlb[pt[i]]},
-           lambda i: pt[i])
-    ev.add("__split_large_page", event, where, lambda i: {"pt": pt[i]})
+    ev.add("get_page_from_freelist", "alloc_page", where, lambda i: {"kind": "pgtable"}, pt)
+    ev.add("split_large_page", "pt_alloc", where, lambda i: {"for_pfn": pfn(i), "level": level}, pt)
+    ev.add("__split_large_page", "kernel_write", where, lambda i: {"tlb": table_tlb[pt(i)]}, pt)
+    ev.add("__split_large_page", event, where, lambda i: {"pt": pt(i)})
     ev.add("__split_large_page", "tlb_flush", where,
-           lambda i: {"pages": 0, "full": True, "ipis": ipis, "dropped": flushed[pt[i]]}, lambda i: 0)
+           lambda i: {"pages": 0, "full": True, "ipis": ipis, "dropped": flushed[pt(i)]}, lambda i: 0)

@@ -34,7 +34,7 @@ from gmemlab.model.mm.direct_map import LEVEL_4K
 from gmemlab.model.mm.memmap import FRAME_FREE, KIND_NONE, PG_locked
 from gmemlab.model.mm.xarray import XArray
 from gmemlab.model.ranges import CHUNK, checks, folios, tlbsim, usable, zaps
-from gmemlab.model.ranges.events import DetailFn, Events
+from gmemlab.model.ranges.events import DetailFn, Events, listed
 from gmemlab.model.task import KGen, run_sync
 from gmemlab.uapi import PAGE_SHIFT
 
@@ -58,7 +58,7 @@ class _Entries:
     __slots__ = ("_nodes", "idx", "val")
 
     def __init__(self, xa: XArray, start: int, end: int | None) -> None:
-        self._nodes: Iterator[tuple[Arr, Arr]] = xa.node_items(start, end)
+        self._nodes: Iterator[tuple[Arr, Arr]] = xa.blocks(start, end)
         self.idx: Arr = np.zeros(0, np.int64)
         self.val: Arr = np.zeros(0, np.int64)
 
@@ -98,6 +98,15 @@ def _drive(entries: _Entries, regular: Callable[[Arr, Arr], Mask],
         else:
             entries.drop(k)
             window = min(window * 2, CHUNK)
+
+
+def _drop(column: NDArray[np.int32], pfns: Arr) -> None:
+    """One less in ``column`` for each of ``pfns``, which may repeat (rarely: ufunc.at is slow)."""
+    if len(pfns) < 2 or (pfns[1:] > pfns[:-1]).all() or (pfns[1:] < pfns[:-1]).all() or len(
+            np.unique(pfns)) == len(pfns):
+        column[pfns] -= 1
+    else:
+        np.subtract.at(column, pfns, 1)
 
 
 def _quiet(vma: Vma) -> bool:
@@ -160,8 +169,8 @@ def _mapped_by(vma: Vma, idx: Arr, pfn: Arr) -> tuple[Mask, Arr]:
 
 def _addresses(vma: Vma, pages: Arr) -> DetailFn:
     """The detail of zap_pte_range()'s event for each of ``pages`` of ``vma``."""
-    addrs = (vma.start + (pages << PAGE_SHIFT)).tolist()
-    return lambda i: {"addr": addrs[i]}
+    addrs = listed(vma.start + (pages << PAGE_SHIFT))
+    return lambda i: {"addr": addrs(i)}
 
 
 def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr, pfn: Arr) -> None:
@@ -174,20 +183,20 @@ def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr
         if not hit.any():
             continue
         vma.ptes.erase_indices(page[hit])
-        np.subtract.at(v.mapcount, pfn[hit], 1)
+        _drop(v.mapcount, pfn[hit])
         ptes += hit
         ev.add("zap_pte_range", "pte_unmap", hit, _addresses(vma, page))
     # page_cache_delete()
     mapping.i_pages.erase_indices(idx)
     v.mapping[pfn] = 0
-    index = idx.tolist()
+    index = listed(idx)
     kind = mapping.kind
-    ev.add("page_cache_delete", "pagecache_del", None, lambda i: {"index": index[i], "as": kind})
+    ev.add("page_cache_delete", "pagecache_del", None, lambda i: {"index": index(i), "as": kind})
     # ->free_folio: kvm_arch_gmem_invalidate(), then (v12) the restore of a marked folio
-    reclaim = (v.guest_owned[pfn] != 0).tolist()
+    reclaim = listed(v.guest_owned[pfn] != 0)
     v.guest_owned[pfn] = 0
     v.invalidated[pfn] = 1
-    ev.add("kvm_arch_gmem_invalidate", "invalidate", None, lambda i: {"rmp_reclaim": reclaim[i]})
+    ev.add("kvm_arch_gmem_invalidate", "invalidate", None, lambda i: {"rmp_reclaim": reclaim(i)})
     if zaps(m):
         marked = (v.private[pfn] & 1) != 0
         pm = pfn[marked]
@@ -215,8 +224,8 @@ def _free(m: Machine, pfn: Arr, freed: Mask, ev: Events) -> None:
     if m.config.init_on_free:
         details = tlbsim.access_seq(m, m.current.cpu, pf)
         m.mem.zero_many(pf)
-        nth = (np.cumsum(freed) - 1).tolist()
-        ev.add("free_pages_prepare", "kernel_write", freed, lambda i: {"tlb": details[nth[i]]})
+        nth = listed(np.cumsum(freed) - 1)
+        ev.add("free_pages_prepare", "kernel_write", freed, lambda i: {"tlb": details[nth(i)]})
         ev.add("free_pages_prepare", "zero_page", freed)
     v.state[pf] = FRAME_FREE
     v.kind[pf] = KIND_NONE
@@ -241,7 +250,7 @@ def unmap_gfn_range(m: Machine, kvm: Kvm, start: int, end: int, fn: str) -> int 
             return zapped
         entries.drop(len(gfns))
         kvm.spte.erase_indices(gfns)
-        np.subtract.at(s2count, pfns, 1)
+        _drop(s2count, pfns)
         ev = Events(m, pfns)
         ev.add(fn, "spte_zap", None, _gfns(kvm.id, gfns))
         ev.emit()
@@ -249,8 +258,8 @@ def unmap_gfn_range(m: Machine, kvm: Kvm, start: int, end: int, fn: str) -> int 
 
 
 def _gfns(vm: int, gfns: Arr) -> DetailFn:
-    gl = gfns.tolist()
-    return lambda i: {"vm": vm, "gfn": gl[i]}
+    gl = listed(gfns)
+    return lambda i: {"vm": vm, "gfn": gl(i)}
 
 
 # --- do_munmap()'s zap ------------------------------------------------------------------------------
@@ -270,8 +279,8 @@ def zap_user_range(m: Machine, vma: Vma) -> bool:
 
     def batch(pages: Arr, pfn: Arr) -> None:
         vma.ptes.erase_indices(pages)
-        np.subtract.at(v.mapcount, pfn, 1)
-        np.subtract.at(v.refcount, pfn, 1)
+        _drop(v.mapcount, pfn)
+        _drop(v.refcount, pfn)
         ev = Events(m, pfn)
         ev.add("zap_pte_range", "pte_unmap", None, _addresses(vma, pages))
         ev.emit()
