@@ -111,6 +111,7 @@ INVARIANTS: dict[str, Invariant] = {
 }
 
 InvariantMode = Literal["stop", "record", "off"]
+BLOCK_NODES = 4096  # check_all() judges page tables 256K entries at a time
 
 
 @dataclass(slots=True)
@@ -334,22 +335,16 @@ class Invariants:
         mapping, a marker out of step), and is what property tests call after
         every operation.
         """
-        import numpy as np
-
-        from gmemlab.model.mm.direct_map import PTE_NOT_PRESENT
         from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
         from gmemlab.model.mm.memmap import PG_locked
         from gmemlab.model.ranges import checks
 
         # Each sweep picks, with numpy, the frames a check could fail on, and judges only
-        # those one by one, in the order a frame-by-frame sweep would: a 64 GiB machine
-        # takes seconds.
+        # those one by one, in the order a frame-by-frame sweep would, a block of frames at
+        # a time: a 64 GiB machine takes seconds and little memory.
         m = self.m
         mem = m.mem
-        for r2, ptes in m.dmap.pte.items():
-            if PTE_NOT_PRESENT not in ptes:
-                continue
-            pfns = (r2 << 9) + np.flatnonzero(np.frombuffer(ptes, np.uint8) == PTE_NOT_PRESENT)
+        for pfns in checks.not_present_blocks(m.dmap):
             for pfn in pfns[checks.out_of_direct_map_suspects(m, pfns)].tolist():
                 if m.design.holds_unmapped(m, pfn):
                     continue
@@ -365,14 +360,14 @@ class Invariants:
                               "AS_NO_DIRECT_MAP mapping", pfn)
         flags = mem.views().flags
         for mapping in list(m.mappings.values()):
-            pfns = mapping.i_pages.items_range()[1]
-            pfns = pfns[(flags[pfns] & PG_locked) == 0]
-            for pfn in pfns[checks.unlock_suspects(m, pfns)].tolist():
-                self.on_folio_unlock(pfn)
+            for _index, pfns in mapping.i_pages.blocks(nodes_per_block=BLOCK_NODES):
+                pfns = pfns[(flags[pfns] & PG_locked) == 0]
+                for pfn in pfns[checks.unlock_suspects(m, pfns)].tolist():
+                    self.on_folio_unlock(pfn)
         tables = [(vma.ptes, "user PTE") for proc in m.processes for vma in proc.mm.vmas]
         tables += [(kvm.spte, "stage-2 mapping") for kvm in m.kvms.values()]
         for table, how in tables:
-            pfns = table.items_range()[1]
-            for pfn in pfns[checks.handout_suspects(m, pfns)].tolist():
-                self.on_handout(pfn, how)
+            for _index, pfns in table.blocks(nodes_per_block=BLOCK_NODES):
+                for pfn in pfns[checks.handout_suspects(m, pfns)].tolist():
+                    self.on_handout(pfn, how)
 

@@ -10,12 +10,13 @@ of a 64 GiB machine takes seconds.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
-from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K
+from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K, PTE_NOT_PRESENT, DirectMap
 from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
 from gmemlab.model.mm.memmap import FRAME_ALLOCATED, PG_locked
 
@@ -83,6 +84,23 @@ def unlock_suspects(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
 def on_folio_unlock(m: Machine, pfns: Pfns) -> None:
     if m.inv.enabled and len(pfns):
         _report(pfns, unlock_suspects(m, pfns), m.inv.on_folio_unlock)
+
+
+def not_present_blocks(dmap: DirectMap, block: int = 1 << 18) -> Iterator[Pfns]:
+    """The frames with a not-present 4K entry, region by region as ``dmap.pte`` lists them,
+    ascending within each, in arrays of about ``block``."""
+    parts: list[Pfns] = []
+    size = 0
+    for r2, ptes in dmap.pte.items():
+        if PTE_NOT_PRESENT not in ptes:
+            continue
+        parts.append((r2 << 9) + np.flatnonzero(np.frombuffer(ptes, np.uint8) == PTE_NOT_PRESENT))
+        size += len(parts[-1])
+        if size >= block:
+            yield np.concatenate(parts)
+            parts, size = [], 0
+    if parts:
+        yield np.concatenate(parts)
 
 
 def out_of_direct_map_suspects(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
