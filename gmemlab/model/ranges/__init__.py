@@ -32,9 +32,9 @@ straight through by ``Machine.run`` without a step hook, fault injection
 disarmed, the exact designs whose code they mirror (``v12`` and ``base``; other
 designs, even subclasses of v12, take the per-page paths), an x86 profile
 whose CPA does not flush, and ``init_on_alloc`` off.  Each one handles the
-longest run of pages it can prove regular, and returns; the caller's per-page
-loop takes the next page (a direct-map split, an error, an MMIO exit) and then
-tries a batch again.
+longest run of pages it can prove regular (direct-map splits included), and
+returns; the caller's per-page loop takes the next page (an error, an MMIO
+exit, a folio lock held, a TLB at capacity...) and then tries a batch again.
 """
 
 from __future__ import annotations
