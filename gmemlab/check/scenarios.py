@@ -22,6 +22,7 @@ from gmemlab.check.world import (
     Actor,
     World,
     close,
+    fallocate,
     gadget,
     guest_fault,
     inject_enomem,
@@ -227,6 +228,13 @@ STANDARD: tuple[Scenario, ...] = (
         (Actor("vcpu0", 0, (guest_fault(),)),
          Actor("enomem", 1, (inject_enomem(),))),
         low_ram_mib=4,
+    ),
+    Scenario(
+        "fallocate-fault",
+        "fallocate (preallocation) of the file || guest fault on index 0",
+        _setup_unmapped,
+        (Actor("falloc", 1, (fallocate(),)),
+         Actor("vcpu0", 0, (guest_fault(),))),
     ),
     Scenario(
         "lifecycle",

@@ -15,7 +15,8 @@ take them, so the checker does not explore races the kernel excludes):
 
 * ``guest_fault``: ``KVM_RUN`` on a vCPU whose guest touches a gfn;
 * ``user_fault``: a VMM access to its guest_memfd mapping;
-* ``punch_hole``: ``fallocate(PUNCH_HOLE)``;
+* ``punch_hole``: ``fallocate(PUNCH_HOLE)``; ``fallocate``: preallocation
+  (``fallocate(KEEP_SIZE)``) of the whole file;
 * ``close`` and ``munmap``: dropping file references, which releases the last
   guest_memfd file, tears the VM down, or evicts the inode;
 * ``gadget``: a speculative kernel read of the target frame's direct-map
@@ -151,6 +152,15 @@ def _punch_hole(w: World, task: Task, gmem: int, index: int) -> KGen[int]:
     return r
 
 
+def _fallocate(w: World, task: Task, gmem: int) -> KGen[int]:
+    file = yield from fdget(w, w.gmem_fds[gmem])
+    if file is None:
+        return -EBADF
+    r = yield from kvm_gmem_fallocate(w.m, file, FALLOC_FL_KEEP_SIZE, 0, file.inode.size)
+    yield from fput(w.m, file)
+    return r
+
+
 def _close(w: World, task: Task, kind: str, index: int) -> KGen[int]:
     fd = w.fd(kind, index)
     yield ("fd", fd)
@@ -201,6 +211,10 @@ def user_fault(mapping: int = 0, page: int = 0) -> Op:
 
 def punch_hole(gmem: int = 0, index: int = 0) -> Op:
     return Op(f"punch-hole index {index}", _punch_hole, (gmem, index))
+
+
+def fallocate(gmem: int = 0) -> Op:
+    return Op("fallocate whole file", _fallocate, (gmem,))
 
 
 def close(kind: str, index: int = 0) -> Op:
