@@ -126,7 +126,7 @@ class Execution:
     """A scenario on a fresh machine, ready to be stepped."""
 
     __slots__ = ("actors", "capture", "crashed", "ignore", "m", "namer", "records", "setup_broken",
-                 "steps", "world")
+                 "world")
 
     def __init__(self, scenario: Scenario, design: DesignSpec, *, trace: TraceMode = "off",
                  ignore: frozenset[str] = frozenset(), capture: bool = False) -> None:
@@ -136,14 +136,18 @@ class Execution:
         self.capture = capture
         self.records: list[StepRecord] = []
         self.crashed = False
-        self.steps = 0
         self.actors: list[ActorRun] = []
         self.namer = Namer()
+        failed: list[Broken] = []
         try:
             self.world = scenario.setup(m)
         except KernelOops:
             self.crashed = True
-        self.setup_broken = self._new_broken(0)
+        except Exception as e:
+            # e.g. a design that does not offer GUEST_MEMFD_FLAG_NO_DIRECT_MAP (EINVAL)
+            self.crashed = True
+            failed.append(Broken("model-error", f"setup failed: {type(e).__name__}: {e}"))
+        self.setup_broken = self._new_broken(0) + failed
         if self.crashed:
             return
         for a in scenario.actors:
@@ -199,7 +203,6 @@ class Execution:
             a.done = True
             self.crashed = True
             error = Broken("model-error", f"{type(e).__name__}: {e} (in actor {a.name})")
-        self.steps += 1
         broken = self._new_broken(seen)
         if error is not None:
             broken.append(error)

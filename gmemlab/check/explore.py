@@ -45,12 +45,9 @@ class Bounds:
     preemptions: int | None = None  # None: unbounded
     max_steps: int = 400
 
-    def describe(self, scenario: Scenario | None = None) -> str:
+    def describe(self) -> str:
         pre = "unbounded" if self.preemptions is None else f"<= {self.preemptions}"
-        shape = ""
-        if scenario is not None:
-            shape = f"actors {len(scenario.actors)}, ops/actor <= {scenario.nops}, "
-        return f"{shape}preemptions {pre}, steps <= {self.max_steps}"
+        return f"preemptions {pre}, steps <= {self.max_steps}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +83,11 @@ Progress = Callable[[Stats], None]
 class Result:
     scenario: str
     design: str
-    mode: str  # "exhaustive" or "random"
+    mode: str  # "exhaustive", "random", or "all" (the unreduced enumeration)
     bounds: Bounds
     stats: Stats = field(default_factory=Stats)
     found: list[Counterexample] = field(default_factory=list)
-    complete: bool = True  # every state within the bounds was explored
+    complete: bool = True  # every reachable state was explored (no bound cut anything)
     bound_hits: int = 0  # schedules cut at max_steps
     finals: set[int] = field(default_factory=set)  # end-state fingerprints (when collected)
     unknown: set[str] = field(default_factory=set)  # local types the digest could not name
@@ -110,7 +107,9 @@ class Result:
         if self.mode == "random":
             return f"pass ({self.runs} random runs)"
         if self.bound_hits:
-            return f"pass (bounded: {self.bound_hits} cut)"
+            return f"pass (bounded: {self.bound_hits} cut at {self.bounds.max_steps} steps)"
+        if not self.complete:
+            return f"pass (bounded: preemptions <= {self.bounds.preemptions})"
         return "pass (exhaustive)"
 
 
@@ -201,12 +200,14 @@ def explore(scenario: Scenario, design: DesignSpec, *, design_name: str | None =
     if root.setup_broken or root.crashed:
         s.note(root.setup_broken, (), in_setup=True)
         return s.finish(root)
-    bounded = bounds.preemptions is not None
+    limit = bounds.preemptions
     nodes: dict[Hashable, _Node] = {}
 
     def key(ex: Execution, last: int, pre: int) -> tuple[int, Hashable]:
+        # Under a preemption bound, what may still happen depends on who ran last and
+        # on the preemptions left: they are part of the state.
         fp = ex.fingerprint()
-        return fp, ((fp, last, pre) if bounded else fp)
+        return fp, (fp if limit is None else (fp, last, pre))
 
     def schedule(k: Hashable) -> tuple[int, ...]:
         out = []
@@ -232,7 +233,7 @@ def explore(scenario: Scenario, design: DesignSpec, *, design_name: str | None =
             pre = node.preemptions
             if node.last >= 0 and a != node.last and node.last in node.enabled:
                 pre += 1
-                if bounded and pre > bounds.preemptions:  # type: ignore[operator]
+                if limit is not None and pre > limit:
                     res.complete = False
                     continue
             ex = live.pop(k) if k in live else s.replay(schedule(k))
@@ -306,7 +307,9 @@ def random_search(scenario: Scenario, design: DesignSpec, *, seed: int, runs: in
     res.complete = False
     stats = res.stats
     states: set[int] = set()
-    length = 2 * sum(len(a.ops) for a in scenario.actors) * 16  # first guess at a run's length
+    # PCT draws its change points from the run's length, unknown until a run ends:
+    # start from a generous guess (operations take tens of steps) and learn the longest.
+    length = 32 * sum(len(a.ops) for a in scenario.actors)
     ex: Execution | None = None
     for r in range(runs):
         res.runs = r + 1
@@ -316,7 +319,7 @@ def random_search(scenario: Scenario, design: DesignSpec, *, seed: int, runs: in
         if sched.broken:
             first = sched.broken[0]
             short = shrink(scenario, design, sched.steps, first.invariant, ignore, at_end=sched.at_end)
-            s.note([first], short, at_end=sched.at_end, in_setup=not sched.steps and not sched.at_end)
+            s.note([first], short, at_end=sched.at_end, in_setup=sched.in_setup)
             if s.stop_at_first:
                 break
         stats.states = len(states)
@@ -330,6 +333,7 @@ class _Run:
     steps: tuple[int, ...]
     broken: list[Broken]
     at_end: bool = False
+    in_setup: bool = False
 
 
 def pct_schedule(s: _Search, seed: int, run: int, depth: int, length: int, max_steps: int,
@@ -338,7 +342,7 @@ def pct_schedule(s: _Search, seed: int, run: int, depth: int, length: int, max_s
     rng = random.Random(f"{seed}:{run}")
     ex = s.fresh()
     if ex.setup_broken or ex.crashed:
-        return _Run(ex, (), ex.setup_broken)
+        return _Run(ex, (), ex.setup_broken, in_setup=True)
     n = len(ex.actors)
     prio = list(range(depth, depth + n))
     rng.shuffle(prio)

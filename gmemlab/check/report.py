@@ -61,7 +61,8 @@ def replay(scenario: Scenario, design: DesignSpec, schedule: tuple[int, ...], *,
 
 def replay_command(design: str, scenario: str, schedule: tuple[int, ...],
                    ignore: frozenset[str]) -> str:
-    cmd = f"gmemlab check --design {design} --scenario {scenario} --replay {','.join(map(str, schedule))}"
+    steps = ",".join(map(str, schedule)) or "''"  # the empty schedule: setup alone
+    cmd = f"gmemlab check --design {design} --scenario {scenario} --replay {steps}"
     if ignore:
         cmd += " --ignore " + ",".join(sorted(ignore))
     return cmd
