@@ -41,6 +41,10 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
              "at the direct-map split) and the guest maps a direct-mapped frame",
              "v9", "enomem-guest", ("zap-before-prepare", "marker-matches-direct-map"),
              "handout-zapped", 22, ("kvm_gmem_get_pfn", "split_large_page", "kvm_mmu_page_fault")),
+    KnownBug("v9-marker-before-zap", "v9: marker set before the zap, so a failed zap (ENOMEM at "
+             "the split) leaves the folio marked but still in the direct map",
+             "v9", "enomem-split", ("zap-before-prepare",), "marker-matches-direct-map", 16,
+             ("kvm_gmem_folio_zap_direct_map", "set_marker", "split_large_page", "fault_fail")),
     KnownBug("noflush-stale-tlb", "no TLB flush after the zap: a stale translation survives",
              "noflush", "zap-gadget", (), "handout-flushed", 19,
              ("kvm_gmem_get_pfn", "kvm_mmu_page_fault")),
