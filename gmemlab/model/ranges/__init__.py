@@ -50,9 +50,9 @@ if TYPE_CHECKING:
 # Pages per batch: large enough to amortise the per-batch work, small enough that the
 # arrays of a batch stay in cache and peak memory stays flat.
 CHUNK = 1 << 15
-# A batch starts this small and doubles while it goes straight through: a run usually
-# ends at the next 2M region still to split, and planning pages past it is wasted.
-FIRST_WINDOW = 512
+# A fault batch starts this small and doubles while it goes straight through, so that
+# a run that ends early (a folio that existed, an error) wastes little planning.
+FIRST_WINDOW = 4096
 
 
 def usable(m: Machine) -> bool:

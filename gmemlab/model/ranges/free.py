@@ -49,7 +49,7 @@ Arr = NDArray[np.int64]
 Mask = NDArray[np.bool_]
 # After an irregular entry the next batch starts small and doubles, so a range where most
 # entries are irregular costs little more than per page, and a regular one few batches.
-FIRST_IRREGULAR_WINDOW = 64
+AFTER_IRREGULAR_WINDOW = 64
 
 
 class _Entries:
@@ -83,7 +83,7 @@ class _Entries:
 def _drive(entries: _Entries, regular: Callable[[Arr, Arr], Mask],
            batch: Callable[[Arr, Arr], None], single: Callable[[int, int], None]) -> None:
     """Every entry, in order: the regular ones in batches, the others through ``single``."""
-    window = FIRST_IRREGULAR_WINDOW
+    window = CHUNK
     while True:
         idx, val = entries.head(window)
         if not len(idx):
@@ -94,7 +94,7 @@ def _drive(entries: _Entries, regular: Callable[[Arr, Arr], Mask],
         if k < len(idx):
             single(int(idx[k]), int(val[k]))
             entries.drop(k + 1)
-            window = FIRST_IRREGULAR_WINDOW
+            window = AFTER_IRREGULAR_WINDOW
         else:
             entries.drop(k)
             window = min(window * 2, CHUNK)
@@ -302,7 +302,7 @@ def allocate(m: Machine, inode: Inode, start: int, end: int,
     if not usable(m):
         return None
     pos = start
-    window = FIRST_IRREGULAR_WINDOW
+    window = CHUNK
     while pos < end:
         n = min(window, end - pos)
         r = folios.plan(m, inode, pos, np.ones(n, np.bool_), hwpoison=False, prepare=False)
@@ -320,7 +320,7 @@ def allocate(m: Machine, inode: Inode, start: int, end: int,
             if err:
                 return err
             pos += 1
-            window = FIRST_IRREGULAR_WINDOW
+            window = AFTER_IRREGULAR_WINDOW
         else:
             window = min(window * 2, CHUNK)
     return 0
