@@ -12,8 +12,9 @@ JSON (schema ``gmemlab.bench/1``; times in seconds, costs in µs per page)::
     }
 
 ``MEASURE`` is ``gmemlab measure``'s JSON (``gmemlab.twin.measure``), ``RUN``
-is :func:`gmemlab.bench.lifecycle.run`'s result (or ``{"kind", "size_bytes",
-"error"}`` if the run failed).
+is :func:`gmemlab.bench.lifecycle.run_best`'s result (or ``{"kind",
+"size_bytes", "error"}`` if the run failed): each size runs several times
+(:func:`reps_for`) and each operation's cost is the best of them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from gmemlab.twin.measure import MeasureConfig
 SCHEMA = "gmemlab.bench/1"
 DEFAULT_SIZES = (1.0, 4.0, 16.0, 64.0)
 QUICK_SIZES = (0.25, 1.0)
+REPEAT_GIB = 16.0
 Say = Callable[[str], None]
 
 
@@ -68,9 +70,15 @@ def _real(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     return {"available": True, "reason": "", "measure": run_measurement(mc)}
 
 
+def reps_for(size_gib: float) -> int:
+    """Lifecycles per size: at least two, more for small sizes (up to some 16 GiB in all)."""
+    return max(2, min(8, round(REPEAT_GIB / size_gib)))
+
+
 def _child(size_gib: float, kind: str, *, per_page: bool) -> dict[str, Any]:
-    """One lifecycle in a fresh interpreter: its peak RSS is its own."""
-    cmd = [sys.executable, "-m", "gmemlab.bench.lifecycle", repr(size_gib), kind]
+    """A size's lifecycles in a fresh interpreter: its peak RSS is its own."""
+    cmd = [sys.executable, "-m", "gmemlab.bench.lifecycle", repr(size_gib), kind,
+           "--reps", str(1 if per_page else reps_for(size_gib))]
     if per_page:
         cmd.append("--per-page")
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
