@@ -16,6 +16,13 @@ Properties: the model's invariants (``gmemlab.model.invariants``), recorded by
 the machine as the kernel paths run and read here after every step, plus what
 only the checker can judge:
 
+* ``zapped-frame-flushed``: in a design that flushes, once a zap has returned
+  (the folio is unlocked again) no CPU's TLB still translates to the folio.
+  The model judges the TLB when the folio is handed out; this judges it when
+  the zap returns, so a zap that is never handed out (fallocate, a fault that
+  fails after zapping) is held to it too, and an eviction in between cannot
+  hide it;
+
 * ``end-locks-released``: once every actor has finished, no lock, folio lock
   or KVM invalidation is left held; and when the others wait forever, no
   lock is held by an actor that has finished (a leak, not a wait);
@@ -39,6 +46,7 @@ from gmemlab.check.world import Op, World
 from gmemlab.model.designs import Design, get_design
 from gmemlab.model.invariants import INVARIANTS, KernelOops
 from gmemlab.model.machine import Machine
+from gmemlab.model.mm.filemap import mapping_no_direct_map
 from gmemlab.model.mm.memmap import FRAME_ALLOCATED, KIND_FILE, PG_locked
 from gmemlab.model.task import WAIT, Step, Task
 from gmemlab.model.trace import TraceEvent, TraceMode
@@ -46,6 +54,11 @@ from gmemlab.model.trace import TraceEvent, TraceMode
 DesignSpec = str | Design | Callable[[], Design]
 
 CHECKER_PROPERTIES: dict[str, tuple[str, str]] = {
+    "zapped-frame-flushed": (
+        "in a design that flushes, no CPU's TLB translates to a NO_DIRECT_MAP page-cache folio "
+        "once its zap has returned (the folio is unlocked and out of the direct map)",
+        "issue 4; §8 I6; anchors §F I-tlb",
+    ),
     "end-locks-released": (
         "no lock is held by an actor that has finished; once all have, no lock, folio lock or "
         "KVM invalidation is left held",
@@ -206,6 +219,8 @@ class Execution:
         broken = self._new_broken(seen)
         if error is not None:
             broken.append(error)
+        elif not self.crashed and "zapped-frame-flushed" not in self.ignore:
+            broken += self._stale_after_zap()
         if record is not None:
             record.events = [e for e in m.trace.events() if e.seq > seq]
             record.broken = broken
@@ -221,6 +236,24 @@ class Execution:
             if broken:
                 return broken
         return []
+
+    def _stale_after_zap(self) -> list[Broken]:
+        m = self.m
+        if not m.design.flushes:
+            return []
+        out = []
+        for mapping in m.mappings.values():
+            if not mapping_no_direct_map(mapping):
+                continue
+            for _, pfn in mapping.i_pages.items():
+                if m.mem.test_locked(pfn) or m.dmap.present(pfn):
+                    continue  # zap still in progress, or not zapped
+                cpus = m.tlb.cpus_caching(pfn)
+                if cpus:
+                    out.append(Broken("zapped-frame-flushed",
+                                      f"NO_DIRECT_MAP folio pfn {pfn:#x} is zapped and unlocked but "
+                                      f"CPU(s) {cpus} still cache a direct-map translation to it", pfn))
+        return out
 
     def _new_broken(self, seen: int) -> list[Broken]:
         out = []

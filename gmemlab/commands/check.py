@@ -165,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
                                                    ignore=ignore))
                 print()
             else:
-                print(f"{r.design} x {r.scenario}: {cx.invariant} ({len(cx.schedule)} steps): "
+                where = "in setup" if cx.in_setup else f"{len(cx.schedule)} steps"
+                print(f"{r.design} x {r.scenario}: {cx.invariant} ({where}): "
                       f"{cx.message}\n  replay: "
                       + report.replay_command(r.design, r.scenario, cx.schedule, ignore))
     return 1 if failed else 0

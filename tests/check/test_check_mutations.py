@@ -80,7 +80,10 @@ def test_a_kernel_tlb_flush_that_skips_the_other_cpus(monkeypatch: pytest.Monkey
     monkeypatch.setattr(tlb, "_flush_each_cpu", local_only)
     scenario = get_scenario("zap-gadget")
     invariant, schedule = _found(scenario)
-    assert invariant == "handout-flushed"
+    assert invariant == "zapped-frame-flushed"
+    # Judged at the handout instead, the same stale entry breaks the model's invariant.
+    r = explore(scenario, "v12", ignore=frozenset({"zapped-frame-flushed"}))
+    assert r.found[0].invariant == "handout-flushed"
     # Only a gadget on the other CPU, filling its TLB before the zap, shows it.
     gadget = [a.name for a in scenario.actors].index("gadget1")
     assert gadget in schedule
