@@ -18,10 +18,10 @@ half each).  The invariant sweep (``check_all``) runs after the first touch
 and at the end, timed apart, and must find nothing; every frame the guest had
 must be back with the allocator.
 
-``python -m gmemlab.bench.lifecycle SIZE_GIB KIND [--per-page] [--reps N]`` runs
-it (``N`` times on fresh machines: each operation's cost is then the best of
-``N``, see :func:`run_best`) and prints its JSON on stdout (progress on
-stderr); ``gmemlab bench`` runs it for each size and kind in its own process.
+``python -m gmemlab.bench.lifecycle SIZE_GIB KIND [--per-page]`` runs it and
+prints its JSON on stdout (progress on stderr); ``gmemlab bench`` runs it for
+each size and kind in its own process, a few rounds (:func:`best` combines
+them).
 """
 
 from __future__ import annotations
@@ -172,17 +172,18 @@ def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | No
     }
 
 
-def run_best(size: int, kind: str, reps: int, *, per_page: bool = False,
-             progress: Progress | None = None) -> dict[str, Any]:
-    """:func:`run` ``reps`` times on fresh machines.
+def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several :func:`run` results of one size and kind, combined.
 
     Each operation's cost is its best (as ``timeit`` reports): on a shared
     machine the slower samples measure the other processes more than the model.
     The lifecycle's time, peak RSS and violations are the worst.
     """
-    runs = [run(size, kind, per_page=per_page, progress=progress) for _ in range(reps)]
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
     out = dict(runs[0])
-    out["reps"] = reps
+    out["reps"] = len(runs)
     out["ops"] = {}
     for name in runs[0]["ops"]:
         samples = sorted((r["ops"][name] for r in runs), key=lambda op: op["us_per_page"])
@@ -226,13 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("size_gib", type=float)
     p.add_argument("kind", choices=KINDS)
     p.add_argument("--per-page", action="store_true", help="force the per-page generator paths")
-    p.add_argument("--reps", type=int, default=1, help="lifecycles to run; costs are the best")
     args = p.parse_args(argv)
     size = int(args.size_gib * GIB) >> PAGE_SHIFT << PAGE_SHIFT
     label = f"{args.size_gib:g} GiB {args.kind}" + (" per page" if args.per_page else "")
     bar = Bar(label)
     try:
-        result = run_best(size, args.kind, max(args.reps, 1), per_page=args.per_page, progress=bar)
+        result = run(size, args.kind, per_page=args.per_page, progress=bar)
     finally:
         bar.close()
     json.dump(result, sys.stdout)

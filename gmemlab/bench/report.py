@@ -130,9 +130,9 @@ def render(result: dict[str, Any]) -> str:
                    f"{mc['size_bytes'] >> 20} MiB x {mc['reps']} reps, medians; guest_memfd "
                    "MMAP|INIT_SHARED: this kernel cannot do NO_DIRECT_MAP, and measures no punch-hole.")
     out.append("")
-    life = [[size_label(r["size_bytes"]), r["kind"], r["reps"], round(r["lifecycle_wall_s"], 1),
-             round(r["lifecycle_cpu_s"], 1), round(r["boot"]["wall_s"], 1),
-             round(sum(c["wall_s"] for c in r["check_all"]), 1),
+    life = [[size_label(r["size_bytes"]), r["kind"], r["reps"], round(r["lifecycle_wall_s"], 2),
+             round(r["lifecycle_cpu_s"], 2), round(r["boot"]["wall_s"], 2),
+             round(sum(c["wall_s"] for c in r["check_all"]), 2),
              f"{r['splits']['1G']} x 1G, {r['splits']['2M']:,} x 2M"]
             for r in result["runs"] if "error" not in r]
     out.append(table(["size", "lifecycle", "runs", "lifecycle s (worst)", "CPU s", "boot s",

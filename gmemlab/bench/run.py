@@ -5,16 +5,17 @@ JSON (schema ``gmemlab.bench/1``; times in seconds, costs in µs per page)::
     {
       "schema": "gmemlab.bench/1",
       "machine": {"kernel": str, "cpus": int, "python": str, "commit": str | null},
-      "config": {"sizes_gib": [float], "per_page_mib": float},
+      "config": {"sizes_gib": [float], "rounds": int, "per_page_mib": float},
       "real": {"available": bool, "reason": str, "measure": MEASURE | null},
       "runs": [RUN, ...],              # one per size and lifecycle, batched paths
       "per_page": [RUN, ...]           # the per-page generator paths, at per_page_mib
     }
 
 ``MEASURE`` is ``gmemlab measure``'s JSON (``gmemlab.twin.measure``), ``RUN``
-is :func:`gmemlab.bench.lifecycle.run_best`'s result (or ``{"kind",
-"size_bytes", "error"}`` if the run failed): each size runs several times
-(:func:`reps_for`) and each operation's cost is the best of them.
+combines a size's rounds (:func:`gmemlab.bench.lifecycle.best`: each
+operation's best cost, the worst time and RSS) of
+:func:`gmemlab.bench.lifecycle.run` results, or is ``{"kind", "size_bytes",
+"error"}`` if a run failed.
 """
 
 from __future__ import annotations
@@ -28,19 +29,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gmemlab.bench.lifecycle import GIB, KINDS
+from gmemlab.bench.lifecycle import GIB, KINDS, best
 from gmemlab.twin.measure import MeasureConfig
 
 SCHEMA = "gmemlab.bench/1"
 DEFAULT_SIZES = (1.0, 4.0, 16.0, 64.0)
 QUICK_SIZES = (0.25, 1.0)
-REPEAT_GIB = 16.0
 Say = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
     sizes_gib: tuple[float, ...] = DEFAULT_SIZES
+    rounds: int = 3  # lifecycles per size and kind; each operation's cost is the best
     per_page_mib: float = 16
     real: bool = True
     measure: MeasureConfig = field(default_factory=MeasureConfig)
@@ -70,15 +71,9 @@ def _real(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     return {"available": True, "reason": "", "measure": run_measurement(mc)}
 
 
-def reps_for(size_gib: float) -> int:
-    """Lifecycles per size: at least two, more for small sizes (up to some 16 GiB in all)."""
-    return max(2, min(8, round(REPEAT_GIB / size_gib)))
-
-
 def _child(size_gib: float, kind: str, *, per_page: bool) -> dict[str, Any]:
-    """A size's lifecycles in a fresh interpreter: its peak RSS is its own."""
-    cmd = [sys.executable, "-m", "gmemlab.bench.lifecycle", repr(size_gib), kind,
-           "--reps", str(1 if per_page else reps_for(size_gib))]
+    """One lifecycle in a fresh interpreter: its peak RSS is its own."""
+    cmd = [sys.executable, "-m", "gmemlab.bench.lifecycle", repr(size_gib), kind]
     if per_page:
         cmd.append("--per-page")
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
@@ -91,16 +86,21 @@ def _child(size_gib: float, kind: str, *, per_page: bool) -> dict[str, Any]:
 
 def run_bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     real = _real(cfg, say)
-    runs = []
-    for size in cfg.sizes_gib:
-        for kind in KINDS:
-            runs.append(_child(size, kind, per_page=False))
+    # Rounds over every size and kind, each round starting one further along, so that a
+    # busy spell on the machine does not land on every run of the same size.
+    jobs = [(size, kind) for size in cfg.sizes_gib for kind in KINDS]
+    samples: dict[tuple[float, str], list[dict[str, Any]]] = {job: [] for job in jobs}
+    for rnd in range(cfg.rounds):
+        for size, kind in jobs[rnd % len(jobs) :] + jobs[: rnd % len(jobs)]:
+            samples[(size, kind)].append(_child(size, kind, per_page=False))
+    runs = [best(samples[job]) for job in jobs]
     per_page = [_child(cfg.per_page_mib / 1024, kind, per_page=True) for kind in KINDS]
     return {
         "schema": SCHEMA,
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "commit": _commit()},
-        "config": {"sizes_gib": list(cfg.sizes_gib), "per_page_mib": cfg.per_page_mib},
+        "config": {"sizes_gib": list(cfg.sizes_gib), "rounds": cfg.rounds,
+                   "per_page_mib": cfg.per_page_mib},
         "real": real,
         "runs": runs,
         "per_page": per_page,

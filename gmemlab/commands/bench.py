@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from gmemlab.cli import UsageError
 
@@ -25,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="guest sizes in GiB (default 1,4,16,64; quick 0.25,1)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes and a short real measurement (a minute, not ten)")
+    p.add_argument("--rounds", type=int, help="lifecycles per size and kind, best kept (default 3, quick 2)")
     p.add_argument("--no-real", action="store_true", help="skip the real kernel's measurement")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--compare", metavar="OLD.json", help="show the change against an earlier --json")
@@ -54,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise UsageError(f"--compare: cannot read {args.compare}: {e}") from None
-    cfg = BenchConfig(real=not args.no_real,
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
+    if rounds < 1:
+        raise UsageError("--rounds must be at least 1")
+    cfg = BenchConfig(rounds=rounds, real=not args.no_real,
                       measure=MeasureConfig.quick() if args.quick else MeasureConfig())
     if sizes:
-        cfg = BenchConfig(sizes, cfg.per_page_mib, cfg.real, cfg.measure)
+        cfg = replace(cfg, sizes_gib=sizes)
 
     def say(message: str) -> None:
         print(f"bench: {message}", file=sys.stderr, flush=True)
