@@ -30,7 +30,7 @@ class Replayed:
     scenario: Scenario
     execution: Execution
     records: list[StepRecord]
-    broken: list[Broken]  # what the last step broke, or the end state
+    broken: list[tuple[int, Broken]]  # (step, property) in order; step 0: setup
     setup_events: list[TraceEvent]
 
 
@@ -40,22 +40,27 @@ class ScheduleError(ValueError):
 
 def replay(scenario: Scenario, design: DesignSpec, schedule: tuple[int, ...], *,
            ignore: frozenset[str] = frozenset()) -> Replayed:
-    """Replay ``schedule`` exactly, recording each step; stops at the first broken property."""
+    """Replay all of ``schedule``, recording each step and every property broken on the way.
+
+    The machine records a violation and goes on, so a schedule that breaks
+    several properties (``--all``) replays to its last; an oops ends it.
+    """
     ex = Execution(scenario, design, trace="full", ignore=ignore, capture=True)
     setup_events = ex.m.trace.events()
-    if ex.setup_broken or ex.crashed:
-        return Replayed(scenario, ex, [], ex.setup_broken, setup_events)
-    broken: list[Broken] = []
-    for n, a in enumerate(schedule):
+    broken = [(0, b) for b in ex.setup_broken]
+    if broken or ex.crashed:
+        return Replayed(scenario, ex, [], broken, setup_events)
+    for n, a in enumerate(schedule, 1):
+        if ex.crashed:
+            raise ScheduleError(f"step {n}: the kernel crashed at step {n - 1}; "
+                                f"{len(schedule) - n + 1} more step(s) cannot run")
         if a not in ex.enabled():
             names = ", ".join(f"{i}={r.name}" for i, r in enumerate(ex.actors))
-            raise ScheduleError(f"step {n + 1}: actor {a} cannot move there (actors: {names}; "
+            raise ScheduleError(f"step {n}: actor {a} cannot move there (actors: {names}; "
                                 f"enabled: {ex.enabled()})")
-        broken = ex.step(a)
-        if broken:
-            break
-    if not broken and not ex.enabled():
-        broken = ex.end_state()
+        broken += [(n, b) for b in ex.step(a)]
+    if not ex.enabled():
+        broken += [(len(schedule), b) for b in ex.end_state()]
     return Replayed(scenario, ex, ex.records, broken, setup_events)
 
 
@@ -186,9 +191,10 @@ def render_replay(rep: Replayed, design_name: str) -> str:
     lines += timeline(rep)
     lines.append("")
     if rep.broken:
-        for b in rep.broken:
+        for n, b in rep.broken:
             summary, source = describe(b.invariant)
-            lines += [f"  BROKEN {b.invariant}: {b.message}", f"    {summary} ({source})"]
+            where = "in setup" if n == 0 else f"at step {n}"
+            lines += [f"  BROKEN {b.invariant} {where}: {b.message}", f"    {summary} ({source})"]
     else:
         enabled = ex.enabled()
         states = [f"{a.name} {'done' if a.done else 'can go on' if i in enabled else 'waits'}"

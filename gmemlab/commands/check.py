@@ -196,7 +196,8 @@ def _replay(args: argparse.Namespace, designs: list[str], scenarios: list[str],
                        "step": report.step_label(r.step), "stack": list(r.stack),
                        "events": [e.as_json() for e in r.events],
                        "broken": [b.invariant for b in r.broken]} for r in rep.records],
-            "broken": [{"invariant": b.invariant, "message": b.message} for b in rep.broken],
+            "broken": [{"invariant": b.invariant, "message": b.message, "step": n}
+                       for n, b in rep.broken],
         }, indent=2))
     else:
         print(report.render_replay(rep, designs[0]))

@@ -44,7 +44,7 @@ def test_counterexample_replays_with_its_kernel_functions(name: str) -> None:
     bug = BUGS[name]
     cx = _find(bug)
     rep = replay(get_scenario(bug.scenario), bug.design, cx.schedule, ignore=frozenset(bug.ignore))
-    assert [b.invariant for b in rep.broken][:1] == [bug.invariant]
+    assert [b.invariant for _, b in rep.broken][:1] == [bug.invariant]
     assert len(rep.records) == len(cx.schedule)
     seen = ({fn for r in rep.records for fn in r.stack + r.after}
             | {e.fn for r in rep.records for e in r.events})

@@ -29,7 +29,7 @@ def _found(scenario: Scenario, design: str = "v12") -> tuple[str, tuple[int, ...
     assert r.found, r.verdict()
     cx = r.found[0]
     rep = replay(scenario, design, cx.schedule)
-    assert [b.invariant for b in rep.broken][:1] == [cx.invariant]
+    assert [b.invariant for _, b in rep.broken][:1] == [cx.invariant]
     return cx.invariant, cx.schedule
 
 

@@ -17,10 +17,20 @@ def test_a_found_schedule_replays_to_the_same_violation_every_time() -> None:
     cx = explore(s, "noflush").found[0]
     a = replay(s, "noflush", cx.schedule)
     b = replay(s, "noflush", cx.schedule)
-    assert [x.invariant for x in a.broken] == [x.invariant for x in b.broken] == [cx.invariant]
+    assert [x.invariant for _, x in a.broken] == [x.invariant for _, x in b.broken] == [cx.invariant]
     # Step keys hold object identities, which differ between replays; what they show does not.
     assert [(r.actor, step_label(r.step), [e[1:] for e in r.events]) for r in a.records] == \
            [(r.actor, step_label(r.step), [e[1:] for e in r.events]) for r in b.records]
+
+
+def test_every_counterexample_of_an_all_run_replays_to_its_own_invariant() -> None:
+    """--all reports later invariants with schedules that break earlier ones on the way."""
+    s = get_scenario("lifecycle")
+    r = explore(s, "v7", stop_at_first=False)
+    assert len(r.found) >= 3
+    for cx in r.found:
+        rep = replay(s, "v7", cx.schedule)
+        assert (len(cx.schedule), cx.invariant) in [(n, b.invariant) for n, b in rep.broken]
 
 
 def test_a_schedule_naming_an_actor_that_cannot_move_is_refused() -> None:
@@ -52,7 +62,7 @@ def test_random_runs_are_reproducible_from_the_seed() -> None:
     assert a.found and a.found == b.found and a.runs == b.runs
     cx = a.found[0]
     assert cx.invariant == "handout-flushed"
-    assert [x.invariant for x in replay(s, "noflush", cx.schedule).broken] == ["handout-flushed"]
+    assert [x.invariant for _, x in replay(s, "noflush", cx.schedule).broken] == ["handout-flushed"]
 
 
 def test_random_runs_pass_v12_and_count_what_they_saw() -> None:
@@ -68,7 +78,7 @@ def test_shrinking_a_random_schedule_keeps_the_violation() -> None:
     noisy = (1, 1, 1, *cx.schedule)
     short = shrink(s, "noflush", noisy, cx.invariant, frozenset())
     assert len(short) <= len(cx.schedule)
-    assert [x.invariant for x in replay(s, "noflush", short).broken] == [cx.invariant]
+    assert [x.invariant for _, x in replay(s, "noflush", short).broken] == [cx.invariant]
 
 
 # --- the command -------------------------------------------------------------------------------
