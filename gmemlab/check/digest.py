@@ -4,9 +4,9 @@ Two schedules that reach the same fingerprint reach the same state, so the
 explorer expands it once (state hashing).  That is sound only if the digest
 covers everything that can influence what happens next:
 
-* the machine: every memmap column the kernel paths read (``gen`` is left
-  out: it counts folio lifetimes for reports and steers nothing), the direct
-  map tables, the TLBs, locks, allocator free list, fault-injection arms,
+* the machine: every field of the memmap (``MEM_NOT_STATE`` left out: a
+  lifetime counter for reports, an observer's watch set, a cache of views),
+  of the direct map and of the page allocator, the TLBs, locks, fault-injection arms,
   page caches, user page tables, stage-2 tables, memslots and bindings, file,
   inode and VM reference counts, the design's own state (a pool, a pending
   flush batch), and every other attribute of the machine, canonicalised
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+from array import array
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import fields, is_dataclass
 from types import (
@@ -58,10 +59,9 @@ from gmemlab.model.mm.filemap import AddressSpace
 from gmemlab.model.mm.memory import Process
 from gmemlab.model.mm.xarray import XArray
 
-# MemMap columns the kernel paths read; ``gen`` (a lifetime counter for reports) and the
-# dense content/taint dicts (exposure data, never read by a decision) are left out.
-MEM_COLUMNS = ("state", "kind", "flags", "private", "refcount", "mapcount", "s2count", "mapping",
-               "index", "guest_owned", "invalidated", "fill", "taint_full")
+# MemMap fields that are not state: the lifetime counter reports use, the exposure
+# analysis's watch set, a cache of numpy views of the columns, the frame count.
+MEM_NOT_STATE = frozenset({"gen", "taint_watch", "_views", "nr_pages"})
 # Machine attributes that are not state: history, observers, or fixed at boot.
 MACHINE_NOT_STATE = frozenset({"trace", "inv", "current", "step_hook", "config", "profile", "ram"})
 # Machine attributes machine() digests in its own way.
@@ -74,6 +74,8 @@ _ITERABLES: tuple[Iterable[Any], ...] = ([], (), range(1), {}, {}.items(), {}.va
 _ITERATOR_TYPES: tuple[type, ...] = (*(type(iter(x)) for x in _ITERABLES),
                                      enumerate, zip, map, filter, reversed)
 _code_ids: dict[CodeType, int] = {}
+_BUFFERS = (bytearray, array)
+_SLOTS: dict[tuple[type, frozenset[str]], tuple[str, ...]] = {}  # per class: the slots to digest
 
 
 def _code_id(code: CodeType) -> int:
@@ -115,7 +117,7 @@ class Namer:
                      "profile", "config", "mappings", "kvms"):
             put((getattr(m, attr), attr))
         mem = m.mem
-        for col in MEM_COLUMNS:
+        for col in type(mem).__slots__:
             put((getattr(mem, col), "mem." + col))
         for i, (task, ops) in enumerate(actors):
             put((task, f"task{i}"))
@@ -236,16 +238,8 @@ class Namer:
     def machine(self, m: Machine) -> tuple[Any, ...]:
         """The machine state, as a hashable key."""
         h = hashlib.blake2b(digest_size=16)
-        mem = m.mem
-        for col in MEM_COLUMNS:
-            h.update(getattr(mem, col))
-        d = m.dmap
-        h.update(d.pud)
-        h.update(d.pmd)
-        for r2 in sorted(d.pte):
-            h.update(r2.to_bytes(8, "little"))
-            h.update(d.pte[r2])
-        h.update(m.alloc.freelist)
+        small = [self._fields(m.mem, h, MEM_NOT_STATE), self._fields(m.dmap, h),
+                 self._fields(m.alloc, h)]
         name = self.canon
         kvms = tuple(
             (kid, kvm.users, kvm.destroyed, kvm.mmu_invalidate_seq, kvm.mmu_invalidate_in_progress,
@@ -270,8 +264,29 @@ class Namer:
         )
         other = tuple((k, name(v)) for k, v in sorted(vars(m).items())
                       if k not in MACHINE_NOT_STATE and k not in _MACHINE_SPECIAL)
-        return (h.digest(), kvms, mappings, objects, m.tlb.state(), m.locks.state(), self._faults(m),
-                self._instance(m.design), other)
+        return (h.digest(), tuple(small), kvms, mappings, objects, m.tlb.state(), m.locks.state(),
+                self._faults(m), self._instance(m.design), other)
+
+    def _fields(self, obj: object, h: Any, skip: frozenset[str] = frozenset()) -> tuple[Any, ...]:
+        """Every slot of ``obj`` but ``skip``: buffers (and dicts of them) into ``h``, the rest
+        canonicalised."""
+        key = (type(obj), skip)
+        slots = _SLOTS.get(key)
+        if slots is None:
+            slots = _SLOTS[key] = tuple(s for s in getattr(type(obj), "__slots__", ()) if s not in skip)
+        rest = []
+        for slot in slots:
+            value = getattr(obj, slot)
+            vt = type(value)
+            if vt in _BUFFERS:
+                h.update(value)
+            elif vt is dict and value and type(next(iter(value.values()))) in _BUFFERS:
+                for k in sorted(value):
+                    h.update(repr(k).encode())
+                    h.update(value[k])
+            else:
+                rest.append(self.canon(value))
+        return tuple(rest)
 
     def _faults(self, m: Machine) -> tuple[Any, ...]:
         """Armed fault-injection sites (what is left of them) and the generator, if drawn from."""
@@ -345,6 +360,8 @@ def _build_handlers() -> dict[type, Callable[[Namer, Any], Any]]:
         MethodDescriptorType: lambda n, v: ("descr", v.__qualname__),
         WrapperDescriptorType: lambda n, v: ("descr", v.__qualname__),
         range: lambda n, v: ("range", v.start, v.stop, v.step),
+        # A method that calls super() keeps its class in a __class__ cell; classes do not change.
+        type: lambda n, v: ("class", v.__module__, v.__qualname__),
         CellType: _cell,
         bytearray: _buffer,
         memoryview: _buffer,

@@ -143,9 +143,10 @@ class _Search:
         return Execution(self.scenario, self.design, ignore=self.ignore)
 
     def replay(self, schedule: tuple[int, ...]) -> Execution:
+        """A fresh execution brought to the state ``schedule`` reaches (already judged)."""
         ex = self.fresh()
         for a in schedule:
-            ex.step(a)
+            ex.step(a, judge=False)
         return ex
 
     def note(self, broken: list[Broken], schedule: tuple[int, ...], *, at_end: bool = False,

@@ -32,7 +32,7 @@ from gmemlab.check.world import (
     tlb_evict,
     user_fault,
 )
-from gmemlab.model.host import Host
+from gmemlab.model.host import GuestMemfd, Host, Kvm
 from gmemlab.model.kvm.mmu import kvm_mmu_page_fault
 from gmemlab.model.machine import Machine, MachineConfig
 from gmemlab.model.mm.direct_map import LEVEL_4K
@@ -111,30 +111,27 @@ def vmm(m: Machine, *, mmap: bool = True, second_vm: bool = False) -> World:
     host = Host(m)
     kvm = host.open_kvm()
     w = World(m, host.proc)
-    vm = kvm.create_vm(0)
-    gmem = vm.create_guest_memfd(GMEM_SIZE, GMEM_FLAGS)
-    vm.set_user_memory_region2(0, KVM_MEM_GUEST_MEMFD, 0, GMEM_SIZE, 0, gmem, 0)
-    vcpu = vm.create_vcpu(0, cpu=0)
-    w.vms.append(vm.kvm)
-    w.vm_fds.append(vm.fileno())
-    w.vcpus.append(vcpu.vcpu)
-    w.vcpu_fds.append(vcpu.fileno())
-    w.gmem_fds.append(gmem.fileno())
+    gmem = _add_vm(w, kvm, 0, None)
     w.gmem_mapping = gmem.file.inode.mapping
     if mmap:
         w.maps.append(gmem.mmap(GMEM_SIZE).addr)
     if second_vm:
-        vm2 = kvm.create_vm(0)
-        gmem2 = vm2.link_guest_memfd(gmem)
-        vm2.set_user_memory_region2(0, KVM_MEM_GUEST_MEMFD, 0, GMEM_SIZE, 0, gmem2, 0)
-        vcpu2 = vm2.create_vcpu(0, cpu=1)
-        w.vms.append(vm2.kvm)
-        w.vm_fds.append(vm2.fileno())
-        w.vcpus.append(vcpu2.vcpu)
-        w.vcpu_fds.append(vcpu2.fileno())
-        w.gmem_fds.append(gmem2.fileno())
+        _add_vm(w, kvm, 1, gmem)
     w.target = next_frame(m)
     return w
+
+
+def _add_vm(w: World, kvm: Kvm, cpu: int, share: GuestMemfd | None) -> GuestMemfd:
+    """A VM with a vCPU on ``cpu`` and a guest_memfd (new, or a file on ``share``'s inode)."""
+    vm = kvm.create_vm(0)
+    gmem = vm.create_guest_memfd(GMEM_SIZE, GMEM_FLAGS) if share is None else vm.link_guest_memfd(share)
+    vm.set_user_memory_region2(0, KVM_MEM_GUEST_MEMFD, 0, GMEM_SIZE, 0, gmem, 0)
+    vcpu = vm.create_vcpu(0, cpu=cpu)
+    w.vm_fds.append(vm.fileno())
+    w.vcpus.append(vcpu.vcpu)
+    w.vcpu_fds.append(vcpu.fileno())
+    w.gmem_fds.append(gmem.fileno())
+    return gmem
 
 
 def guest_prefault(w: World) -> None:

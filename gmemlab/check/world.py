@@ -35,7 +35,6 @@ from typing import Any
 
 from gmemlab.model.fs import File, fput, get_file
 from gmemlab.model.kvm.guest_memfd import kvm_gmem_fallocate
-from gmemlab.model.kvm.kvm_main import Kvm
 from gmemlab.model.kvm.mmu import kvm_mmu_page_fault
 from gmemlab.model.kvm.vcpu import Vcpu
 from gmemlab.model.machine import Machine
@@ -57,7 +56,6 @@ class World:
 
     m: Machine
     proc: Process
-    vms: list[Kvm] = field(default_factory=list)
     vm_fds: list[int] = field(default_factory=list)
     vcpus: list[Vcpu] = field(default_factory=list)
     vcpu_fds: list[int] = field(default_factory=list)
