@@ -151,6 +151,11 @@ def run(args: argparse.Namespace) -> int:
             if prog is not None:
                 prog.done()
     failed = [r for r in results if not r.passed]
+    unknown = sorted(set().union(*(r.unknown for r in results)))
+    if unknown:
+        # Not unsound (such values are told apart by identity), but equal states may not merge.
+        print(f"warning: the state digest does not know {', '.join(unknown)}; teach "
+              "gmemlab.check.digest to name them", file=sys.stderr)
     if args.json:
         print(json.dumps({"bounds": opts.bounds.describe(), "random": args.random,
                           "results": [report.result_json(r, ignore) for r in results]}, indent=2))

@@ -22,6 +22,7 @@ from gmemlab.check.execution import Execution
 from gmemlab.check.explore import enumerate_all, explore
 from gmemlab.check.report import step_label
 from gmemlab.check.scenarios import STANDARD, Scenario, get_scenario, guest_prefault, vmm
+from gmemlab.check.suite import series_designs
 from gmemlab.check.world import (
     Actor,
     World,
@@ -167,12 +168,15 @@ def test_states_merged_by_fingerprint_behave_alike(scenario: str, design: str) -
 
 
 # --- fingerprints are functions of the state --------------------------------------------------------
-@pytest.mark.parametrize("scenario", [s.name for s in STANDARD])
-def test_fingerprints_do_not_depend_on_how_often_they_were_taken(scenario: str) -> None:
+@pytest.mark.parametrize(("scenario", "design"),
+                         [(s.name, "v12") for s in STANDARD]
+                         + [(s, d) for d in series_designs() if d != "v12"
+                            for s in ("fault-punch", "enomem-split", "fallocate-fault")])
+def test_fingerprints_do_not_depend_on_how_often_they_were_taken(scenario: str, design: str) -> None:
     s = get_scenario(scenario)
     for seed in range(3):
         rng = random.Random(seed)
-        a, b = Execution(s, "v12"), Execution(s, "v12")
+        a, b = Execution(s, design), Execution(s, design)
         n = 0
         while enabled := a.enabled():
             step = rng.choice(enabled)
@@ -180,7 +184,7 @@ def test_fingerprints_do_not_depend_on_how_often_they_were_taken(scenario: str) 
             b.step(step)
             if n % 3 == seed:
                 a.fingerprint()  # digesting has no side effect on later digests
-            assert a.fingerprint() == b.fingerprint(), (scenario, seed, n)
+            assert a.fingerprint() == b.fingerprint(), (scenario, design, seed, n)
             n += 1
         assert not a.namer.unknown, a.namer.unknown
 
