@@ -20,8 +20,8 @@ must be back with the allocator.
 
 ``python -m gmemlab.bench.lifecycle SIZE_GIB KIND [--per-page]`` runs it and
 prints its JSON on stdout (progress on stderr); ``gmemlab bench`` runs it for
-each size and kind in its own process, a few rounds (:func:`best` combines
-them).
+each size and kind in its own process, a few rounds (:func:`combine` takes
+the medians).
 """
 
 from __future__ import annotations
@@ -172,12 +172,13 @@ def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | No
     }
 
 
-def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Several :func:`run` results of one size and kind, combined.
 
-    Each operation's cost is its best (as ``timeit`` reports): on a shared
-    machine the slower samples measure the other processes more than the model.
-    The lifecycle's time, peak RSS and violations are the worst.
+    Each operation's cost is its median over the runs: on a shared machine one
+    run can be disturbed, and the best of many short runs would flatter small
+    sizes against one long run of a large one.  The lifecycle's time, peak RSS
+    and violations are the worst.
     """
     failed = [r for r in runs if "error" in r]
     if failed:
@@ -187,7 +188,8 @@ def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["ops"] = {}
     for name in runs[0]["ops"]:
         samples = sorted((r["ops"][name] for r in runs), key=lambda op: op["us_per_page"])
-        out["ops"][name] = {**samples[0], "samples_us_per_page": [op["us_per_page"] for op in samples]}
+        out["ops"][name] = {**samples[len(samples) // 2],
+                            "samples_us_per_page": [op["us_per_page"] for op in samples]}
     for key in ("lifecycle_wall_s", "lifecycle_cpu_s", "peak_rss_mib", "violations"):
         out[key] = max(r[key] for r in runs)
     return out

@@ -1,9 +1,9 @@
 """The bench's table, its verdict on the scale targets, and the change against an earlier run.
 
-Model costs are the model process's CPU time per page, the best of a few
+Model costs are the model process's CPU time per page, the median of a few
 lifecycles (the machine may be busy with other work: CPU time is what the
-model spends, and the best run is the one others disturbed least); real
-costs are ``gmemlab measure``'s medians.  The real kernel here has no
+model spends, and the median leaves out a disturbed run); real costs are
+``gmemlab measure``'s medians.  The real kernel here has no
 ``NO_DIRECT_MAP``, so the real column is guest_memfd ``MMAP|INIT_SHARED``:
 the cost the series adds on top is the model's to show, not the kernel's.
 """
@@ -121,7 +121,7 @@ def render(result: dict[str, Any]) -> str:
                   "peak RSS MiB"], rows, align="lllrrrr")]
     out.append("")
     out.append("model: CPU time of the model process per page handled (punch and close: half the "
-               "pages each), best of the runs; 'per page': the generator paths, batching off.")
+               "pages each), median of the runs; 'per page': the generator paths, batching off.")
     if real["measure"] is None:
         out.append(f"real: not measured: {real['reason']}")
     else:

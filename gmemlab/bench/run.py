@@ -12,8 +12,8 @@ JSON (schema ``gmemlab.bench/1``; times in seconds, costs in µs per page)::
     }
 
 ``MEASURE`` is ``gmemlab measure``'s JSON (``gmemlab.twin.measure``), ``RUN``
-combines a size's rounds (:func:`gmemlab.bench.lifecycle.best`: each
-operation's best cost, the worst time and RSS) of
+combines a size's rounds (:func:`gmemlab.bench.lifecycle.combine`: each
+operation's median cost, the worst time and RSS) of
 :func:`gmemlab.bench.lifecycle.run` results, or is ``{"kind", "size_bytes",
 "error"}`` if a run failed.
 """
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gmemlab.bench.lifecycle import GIB, KINDS, best
+from gmemlab.bench.lifecycle import GIB, KINDS, combine
 from gmemlab.twin.measure import MeasureConfig
 
 SCHEMA = "gmemlab.bench/1"
@@ -41,7 +41,7 @@ Say = Callable[[str], None]
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
     sizes_gib: tuple[float, ...] = DEFAULT_SIZES
-    rounds: int = 3  # lifecycles per size and kind; each operation's cost is the best
+    rounds: int = 3  # lifecycles per size and kind; each operation's cost is the median
     per_page_mib: float = 16
     real: bool = True
     measure: MeasureConfig = field(default_factory=MeasureConfig)
@@ -93,7 +93,7 @@ def run_bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     for rnd in range(cfg.rounds):
         for size, kind in jobs[rnd % len(jobs) :] + jobs[: rnd % len(jobs)]:
             samples[(size, kind)].append(_child(size, kind, per_page=False))
-    runs = [best(samples[job]) for job in jobs]
+    runs = [combine(samples[job]) for job in jobs]
     per_page = [_child(cfg.per_page_mib / 1024, kind, per_page=True) for kind in KINDS]
     return {
         "schema": SCHEMA,

@@ -25,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--sizes", metavar="GIB,...",
                    help="guest sizes in GiB (default 1,4,16,64; quick 0.25,1)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes and a short real measurement (a minute, not ten)")
-    p.add_argument("--rounds", type=int, help="lifecycles per size and kind, best kept (default 3, quick 2)")
+                   help="small sizes, two rounds and a short real measurement")
+    p.add_argument("--rounds", type=int,
+                   help="lifecycles per size and kind; costs are medians (default 3, quick 2)")
     p.add_argument("--no-real", action="store_true", help="skip the real kernel's measurement")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--compare", metavar="OLD.json", help="show the change against an earlier --json")
