@@ -151,10 +151,10 @@ def run(args: argparse.Namespace) -> int:
             if prog is not None:
                 prog.done()
     failed = [r for r in results if not r.passed]
-    unknown = sorted(set().union(*(r.unknown for r in results)))
-    if unknown:
+    undigested = sorted(set().union(*(r.unknown for r in results)))
+    if undigested:
         # Not unsound (such values are told apart by identity), but equal states may not merge.
-        print(f"warning: the state digest does not know {', '.join(unknown)}; teach "
+        print(f"warning: the state digest does not know {', '.join(undigested)}; teach "
               "gmemlab.check.digest to name them", file=sys.stderr)
     if args.json:
         print(json.dumps({"bounds": opts.bounds.describe(), "random": args.random,
