@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gmemlab.api import KernelError, run_program
+from gmemlab.api import KernelError, SigBus, run_program
 from gmemlab.guest import GuestProgram
 from gmemlab.model import Host
 from gmemlab.model.host import GuestMemfd, Mapping, VcpuFd, VmFd
@@ -227,6 +227,19 @@ def split_at_region_end(h: Host) -> None:
     guest(g.vcpu, GuestProgram().touch(GPA + MIB, 3 * MIB))
 
 
+def sigbus(h: Host) -> None:
+    """VMM accesses past i_size, and to a guest_memfd without INIT_SHARED, take SIGBUS."""
+    vm = h.open_kvm().create_vm()
+    gmem = vm.create_guest_memfd(MIB, NDM)
+    mapping = gmem.mmap(2 * MIB)
+    with pytest.raises(SigBus):
+        mapping.fill(PAGE_SIZE + 3, 2 * MIB - PAGE_SIZE - 3, 1)
+    private = vm.create_guest_memfd(MIB, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_NO_DIRECT_MAP)
+    with pytest.raises(SigBus):
+        private.mmap(MIB).fill(0, MIB, 2)
+    mapping.read(0, MIB)
+
+
 def snp_guest(h: Host) -> None:
     g = vm_with_gmem(h, 2 * MIB, GUEST_MEMFD_FLAG_MMAP, vm_type=KVM_X86_SNP_VM)
     guest(g.vcpu, GuestProgram().touch(GPA, 2 * MIB))
@@ -258,6 +271,7 @@ CASES: dict[str, tuple[Callable[[Host], None], dict[str, object]]] = {
     "hva-memslot": (hva_memslot, {}),
     "zap-failed-earlier": (zap_failed_earlier, {}),
     "split-at-region-end": (split_at_region_end, {}),
+    "sigbus": (sigbus, {}),
     "trace-ring": (punch_refault_release(NDM), {"trace": "ring", "trace_ring": 300}),
     "trace-off": (vmm_then_guest(NDM), {"trace": "off"}),
 }
