@@ -140,6 +140,11 @@ class Design:
         """
         return False
 
+    def free_unmapped_frame(self, m: Machine, pfn: int) -> KGen[bool]:
+        """Take back a frame whose last reference went (True), instead of the page allocator."""
+        yield from ()
+        return False
+
     def filemap_add_undo(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[None]:
         """Undo ``filemap_add_hook`` when the insertion lost a race (-EEXIST)."""
         yield from ()

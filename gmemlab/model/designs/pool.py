@@ -46,7 +46,7 @@ from gmemlab.model.designs.base import Design, FaultResult, GetPfnResult
 from gmemlab.model.designs.v12 import V12
 from gmemlab.model.kvm.guest_memfd import kvm_arch_gmem_invalidate
 from gmemlab.model.mm.filemap import AddressSpace, mapping_no_direct_map
-from gmemlab.model.mm.folio import folio_get, folio_put
+from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.memmap import KIND_FILE, KIND_KERNEL, PG_locked, PG_uptodate
 from gmemlab.model.mm.memory import Vma
 from gmemlab.model.mm.page_alloc import GFP_KERNEL, alloc_page
@@ -149,11 +149,19 @@ class UnmappedPool(V12):
 
     def kvm_gmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
         yield from kvm_arch_gmem_invalidate(m, pfn)
+
+    def free_unmapped_frame(self, m: Machine, pfn: int) -> KGen[bool]:
+        """A pool frame's last reference went (truncation, or a lost insertion race):
+        back to the pool, still unmapped, never to the page allocator."""
         if pfn not in self.owned:
-            return
-        yield from folio_get(m, pfn)  # the pool's reference: the frame never reaches the allocator
+            return False
         if m.config.init_on_free:
             yield from self.mermap_clear_page(m, pfn, "free_pages_prepare")
-        m.mem.kind[pfn] = KIND_KERNEL
+        mem = m.mem
+        mem.kind[pfn] = KIND_KERNEL
+        mem.refcount[pfn] = 1  # the pool's reference
+        mem.flags[pfn] = 0
+        mem.mapping[pfn] = 0
         self.free.append(pfn)
-        m.trace.emit("kvm_gmem_free_folio", "pool_free", pfn)
+        m.trace.emit("free_unref_folios", "pool_free", pfn)
+        return True

@@ -160,8 +160,14 @@ def clear_page(m: Machine, pfn: int, fn: str) -> KGen[None]:
 
 
 def free_page_to_allocator(m: Machine, pfn: int) -> KGen[None]:
-    """``free_unref_folios()`` / ``__free_pages()``: the frame goes back to the allocator."""
+    """``free_unref_folios()`` / ``__free_pages()``: the frame goes back to the allocator.
+
+    A design that keeps frames out of the direct map outside any page cache (an
+    unmapped pool) takes its frames back here, as ALLOC_UNMAPPED's free lists would.
+    """
     yield ("alloc", "zone")
+    if (yield from m.design.free_unmapped_frame(m, pfn)):
+        return
     if m.inv.enabled:
         m.inv.on_free_to_allocator(pfn)
     if m.config.init_on_free:
