@@ -224,6 +224,9 @@ class Bar:
             print(file=sys.stderr, flush=True)
 
 
+WARMUP_BYTES = 16 << 20
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gmemlab.bench.lifecycle")
     p.add_argument("size_gib", type=float)
@@ -232,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     size = int(args.size_gib * GIB) >> PAGE_SHIFT << PAGE_SHIFT
     label = f"{args.size_gib:g} GiB {args.kind}" + (" per page" if args.per_page else "")
+    # Warm the process first (imports done lazily on first use, first calls into
+    # numpy), so that every size measures the same steady state and a short run at
+    # 1 GiB is not charged a fixed start-up cost the 64 GiB run spreads thinner.
+    run(WARMUP_BYTES, args.kind, per_page=args.per_page)
     bar = Bar(label)
     try:
         result = run(size, args.kind, per_page=args.per_page, progress=bar)
