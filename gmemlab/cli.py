@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 # Modules that contribute a subcommand, in the order ``gmemlab --help`` lists them.
 COMMAND_MODULES = (
@@ -28,6 +28,21 @@ Handler = Callable[[argparse.Namespace], int]
 
 class UsageError(Exception):
     """Bad input on the command line: printed as ``gmemlab: error: ...``, exit status 2."""
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    """``"a, b,c"`` -> ``("a", "b", "c")``."""
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def choose(value: str, known: Iterable[str], what: str) -> tuple[str, ...]:
+    """The comma-separated names in ``value``; a :class:`UsageError` names any not in ``known``."""
+    names = split_list(value)
+    valid = set(known)
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise UsageError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gmemlab.cli import UsageError
+from gmemlab.cli import UsageError, choose, split_list
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,10 +49,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=main)
-
-
-def _split(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _say(quiet: bool) -> Any:
@@ -96,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     from gmemlab.cost.workloads import COST_WORKLOADS
     from gmemlab.report import dump_json
 
-    strategies, workloads = _split(args.strategies), _split(args.workloads)
+    strategies, workloads = split_list(args.strategies), choose(args.workloads, COST_WORKLOADS, "workload")
     for s in strategies:
         try:
             make_design(s)
@@ -104,9 +100,6 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(str(e)) from None
     if BASELINE not in strategies:
         strategies = (BASELINE, *strategies)  # slowdowns are against it
-    unknown = [w for w in workloads if w not in COST_WORKLOADS]
-    if unknown:
-        raise UsageError(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(COST_WORKLOADS)}")
     if args.model_pages < 512 or args.model_pages % 512:
         raise UsageError("--model-pages must be a positive multiple of 512 (whole 2 MiB blocks)")
     if not args.gib > 0 or args.cpus < 1:

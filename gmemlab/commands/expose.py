@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gmemlab.cli import UsageError
+from gmemlab.cli import UsageError, choose, split_list
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,10 +46,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=main)
 
 
-def _split(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
 def main(args: argparse.Namespace) -> int:
     from gmemlab.cost.calibrate import CalibrationError, calibrate, load_measurement
     from gmemlab.cost.strategies import UnknownStrategy, make_design
@@ -57,15 +53,12 @@ def main(args: argparse.Namespace) -> int:
     from gmemlab.expose.workloads import WORKLOADS
     from gmemlab.report import dump_json
 
-    designs, workloads = _split(args.designs), _split(args.workloads)
+    designs, workloads = split_list(args.designs), choose(args.workloads, WORKLOADS, "workload")
     for d in designs:
         try:
             make_design(d)
         except UnknownStrategy as e:
             raise UsageError(str(e)) from None
-    unknown = [w for w in workloads if w not in WORKLOADS]
-    if unknown:
-        raise UsageError(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     if args.pages < 2 or args.cpus < 2 or args.tlb_entries < 1:
         raise UsageError("--pages and --cpus must be at least 2 (the gadget runs on CPU 1)")
     iof = {"off": (False,), "on": (True,), "both": (False, True)}[args.init_on_free]

@@ -26,9 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gmemlab.expose.scenario import Scenario
-
-GUEST_SECRET = 0x5A
-VMM_SECRET = 0xA5
+from gmemlab.expose.workloads import GUEST_SECRET, VMM_SECRET
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,6 +101,19 @@ class Columns:
     patch_taint: NDArray[np.uint8]
 
 
+# What ``prep_new_page()`` sets on every allocation, besides the kind and a new generation.
+_ALLOC_RESET = (
+    ("state", FRAME_ALLOCATED),
+    ("flags", 0),
+    ("private", 0),
+    ("refcount", 1),
+    ("mapping", 0),
+    ("index", 0),
+    ("guest_owned", 0),
+    ("invalidated", 0),
+)
+
+
 class MemMap:
     """The state of every physical frame, indexed by PFN."""
 
@@ -191,30 +204,18 @@ class MemMap:
 
     def reset_for_alloc(self, pfn: int, kind: int) -> None:
         """``prep_new_page()``: a fresh folio lifetime on this frame (contents untouched)."""
-        self.state[pfn] = FRAME_ALLOCATED
+        for column, value in _ALLOC_RESET:
+            getattr(self, column)[pfn] = value
         self.kind[pfn] = kind
-        self.flags[pfn] = 0
-        self.private[pfn] = 0
-        self.refcount[pfn] = 1
-        self.mapping[pfn] = 0
-        self.index[pfn] = 0
         self.gen[pfn] += 1
-        self.guest_owned[pfn] = 0
-        self.invalidated[pfn] = 0
 
     def reset_for_alloc_many(self, pfns: Pfns, kind: int) -> None:
         """:meth:`reset_for_alloc` for each of ``pfns`` (distinct)."""
         v = self.views()
-        v.state[pfns] = FRAME_ALLOCATED
+        for column, value in _ALLOC_RESET:
+            getattr(v, column)[pfns] = value
         v.kind[pfns] = kind
-        v.flags[pfns] = 0
-        v.private[pfns] = 0
-        v.refcount[pfns] = 1
-        v.mapping[pfns] = 0
-        v.index[pfns] = 0
         v.gen[pfns] += 1
-        v.guest_owned[pfns] = 0
-        v.invalidated[pfns] = 0
 
     # --- contents -----------------------------------------------------------------------
     def read(self, pfn: int, off: int, n: int) -> bytes:
