@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from typing import Any
 
 from gmemlab.cli import UsageError
+from gmemlab.report import dump_json
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--rounds", type=int,
                    help="lifecycles per size and kind; costs are medians (default 3, quick 2)")
     p.add_argument("--no-real", action="store_true", help="skip the real kernel's measurement")
-    p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
+    p.add_argument("--json", metavar="OUT", nargs="?", const="-",
+                   help="print the results as JSON (or write them to OUT, to --compare later)")
     p.add_argument("--compare", metavar="OLD.json", help="show the change against an earlier --json")
     p.set_defaults(handler=run)
 
@@ -69,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
     result = run_bench(cfg, say)
+    if args.json == "-":
+        dump_json(result)
+        return 1 if _failed(result) else 0
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -77,5 +83,8 @@ def run(args: argparse.Namespace) -> int:
     if old is not None:
         print()
         print(compare(old, result))
-    failed = any("error" in r for r in result["runs"] + result["per_page"])
-    return 1 if failed else 0
+    return 1 if _failed(result) else 0
+
+
+def _failed(result: dict[str, Any]) -> bool:
+    return any("error" in r for r in result["runs"] + result["per_page"])

@@ -7,6 +7,7 @@ import json
 import sys
 
 from gmemlab.cli import UsageError
+from gmemlab.report import dump_json
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--cpu", type=int, default=0, help="CPU to pin to (default 0; -1: no pinning)")
     p.add_argument("--quick", action="store_true", help="small and fast: 8 MiB, 3 reps")
     p.add_argument("--out", metavar="FILE", help="write the JSON result to FILE")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=run)
 
@@ -63,5 +65,8 @@ def run(args: argparse.Namespace) -> int:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
             f.write("\n")
-    print(format_report(result))
+    if args.json:
+        dump_json(result)
+    else:
+        print(format_report(result))
     return 0
