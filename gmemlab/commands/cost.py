@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gmemlab.cli import UsageError, choose, split_list
+from gmemlab.cli import UsageError, choose
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -88,16 +88,11 @@ def main(args: argparse.Namespace) -> int:
     from gmemlab.cost.analysis import CostConfig, analyse
     from gmemlab.cost.calibrate import CalibrationError, calibrate
     from gmemlab.cost.plots import plot_exposure_cost, plot_fragmentation, plot_slowdown
-    from gmemlab.cost.strategies import BASELINE, UnknownStrategy, make_design
+    from gmemlab.cost.strategies import BASELINE, parse_designs
     from gmemlab.cost.workloads import COST_WORKLOADS
     from gmemlab.report import dump_json
 
-    strategies, workloads = split_list(args.strategies), choose(args.workloads, COST_WORKLOADS, "workload")
-    for s in strategies:
-        try:
-            make_design(s)
-        except UnknownStrategy as e:
-            raise UsageError(str(e)) from None
+    strategies, workloads = parse_designs(args.strategies), choose(args.workloads, COST_WORKLOADS, "workload")
     if BASELINE not in strategies:
         strategies = (BASELINE, *strategies)  # slowdowns are against it
     if args.model_pages < 512 or args.model_pages % 512:

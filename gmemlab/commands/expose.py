@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gmemlab.cli import UsageError, choose, split_list
+from gmemlab.cli import UsageError, choose
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,17 +48,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from gmemlab.cost.calibrate import CalibrationError, calibrate, load_measurement
-    from gmemlab.cost.strategies import UnknownStrategy, make_design
+    from gmemlab.cost.strategies import parse_designs
     from gmemlab.expose.analysis import ExposeConfig, phase_table, plot_timelines, run_all, summary_table
     from gmemlab.expose.workloads import WORKLOADS
     from gmemlab.report import dump_json
 
-    designs, workloads = split_list(args.designs), choose(args.workloads, WORKLOADS, "workload")
-    for d in designs:
-        try:
-            make_design(d)
-        except UnknownStrategy as e:
-            raise UsageError(str(e)) from None
+    designs, workloads = parse_designs(args.designs), choose(args.workloads, WORKLOADS, "workload")
     if args.pages < 2 or args.cpus < 2 or args.tlb_entries < 1:
         raise UsageError("--pages and --cpus must be at least 2 (the gadget runs on CPU 1)")
     iof = {"off": (False,), "on": (True,), "both": (False, True)}[args.init_on_free]

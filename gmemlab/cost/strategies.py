@@ -33,6 +33,19 @@ class UnknownStrategy(ValueError):
     pass
 
 
+def parse_designs(value: str) -> tuple[str, ...]:
+    """The comma-separated design specs in ``value`` (``NAME`` or ``NAME:N``), each checked."""
+    from gmemlab.cli import UsageError, split_list
+
+    specs = split_list(value)
+    for spec in specs:
+        try:
+            make_design(spec)
+        except UnknownStrategy as e:
+            raise UsageError(str(e)) from None
+    return specs
+
+
 def make_design(spec: str) -> Design:
     """A fresh design for ``spec`` (``NAME`` or ``NAME:N``)."""
     name, _, arg = spec.partition(":")
