@@ -33,7 +33,7 @@ def state(m: Machine) -> dict[str, Any]:
         "dmap": (bytes(d.pud), bytes(d.pmd), sorted((r, bytes(t)) for r, t in d.pte.items()),
                  dict(d.count), d.splits_1g, d.splits_2m),
         "tlb": [list(t) for t in m.tlb.entries],  # LRU order included
-        "alloc": (m.alloc.freelist.tolist(), [list(r) for r in m.alloc._ranges], m.alloc._cursor,
+        "alloc": (m.alloc.freed_stack(), [list(r) for r in m.alloc._ranges], m.alloc._cursor,
                   m.alloc.nr_free),
         "page_caches": {mid: (a.flags, list(a.i_pages.items())) for mid, a in m.mappings.items()},
         "vms": {kid: (k.users, k.destroyed, k.mmu_invalidate_seq, k.mmu_invalidate_in_progress,
