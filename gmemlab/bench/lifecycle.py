@@ -18,16 +18,19 @@ half each).  The invariant sweep (``check_all``) runs after the first touch
 and at the end, timed apart, and must find nothing; every frame the guest had
 must be back with the allocator.
 
-``python -m gmemlab.bench.lifecycle SIZE_GIB KIND [--per-page]`` runs it and
-prints its JSON on stdout (progress on stderr); ``gmemlab bench`` runs it for
-each size and kind in its own process, a few rounds (:func:`combine` takes
-the medians).
+``python -m gmemlab.bench.lifecycle SIZE_GIB KIND [--per-page] [--work-gib W]``
+runs it, as many times as make up ``W`` GiB, and prints the lifecycles
+combined (:func:`combine`) as JSON on stdout (progress on stderr);
+``gmemlab bench`` runs it for each size and kind in its own process, the same
+work for every size, a few rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import resource
 import sys
 import time
@@ -173,43 +176,54 @@ def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | No
 
 
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several :func:`run` results of one size and kind, combined.
+    """Several results of one size and kind (lifecycles in one process, or rounds), as one.
 
-    Each operation's cost is its median over the runs: on a shared machine one
-    run can be disturbed, and the best of many short runs would flatter small
-    sizes against one long run of a large one.  The lifecycle's time, peak RSS
-    and violations are the worst.
+    Each operation's cost is its CPU time summed over the runs, per page summed:
+    the mean, not the median nor the best.  This machine's speed swings by 2x
+    from one tenth of a second to the next (a nested guest on a shared host), so
+    a fair comparison of sizes needs each size measured over the same amount of
+    work: :func:`main` runs as many lifecycles of a small guest as make up one of
+    the largest, and the mean over that work leaves out nothing a large guest
+    pays (a table growing, a free list reallocated).  ``samples_us_per_page``
+    keeps each run's own cost, to show the spread.  The lifecycle's time, peak
+    RSS and sweep are the worst; violations and lifecycles add up.
     """
     failed = [r for r in runs if "error" in r]
     if failed:
         return failed[0]
     out = dict(runs[0])
-    out["reps"] = len(runs)
+    out["lifecycles"] = sum(r.get("lifecycles", 1) for r in runs)
     out["ops"] = {}
     for name in runs[0]["ops"]:
-        samples = sorted((r["ops"][name] for r in runs), key=lambda op: op["us_per_page"])
-        out["ops"][name] = {**samples[len(samples) // 2],
-                            "samples_us_per_page": [op["us_per_page"] for op in samples]}
-    for key in ("lifecycle_wall_s", "lifecycle_cpu_s", "peak_rss_mib", "violations"):
+        parts = [r["ops"][name] for r in runs]
+        pages, cpu = sum(p["pages"] for p in parts), sum(p["cpu_s"] for p in parts)
+        out["ops"][name] = {"pages": pages, "cpu_s": cpu, "wall_s": sum(p["wall_s"] for p in parts),
+                            "us_per_page": cpu / pages * 1e6,
+                            "samples_us_per_page": [p["us_per_page"] for p in parts]}
+    for key in ("lifecycle_wall_s", "lifecycle_cpu_s", "peak_rss_mib"):
         out[key] = max(r[key] for r in runs)
+    out["boot"] = max((r["boot"] for r in runs), key=lambda b: b["wall_s"])
+    out["check_all"] = max((r["check_all"] for r in runs), key=lambda cs: sum(c["wall_s"] for c in cs))
+    out["violations"] = sum(r["violations"] for r in runs)
     return out
 
 
 class Bar:
-    """A progress bar on stderr, redrawn at most every 0.2 s (a line per operation if not a tty)."""
+    """A progress bar on stderr, redrawn at most every 0.2 s (a line per quarter if not a tty)."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.tty = sys.stderr.isatty()
         self.last = 0.0
-        self.op = ""
+        self.quarter = -1
 
     def __call__(self, op: str, done: int, total: int) -> None:
         now = time.perf_counter()
         if not self.tty:
-            if op != self.op:
-                print(f"bench: {self.label}: {op}", file=sys.stderr, flush=True)
-                self.op = op
+            quarter = 4 * done // max(total, 1)
+            if quarter != self.quarter:
+                print(f"bench: {self.label}: {25 * quarter}% ({op})", file=sys.stderr, flush=True)
+                self.quarter = quarter
             return
         if now - self.last < 0.2 and done < total:
             return
@@ -232,19 +246,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("size_gib", type=float)
     p.add_argument("kind", choices=KINDS)
     p.add_argument("--per-page", action="store_true", help="force the per-page generator paths")
+    p.add_argument("--work-gib", type=float, default=0.0,
+                   help="run lifecycles back to back until they have handled this many GiB "
+                        "(default: one lifecycle)")
     args = p.parse_args(argv)
     size = int(args.size_gib * GIB) >> PAGE_SHIFT << PAGE_SHIFT
+    if size <= 0:
+        p.error("the guest needs at least one page")
+    count = max(1, math.ceil(args.work_gib * GIB / size))
     label = f"{args.size_gib:g} GiB {args.kind}" + (" per page" if args.per_page else "")
     # Warm the process first (imports done lazily on first use, first calls into
     # numpy), so that every size measures the same steady state and a short run at
     # 1 GiB is not charged a fixed start-up cost the 64 GiB run spreads thinner.
     run(WARMUP_BYTES, args.kind, per_page=args.per_page)
-    bar = Bar(label)
+    bar = Bar(label if count == 1 else f"{label} x{count}")
+    results = []
     try:
-        result = run(size, args.kind, per_page=args.per_page, progress=bar)
+        for i in range(count):
+            def progress(op: str, done: int, total: int, i: int = i) -> None:
+                bar(op, i * total + done, count * total)
+
+            # A machine is a few large buffers held in reference cycles: collect the last
+            # one now, or the next lifecycles pile up beside it and the peak RSS is not
+            # one guest's (the count-based collector does not see the bytes).
+            gc.collect()
+            results.append(run(size, args.kind, per_page=args.per_page, progress=progress))
     finally:
         bar.close()
-    json.dump(result, sys.stdout)
+    json.dump(combine(results), sys.stdout)
     sys.stdout.write("\n")
     return 0
 

@@ -1,9 +1,8 @@
 """The bench's table, its verdict on the scale targets, and the change against an earlier run.
 
-Model costs are the model process's CPU time per page, the median of a few
-lifecycles (the machine may be busy with other work: CPU time is what the
-model spends, and the median leaves out a disturbed run); real costs are
-``gmemlab measure``'s medians.  The real kernel here has no
+Model costs are the model process's CPU time per page, over the same work at
+every size (:func:`gmemlab.bench.lifecycle.combine`), with the spread of the
+rounds beside it; real costs are ``gmemlab measure``'s medians.  The real kernel here has no
 ``NO_DIRECT_MAP``, so the real column is guest_memfd ``MMAP|INIT_SHARED``:
 the cost the series adds on top is the model's to show, not the kernel's.
 """
@@ -50,12 +49,15 @@ def _rows(result: dict[str, Any], runs: list[dict[str, Any]], suffix: str = "") 
     for run in runs:
         label = size_label(run["size_bytes"]) + suffix
         if "error" in run:
-            rows.append([label, run["kind"], "(failed: " + run["error"] + ")", None, None, None, None])
+            rows.append([label, run["kind"], "(failed: " + run["error"] + ")", None, None, None, None,
+                         None])
             continue
         for i, op in enumerate(OPS[run["kind"]]):
             model = run["ops"][op]["us_per_page"]
+            samples = run["ops"][op].get("samples_us_per_page", [model])
             real = real_us(result, run["kind"], op)
             rows.append([label if i == 0 else "", run["kind"] if i == 0 else "", op, round(model, 3),
+                         f"{min(samples):.2f}-{max(samples):.2f}" if len(samples) > 1 else None,
                          None if real is None else round(real, 3),
                          None if real is None else round(model / real, 2),
                          round(run["peak_rss_mib"]) if i == 0 else None])
@@ -117,11 +119,13 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
 def render(result: dict[str, Any]) -> str:
     rows = _rows(result, result["runs"]) + _rows(result, result["per_page"], " per page")
     real = result["real"]
-    out = [table(["size", "lifecycle", "operation", "model us/page", "real us/page", "ratio",
-                  "peak RSS MiB"], rows, align="lllrrrr")]
+    out = [table(["size", "lifecycle", "operation", "model us/page", "rounds", "real us/page",
+                  "ratio", "peak RSS MiB"], rows, align="lllrrrrr")]
     out.append("")
-    out.append("model: CPU time of the model process per page handled (punch and close: half the "
-               "pages each), median of the runs; 'per page': the generator paths, batching off.")
+    rounds, work = result["config"]["rounds"], result["config"]["work_gib"]
+    out.append(f"model: CPU time of the model process per page handled (punch and close: half the "
+               f"pages each), over {rounds} round(s) of {work:g} GiB of lifecycles at every size; "
+               "'rounds': the lowest and highest round; 'per page': the generator paths, batching off.")
     if real["measure"] is None:
         out.append(f"real: not measured: {real['reason']}")
     else:
@@ -130,12 +134,12 @@ def render(result: dict[str, Any]) -> str:
                    f"{mc['size_bytes'] >> 20} MiB x {mc['reps']} reps, medians; guest_memfd "
                    "MMAP|INIT_SHARED: this kernel cannot do NO_DIRECT_MAP, and measures no punch-hole.")
     out.append("")
-    life = [[size_label(r["size_bytes"]), r["kind"], r["reps"], round(r["lifecycle_wall_s"], 2),
+    life = [[size_label(r["size_bytes"]), r["kind"], r["lifecycles"], round(r["lifecycle_wall_s"], 2),
              round(r["lifecycle_cpu_s"], 2), round(r["boot"]["wall_s"], 2),
              round(sum(c["wall_s"] for c in r["check_all"]), 2),
              f"{r['splits']['1G']} x 1G, {r['splits']['2M']:,} x 2M"]
             for r in result["runs"] if "error" not in r]
-    out.append(table(["size", "lifecycle", "runs", "lifecycle s (worst)", "CPU s", "boot s",
+    out.append(table(["size", "lifecycle", "lifecycles", "lifecycle s (worst)", "CPU s", "boot s",
                       "check_all s", "direct-map splits"], life, align="llrrrrrl"))
     flat = flatness(result["runs"])
     if flat:

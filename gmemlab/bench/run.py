@@ -5,17 +5,18 @@ JSON (schema ``gmemlab.bench/1``; times in seconds, costs in µs per page)::
     {
       "schema": "gmemlab.bench/1",
       "machine": {"kernel": str, "cpus": int, "python": str, "commit": str | null},
-      "config": {"sizes_gib": [float], "rounds": int, "per_page_mib": float},
+      "config": {"sizes_gib": [float], "rounds": int, "work_gib": float, "per_page_mib": float},
       "real": {"available": bool, "reason": str, "measure": MEASURE | null},
       "runs": [RUN, ...],              # one per size and lifecycle, batched paths
       "per_page": [RUN, ...]           # the per-page generator paths, at per_page_mib
     }
 
 ``MEASURE`` is ``gmemlab measure``'s JSON (``gmemlab.twin.measure``), ``RUN``
-combines a size's rounds (:func:`gmemlab.bench.lifecycle.combine`: each
-operation's median cost, the worst time and RSS) of
-:func:`gmemlab.bench.lifecycle.run` results, or is ``{"kind", "size_bytes",
-"error"}`` if a run failed.
+combines (:func:`gmemlab.bench.lifecycle.combine`: each operation's CPU time
+over its pages, the worst lifecycle time and RSS) the
+:func:`gmemlab.bench.lifecycle.run` results of a size's rounds, each round
+``work_gib`` of lifecycles (one of the largest size, several of a smaller),
+or is ``{"kind", "size_bytes", "error"}`` if a run failed.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 from gmemlab.bench.lifecycle import GIB, KINDS, combine
 from gmemlab.twin.measure import MeasureConfig
 
-SCHEMA = "gmemlab.bench/1"
+SCHEMA = "gmemlab.bench/2"
 DEFAULT_SIZES = (1.0, 4.0, 16.0, 64.0)
 QUICK_SIZES = (0.25, 1.0)
 Say = Callable[[str], None]
@@ -41,7 +42,10 @@ Say = Callable[[str], None]
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
     sizes_gib: tuple[float, ...] = DEFAULT_SIZES
-    rounds: int = 3  # lifecycles per size and kind; each operation's cost is the median
+    rounds: int = 2
+    # GiB of lifecycles per size, kind and round; None: the largest size, so that every
+    # size is measured over the same work (the machine's speed varies with time).
+    work_gib: float | None = None
     per_page_mib: float = 16
     real: bool = True
     measure: MeasureConfig = field(default_factory=MeasureConfig)
@@ -71,9 +75,11 @@ def _real(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     return {"available": True, "reason": "", "measure": run_measurement(mc)}
 
 
-def _child(size_gib: float, kind: str, *, per_page: bool) -> dict[str, Any]:
-    """One lifecycle in a fresh interpreter: its peak RSS is its own."""
-    cmd = [sys.executable, "-m", "gmemlab.bench.lifecycle", repr(size_gib), kind]
+def _child(size_gib: float, kind: str, *, per_page: bool, work_gib: float = 0.0) -> dict[str, Any]:
+    """Lifecycles (``work_gib`` of them, at least one) in a fresh interpreter: its peak RSS
+    is that size's own."""
+    cmd = [sys.executable, "-m", "gmemlab.bench.lifecycle", repr(size_gib), kind,
+           "--work-gib", repr(work_gib)]
     if per_page:
         cmd.append("--per-page")
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
@@ -86,20 +92,21 @@ def _child(size_gib: float, kind: str, *, per_page: bool) -> dict[str, Any]:
 
 def run_bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     real = _real(cfg, say)
-    # Rounds over every size and kind, each round starting one further along, so that a
-    # busy spell on the machine does not land on every run of the same size.
+    # Every other round runs the sizes in reverse order, so that each size's rounds sit on
+    # average at the same point of the bench: this machine's speed drifts with time.
+    work = cfg.work_gib if cfg.work_gib is not None else max(cfg.sizes_gib)
     jobs = [(size, kind) for size in cfg.sizes_gib for kind in KINDS]
     samples: dict[tuple[float, str], list[dict[str, Any]]] = {job: [] for job in jobs}
     for rnd in range(cfg.rounds):
-        for size, kind in jobs[rnd % len(jobs) :] + jobs[: rnd % len(jobs)]:
-            samples[(size, kind)].append(_child(size, kind, per_page=False))
+        for size, kind in jobs if rnd % 2 == 0 else jobs[::-1]:
+            samples[(size, kind)].append(_child(size, kind, per_page=False, work_gib=work))
     runs = [combine(samples[job]) for job in jobs]
     per_page = [_child(cfg.per_page_mib / 1024, kind, per_page=True) for kind in KINDS]
     return {
         "schema": SCHEMA,
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "commit": _commit()},
-        "config": {"sizes_gib": list(cfg.sizes_gib), "rounds": cfg.rounds,
+        "config": {"sizes_gib": list(cfg.sizes_gib), "rounds": cfg.rounds, "work_gib": work,
                    "per_page_mib": cfg.per_page_mib},
         "real": real,
         "runs": runs,

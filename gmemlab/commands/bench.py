@@ -27,9 +27,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--sizes", metavar="GIB,...",
                    help="guest sizes in GiB (default 1,4,16,64; quick 0.25,1)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes, two rounds and a short real measurement")
+                   help="small sizes (0.25,1) and a short real measurement")
     p.add_argument("--rounds", type=int,
-                   help="lifecycles per size and kind; costs are medians (default 3, quick 2)")
+                   help="rounds over every size and kind (default 2)")
+    p.add_argument("--work", type=float, metavar="GIB",
+                   help="GiB of lifecycles per size, kind and round, the same for every size so "
+                        "that costs per page compare over the same time (default: the largest size)")
     p.add_argument("--no-real", action="store_true", help="skip the real kernel's measurement")
     p.add_argument("--json", metavar="OUT", nargs="?", const="-",
                    help="print the results as JSON (or write them to OUT, to --compare later)")
@@ -60,10 +63,12 @@ def run(args: argparse.Namespace) -> int:
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise UsageError(f"--compare: cannot read {args.compare}: {e}") from None
-    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
+    rounds = args.rounds if args.rounds is not None else 2
     if rounds < 1:
         raise UsageError("--rounds must be at least 1")
-    cfg = BenchConfig(rounds=rounds, real=not args.no_real,
+    if args.work is not None and not args.work > 0:
+        raise UsageError("--work must be a positive number of GiB")
+    cfg = BenchConfig(rounds=rounds, work_gib=args.work, real=not args.no_real,
                       measure=MeasureConfig.quick() if args.quick else MeasureConfig())
     if sizes:
         cfg = replace(cfg, sizes_gib=sizes)
