@@ -36,13 +36,16 @@ from gmemlab.twin.measure import MeasureConfig
 SCHEMA = "gmemlab.bench/2"
 DEFAULT_SIZES = (1.0, 4.0, 16.0, 64.0)
 QUICK_SIZES = (0.25, 1.0)
+# Each round's cost at a size still varies by about 10% with the machine's drift over
+# minutes; four rounds bring a size's mean within about 5%.
+DEFAULT_ROUNDS = 4
 Say = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
     sizes_gib: tuple[float, ...] = DEFAULT_SIZES
-    rounds: int = 2
+    rounds: int = DEFAULT_ROUNDS
     # GiB of lifecycles per size, kind and round; None: the largest size, so that every
     # size is measured over the same work (the machine's speed varies with time).
     work_gib: float | None = None

@@ -27,9 +27,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--sizes", metavar="GIB,...",
                    help="guest sizes in GiB (default 1,4,16,64; quick 0.25,1)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes (0.25,1) and a short real measurement")
+                   help="small sizes (0.25,1), two rounds and a short real measurement")
     p.add_argument("--rounds", type=int,
-                   help="rounds over every size and kind (default 2)")
+                   help="rounds over every size and kind (default 4, quick 2)")
     p.add_argument("--work", type=float, metavar="GIB",
                    help="GiB of lifecycles per size, kind and round, the same for every size so "
                         "that costs per page compare over the same time (default: the largest size)")
@@ -52,7 +52,7 @@ def _sizes(text: str) -> tuple[float, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from gmemlab.bench.report import compare, render
-    from gmemlab.bench.run import QUICK_SIZES, BenchConfig, run_bench
+    from gmemlab.bench.run import DEFAULT_ROUNDS, QUICK_SIZES, BenchConfig, run_bench
     from gmemlab.twin.measure import MeasureConfig
 
     sizes = _sizes(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else None)
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise UsageError(f"--compare: cannot read {args.compare}: {e}") from None
-    rounds = args.rounds if args.rounds is not None else 2
+    rounds = args.rounds if args.rounds is not None else 2 if args.quick else DEFAULT_ROUNDS
     if rounds < 1:
         raise UsageError("--rounds must be at least 1")
     if args.work is not None and not args.work > 0:
