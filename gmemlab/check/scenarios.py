@@ -93,7 +93,7 @@ def use_up_small_frames(m: Machine) -> None:
     while (leaf := m.dmap.leaf(end)) is not None and leaf[0] == LEVEL_4K:
         end += 1
     frames = m.alloc.take_many(end - first)
-    if frames != list(range(first, end)):
+    if frames.tolist() != list(range(first, end)):
         raise RuntimeError("the allocator did not hand out the 4K-mapped frames in order")
     n = end - first
     mem = m.mem

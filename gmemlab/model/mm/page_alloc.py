@@ -122,24 +122,25 @@ class PageAllocator:
             i -= 2
         return parts
 
-    def take_many(self, n: int) -> list[int]:
+    def take_many(self, n: int) -> NDArray[np.int64]:
         """Up to ``n`` frames in the order :meth:`take` would give them (bulk paths)."""
-        parts = self._freed_top(n)
-        got = sum(len(p) for p in parts)
+        out = self.peek(n)
         runs = self._runs
-        for part in parts:  # drop what was taken: whole runs, and the last one's head
+        left = len(out)
+        while left and runs:  # off the stack: whole runs, then the last one's head
             first, last = runs[-2], runs[-1]
-            if abs(last - first) + 1 == len(part):
+            size = abs(last - first) + 1
+            if size <= left:
                 del runs[-2:]
+                left -= size
             else:
-                runs[-1] = int(part[-1]) + (1 if first > last else -1)
-        out: list[int] = np.concatenate(parts).tolist() if parts else []
-        while got < n and self._cursor < len(self._ranges):
+                runs[-1] = last + (left if first > last else -left)
+                left = 0
+        while left:  # then never-used RAM, in order
             r = self._ranges[self._cursor]
-            k = min(n - got, r[1] - r[0])
-            out.extend(range(r[0], r[0] + k))
-            got += k
+            k = min(left, r[1] - r[0])
             r[0] += k
+            left -= k
             if r[0] >= r[1]:
                 self._cursor += 1
         self.nr_free -= len(out)
