@@ -1,9 +1,13 @@
-"""A sparse index -> int map after ``lib/xarray.c``: 64-slot leaf nodes.
+"""A sparse index -> pfn map after ``lib/xarray.c``: 64-slot leaf nodes.
 
 Used for the page cache (index -> pfn), user page tables (page -> pfn) and
 stage-2 tables (gfn -> pfn).  Memory and range walks scale with the populated
 entries, not with the size of the index space: punching one page out of a
 64 GiB file, or releasing a file with few pages, touches only what exists.
+
+Entries are 32-bit (pfns up to 8 TiB of RAM): a 64 GiB guest's page cache and
+stage-2 table are two 64 MiB maps, and new memory is what a large first touch
+pays most for on a nested host.  Arrays handed out are int64.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ XA_CHUNK_SHIFT = 6
 XA_CHUNK_SIZE = 1 << XA_CHUNK_SHIFT
 _MASK = XA_CHUNK_SIZE - 1
 EMPTY = -1
-_EMPTY_NODE = array("q", [EMPTY]) * XA_CHUNK_SIZE
+_CODE, _DTYPE, _ITEM = "i", np.int32, 4  # one entry
+_MAX = np.iinfo(np.int32).max
+_EMPTY_NODE = array(_CODE, [EMPTY]) * XA_CHUNK_SIZE
 _EMPTY_BYTES = _EMPTY_NODE.tobytes()
 
 
@@ -42,7 +48,7 @@ class XArray:
         k = index >> XA_CHUNK_SHIFT
         node = self._nodes.get(k)
         if node is None:
-            node = self._nodes[k] = array("q", _EMPTY_NODE)
+            node = self._nodes[k] = array(_CODE, _EMPTY_NODE)
             self._count[k] = 0
         old: int = node[index & _MASK]
         node[index & _MASK] = value
@@ -111,11 +117,11 @@ class XArray:
                 if node is not None:
                     base = k << XA_CHUNK_SHIFT
                     lo, hi = max(start, base), min(start + n, base + XA_CHUNK_SIZE)
-                    out[lo - start : hi - start] = np.frombuffer(node, np.int64)[lo - base : hi - base]
+                    out[lo - start : hi - start] = np.frombuffer(node, _DTYPE)[lo - base : hi - base]
             return out
-        buf = np.frombuffer(b"".join([nodes.get(k, _EMPTY_BYTES) for k in range(k0, k1 + 1)]), np.int64)
+        buf = np.frombuffer(b"".join([nodes.get(k, _EMPTY_BYTES) for k in range(k0, k1 + 1)]), _DTYPE)
         first = start - (k0 << XA_CHUNK_SHIFT)
-        return buf[first : first + n].copy()
+        return buf[first : first + n].astype(np.int64)
 
     def load_many(self, indices: NDArray[np.int64]) -> NDArray[np.int64]:
         """The entries at ``indices`` (ascending), EMPTY where absent."""
@@ -126,8 +132,8 @@ class XArray:
         rank = np.cumsum(starts) - 1
         nodes = self._nodes
         buf = np.frombuffer(b"".join([nodes.get(k, _EMPTY_BYTES) for k in keys[starts].tolist()]),
-                            np.int64)
-        out: NDArray[np.int64] = buf[(rank << XA_CHUNK_SHIFT) | (indices & _MASK)]
+                            _DTYPE)
+        out: NDArray[np.int64] = buf[(rank << XA_CHUNK_SHIFT) | (indices & _MASK)].astype(np.int64)
         return out
 
     def store_range(self, start: int, values: NDArray[np.int64]) -> None:
@@ -135,7 +141,9 @@ class XArray:
         nodes, count = self._nodes, self._count
         end = start + len(values)
         every = not (values == EMPTY).any()
-        raw = values.tobytes()
+        if len(values) and values.max() > _MAX:
+            raise OverflowError(f"xarray entries are 32-bit, not {int(values.max())}")
+        raw = values.astype(_DTYPE).tobytes()
         pos = start
         added = 0
         while pos < end:
@@ -144,13 +152,13 @@ class XArray:
             hi = min(end, base + XA_CHUNK_SIZE)
             node = nodes.get(k)
             if every:
-                chunk = array("q")
-                chunk.frombytes(raw[(pos - start) * 8 : (hi - start) * 8])
+                chunk = array(_CODE)
+                chunk.frombytes(raw[(pos - start) * _ITEM : (hi - start) * _ITEM])
                 if node is None:
                     if hi - pos == XA_CHUNK_SIZE:
                         nodes[k] = chunk
                     else:
-                        node = nodes[k] = array("q", _EMPTY_NODE)
+                        node = nodes[k] = array(_CODE, _EMPTY_NODE)
                         node[pos - base : hi - base] = chunk
                     count[k] = hi - pos
                     added += hi - pos
@@ -164,9 +172,9 @@ class XArray:
                 put = vals != EMPTY
                 if put.any():
                     if node is None:
-                        node = nodes[k] = array("q", _EMPTY_NODE)
+                        node = nodes[k] = array(_CODE, _EMPTY_NODE)
                         count[k] = 0
-                    view = np.frombuffer(node, np.int64)[pos - base : hi - base]
+                    view = np.frombuffer(node, _DTYPE)[pos - base : hi - base]
                     new = int(np.count_nonzero(view[put] == EMPTY))
                     view[put] = vals[put]
                     count[k] += new
@@ -186,9 +194,9 @@ class XArray:
             ks = [k for k in keys[b : b + nodes_per_block] if k in nodes]
             if not ks:
                 continue
-            buf = np.frombuffer(b"".join([nodes[k] for k in ks]), np.int64)
+            buf = np.frombuffer(b"".join([nodes[k] for k in ks]), _DTYPE)
             slot = np.flatnonzero(buf != EMPTY)
-            vals = buf[slot]
+            vals = buf[slot].astype(np.int64)
             idx = (np.asarray(ks, np.int64)[slot >> XA_CHUNK_SHIFT] << XA_CHUNK_SHIFT) | (slot & _MASK)
             if ks[0] << XA_CHUNK_SHIFT < start or (end is not None and (ks[-1] + 1) << XA_CHUNK_SHIFT > end):
                 keep = idx >= start
@@ -216,7 +224,7 @@ class XArray:
             k = int(keys[lo])
             left = count[k] - (hi - lo)
             if left:
-                np.frombuffer(nodes[k], np.int64)[indices[lo:hi] & _MASK] = EMPTY
+                np.frombuffer(nodes[k], _DTYPE)[indices[lo:hi] & _MASK] = EMPTY
                 count[k] = left
             else:
                 del nodes[k], count[k]
