@@ -134,3 +134,16 @@ def test_range_operations_cost_what_exists_not_the_file_size(batched: bool) -> N
     assert m.trace.counts["free_page"] == 4 and m.trace.counts["spte_zap"] == 2
     m.inv.check_all()
     assert not m.inv.violations
+
+
+def test_xarray_entries_are_pfns_of_up_to_8_tib() -> None:
+    xa = xarray.XArray()
+    top = (1 << 31) - 1  # the last pfn of 8 TiB
+    xa.store_range(1 << 40, np.array([top, xarray.EMPTY, 7], np.int64))
+    assert xa.load_range(1 << 40, 3).tolist() == [top, xarray.EMPTY, 7]
+    assert xa.load_range(1 << 40, 3).dtype == np.int64  # callers shift pfns into addresses
+    with pytest.raises(OverflowError):
+        xa.store_range(0, np.array([top + 1], np.int64))
+    with pytest.raises(OverflowError):
+        xa.store(0, top + 1)
+    assert len(xa) == 2 and list(xa.blocks(0, 64)) == []  # no node left behind

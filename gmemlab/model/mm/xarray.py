@@ -48,8 +48,12 @@ class XArray:
         k = index >> XA_CHUNK_SHIFT
         node = self._nodes.get(k)
         if node is None:
-            node = self._nodes[k] = array(_CODE, _EMPTY_NODE)
-            self._count[k] = 0
+            node = array(_CODE, _EMPTY_NODE)
+            node[index & _MASK] = value  # an entry that does not fit raises before the node is in
+            self._nodes[k] = node
+            self._count[k] = 1
+            self.nr += 1
+            return EMPTY
         old: int = node[index & _MASK]
         node[index & _MASK] = value
         if old == EMPTY:
