@@ -175,7 +175,7 @@ def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | No
     }
 
 
-def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def combine(runs: list[dict[str, Any]], *, pooled: bool = False) -> dict[str, Any]:
     """Several results of one size and kind (lifecycles in one process, or rounds), as one.
 
     Each operation's cost is its CPU time summed over the runs, per page summed:
@@ -185,7 +185,8 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     work: :func:`main` runs as many lifecycles of a small guest as make up one of
     the largest, and the mean over that work leaves out nothing a large guest
     pays (a table growing, a free list reallocated).  ``samples_us_per_page``
-    keeps each run's own cost, to show the spread.  The lifecycle's time, peak
+    keeps each run's own cost, to show the spread (``pooled``: the runs are
+    whole benches, and their rounds' samples are kept).  The lifecycle's time, peak
     RSS and sweep are the worst; violations and lifecycles add up.
     """
     failed = [r for r in runs if "error" in r]
@@ -199,7 +200,10 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
         pages, cpu = sum(p["pages"] for p in parts), sum(p["cpu_s"] for p in parts)
         out["ops"][name] = {"pages": pages, "cpu_s": cpu, "wall_s": sum(p["wall_s"] for p in parts),
                             "us_per_page": cpu / pages * 1e6,
-                            "samples_us_per_page": [p["us_per_page"] for p in parts]}
+                            "samples_us_per_page": [
+                                x for p in parts
+                                for x in (p.get("samples_us_per_page", [p["us_per_page"]])
+                                          if pooled else [p["us_per_page"]])]}
     for key in ("lifecycle_wall_s", "lifecycle_cpu_s", "peak_rss_mib"):
         out[key] = max(r[key] for r in runs)
     out["boot"] = max((r["boot"] for r in runs), key=lambda b: b["wall_s"])

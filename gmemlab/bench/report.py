@@ -123,6 +123,9 @@ def render(result: dict[str, Any]) -> str:
                   "ratio", "peak RSS MiB"], rows, align="lllrrrrr")]
     out.append("")
     rounds, work = result["config"]["rounds"], result["config"]["work_gib"]
+    if "merged" in result:
+        out.append(f"pooled: {len(result['merged'])} benches (commits "
+                   f"{', '.join(str(c) for c in result['merged'])}), their rounds together.")
     out.append(f"model: CPU time of the model process per page handled (punch and close: half the "
                f"pages each), over {rounds} round(s) of {work:g} GiB of lifecycles at every size; "
                "'rounds': the lowest and highest round; 'per page': the generator paths, batching off.")

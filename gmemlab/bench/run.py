@@ -115,3 +115,31 @@ def run_bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
         "runs": runs,
         "per_page": per_page,
     }
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several benches of one configuration as one: their rounds pooled.
+
+    On a host whose speed drifts, one bench's four rounds can leave a size's cost
+    10% off; benches run one after the other add rounds without starting again.
+    Which code each ran is listed (``merged``), not checked: a commit that only
+    touched the README measures the same model.  Raises ValueError if the
+    configurations differ.
+    """
+    first = results[0]
+    for r in results:
+        if r.get("schema") != SCHEMA:
+            raise ValueError(f"not a {SCHEMA} result: {r.get('schema')!r}")
+        for key in ("sizes_gib", "work_gib", "per_page_mib"):
+            if r["config"][key] != first["config"][key]:
+                raise ValueError(f"the benches differ in {key}: {first['config'][key]} and "
+                                 f"{r['config'][key]}")
+    real = next((r["real"] for r in results if r["real"]["measure"] is not None), first["real"])
+    return {**first,
+            "config": {**first["config"], "rounds": sum(r["config"]["rounds"] for r in results)},
+            "real": real,
+            "merged": [r["machine"]["commit"] for r in results],
+            "runs": [combine(list(runs), pooled=True)
+                     for runs in zip(*(r["runs"] for r in results), strict=True)],
+            "per_page": [combine(list(runs), pooled=True)
+                         for runs in zip(*(r["per_page"] for r in results), strict=True)]}

@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--json", metavar="OUT", nargs="?", const="-",
                    help="print the results as JSON (or write them to OUT, to --compare later)")
     p.add_argument("--compare", metavar="OLD.json", help="show the change against an earlier --json")
+    p.add_argument("--merge", metavar="RUN.json", nargs="+",
+                   help="run nothing: pool the rounds of earlier --json runs of the same code and "
+                        "sizes, and report them as one bench")
     p.set_defaults(handler=run)
 
 
@@ -50,19 +53,22 @@ def _sizes(text: str) -> tuple[float, ...]:
     return sizes
 
 
+def _load(option: str, path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            result: dict[str, Any] = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{option}: cannot read {path}: {e}") from None
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     from gmemlab.bench.report import compare, render
-    from gmemlab.bench.run import DEFAULT_ROUNDS, QUICK_SIZES, BenchConfig, run_bench
+    from gmemlab.bench.run import DEFAULT_ROUNDS, QUICK_SIZES, BenchConfig, merge, run_bench
     from gmemlab.twin.measure import MeasureConfig
 
     sizes = _sizes(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else None)
-    old = None
-    if args.compare:
-        try:
-            with open(args.compare) as f:
-                old = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--compare: cannot read {args.compare}: {e}") from None
+    old = _load("--compare", args.compare) if args.compare else None
     rounds = args.rounds if args.rounds is not None else 2 if args.quick else DEFAULT_ROUNDS
     if rounds < 1:
         raise UsageError("--rounds must be at least 1")
@@ -76,7 +82,13 @@ def run(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
-    result = run_bench(cfg, say)
+    if args.merge:
+        try:
+            result = merge([_load("--merge", path) for path in args.merge])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"--merge: these runs cannot be pooled: {e}") from None
+    else:
+        result = run_bench(cfg, say)
     if args.json == "-":
         dump_json(result)
         return 1 if _failed(result) else 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,3 +87,38 @@ def test_bad_options_are_usage_errors(argv: list[str], says: str,
         main(["bench", "--no-real", *argv])
     assert exit_.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def _bench(commit: str, us: float, work: float = 64.0) -> dict[str, Any]:
+    touch = "guest first touch"
+    rounds = [_run("guest", GIB, {touch: us}), _run("guest", GIB, {touch: us + 0.2})]
+    return {"schema": "gmemlab.bench/2", "machine": {"commit": commit},
+            "config": {"sizes_gib": [1.0], "rounds": 2, "work_gib": work, "per_page_mib": 16},
+            "real": {"available": False, "reason": "no", "measure": None},
+            "runs": [combine(rounds)], "per_page": []}
+
+
+def test_merged_benches_pool_their_rounds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = []
+    for i, (commit, us) in enumerate((("abc", 1.0), ("def", 2.0))):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(_bench(commit, us)))
+    out = tmp_path / "merged.json"
+    assert main(["bench", "--merge", *map(str, paths), "--json", str(out)]) == 0
+    assert "pooled: 2 benches (commits abc, def)" in capsys.readouterr().out
+    merged = json.loads(out.read_text())
+    touch = merged["runs"][0]["ops"]["guest first touch"]
+    assert touch["samples_us_per_page"] == pytest.approx([1.0, 1.2, 2.0, 2.2])
+    assert touch["us_per_page"] == pytest.approx(1.6)
+    assert merged["config"]["rounds"] == 4 and merged["runs"][0]["lifecycles"] == 4
+
+
+def test_benches_of_other_sizes_or_work_are_not_pooled(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_bench("abc", 1.0)))
+    b.write_text(json.dumps(_bench("abc", 1.0, work=16.0)))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--merge", str(a), str(b)])
+    assert exit_.value.code == 2
+    assert "cannot be pooled: the benches differ in work_gib" in capsys.readouterr().err
