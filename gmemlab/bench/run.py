@@ -1,9 +1,9 @@
 """Run the bench: the real kernel's measurement, then each size and lifecycle in a fresh process.
 
-JSON (schema ``gmemlab.bench/1``; times in seconds, costs in µs per page)::
+JSON (schema ``gmemlab.bench/2``; times in seconds, costs in µs per page)::
 
     {
-      "schema": "gmemlab.bench/1",
+      "schema": "gmemlab.bench/2",
       "machine": {"kernel": str, "cpus": int, "python": str, "commit": str | null},
       "config": {"sizes_gib": [float], "rounds": int, "work_gib": float, "per_page_mib": float},
       "real": {"available": bool, "reason": str, "measure": MEASURE | null},
@@ -16,7 +16,8 @@ combines (:func:`gmemlab.bench.lifecycle.combine`: each operation's CPU time
 over its pages, the worst lifecycle time and RSS) the
 :func:`gmemlab.bench.lifecycle.run` results of a size's rounds, each round
 ``work_gib`` of lifecycles (one of the largest size, several of a smaller),
-or is ``{"kind", "size_bytes", "error"}`` if a run failed.
+or is ``{"kind", "size_bytes", "error"}`` if a run failed.  A result of
+:func:`merge` also has ``"merged": [commit, ...]``, the benches it pools.
 """
 
 from __future__ import annotations

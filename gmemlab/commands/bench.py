@@ -38,8 +38,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="print the results as JSON (or write them to OUT, to --compare later)")
     p.add_argument("--compare", metavar="OLD.json", help="show the change against an earlier --json")
     p.add_argument("--merge", metavar="RUN.json", nargs="+",
-                   help="run nothing: pool the rounds of earlier --json runs of the same code and "
-                        "sizes, and report them as one bench")
+                   help="run nothing: pool the rounds of earlier --json runs of the same sizes and "
+                        "work, and report them as one bench (their commits are listed)")
     p.set_defaults(handler=run)
 
 

@@ -22,8 +22,9 @@ XA_CHUNK_SHIFT = 6
 XA_CHUNK_SIZE = 1 << XA_CHUNK_SHIFT
 _MASK = XA_CHUNK_SIZE - 1
 EMPTY = -1
-_CODE, _DTYPE, _ITEM = "i", np.int32, 4  # one entry
-_MAX = np.iinfo(np.int32).max
+_CODE, _DTYPE = "i", np.int32  # one entry
+_ITEM = np.dtype(_DTYPE).itemsize
+_MAX = np.iinfo(_DTYPE).max
 _EMPTY_NODE = array(_CODE, [EMPTY]) * XA_CHUNK_SIZE
 _EMPTY_BYTES = _EMPTY_NODE.tobytes()
 
