@@ -315,11 +315,7 @@ def kvm_gmem_allocate(m: Machine, inode: Inode, offset: int, length: int) -> KGe
     mapping = inode.mapping
     yield from down_read(m, mapping.invalidate_lock)
     start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
-    batched = None
-    if m.range_paths_active:
-        from gmemlab.model.ranges.free import allocate
-
-        batched = allocate(m, inode, start, end, lambda index: kvm_gmem_allocate_one(m, inode, index))
+    batched = m.ranges.allocate(m, inode, start, end, lambda index: kvm_gmem_allocate_one(m, inode, index))
     if batched is None:
         r = 0
         for index in range(start, end):

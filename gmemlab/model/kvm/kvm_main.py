@@ -130,12 +130,9 @@ class Kvm:
 
     def unmap_gfn_range(self, m: Machine, start: int, end: int, fn: str) -> KGen[int]:
         """``kvm_mmu_unmap_gfn_range()``: zap the stage-2 entries of [start, end)."""
-        if m.range_paths_active:
-            from gmemlab.model.ranges.free import unmap_gfn_range
-
-            batched = unmap_gfn_range(m, self, start, end, fn)
-            if batched is not None:
-                return batched
+        batched = m.ranges.unmap_gfn_range(m, self, start, end, fn)
+        if batched is not None:
+            return batched
         zapped = 0
         for gfn, pfn in list(self.spte.items(start, end)):
             yield ("spte", (self.id, gfn))

@@ -202,12 +202,9 @@ def truncate_inode_pages_range(m: Machine, mapping: AddressSpace, start: int,
 
     Returns the number of folios removed.
     """
-    if m.range_paths_active:
-        from gmemlab.model.ranges.free import truncate
-
-        batched = truncate(m, mapping, start, end)
-        if batched is not None:
-            return batched
+    batched = m.ranges.truncate(m, mapping, start, end)
+    if batched is not None:
+        return batched
     removed = 0
     for index, pfn in mapping.i_pages.items(start, end):
         removed += yield from truncate_folio(m, mapping, index, pfn)

@@ -144,7 +144,7 @@ def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
     vma = proc.mm.find_vma(addr)
     if vma is None or vma.start != addr:
         return -EINVAL
-    if not (m.range_paths_active and _zap_batched(m, vma)):
+    if not m.ranges.zap_user_range(m, vma):
         for page, _pfn in vma.ptes.items():
             yield from zap_pte(m, vma, page)
     proc.mm.vmas.remove(vma)
@@ -153,13 +153,6 @@ def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
         vma.file.inode.mapping.i_mmap.remove(vma)
         yield from fput(m, vma.file)
     return 0
-
-
-def _zap_batched(m: Machine, vma: Vma) -> bool:
-    """Every PTE of ``vma`` zapped at once, where it can be (``gmemlab.model.ranges``)."""
-    from gmemlab.model.ranges.free import zap_user_range
-
-    return zap_user_range(m, vma)
 
 
 def do_mlock(m: Machine, proc: Process, addr: int, length: int) -> KGen[int]:
@@ -278,13 +271,10 @@ def walk_user(m: Machine, proc: Process, addr: int, length: int, write: bool,
     """
     done = 0
     while done < length:
-        if m.range_paths_active:
-            from gmemlab.model.ranges.fault import user_access
-
-            batch, again = user_access(m, proc, addr, length, done, write, op, bulk)
-            done += batch
-            if again:
-                continue
+        batch, again = m.ranges.user_access(m, proc, addr, length, done, write, op, bulk)
+        done += batch
+        if again:
+            continue
         a = addr + done
         vma = proc.mm.find_vma(a)
         if vma is None:
