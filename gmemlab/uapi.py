@@ -21,6 +21,9 @@ PTRS_PER_PTE = 512
 PAGES_PER_PMD = 1 << (PMD_SHIFT - PAGE_SHIFT)  # 512
 PAGES_PER_PUD = 1 << (PUD_SHIFT - PAGE_SHIFT)  # 262144
 
+# Linux errno values Python's errno module does not name (include/uapi/asm-generic/errno.h).
+EHWPOISON = 133  # memory page has hardware error
+
 # --- ioctl encoding (include/uapi/asm-generic/ioctl.h) -----------------------
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
 _IOC_NRSHIFT = 0

@@ -11,6 +11,7 @@ folio through ``->free_folio``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from errno import EBADF, EINVAL, ESPIPE
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gmemlab.model.task import KGen
@@ -29,7 +30,6 @@ FMODE_PWRITE = 0x10
 FMODE_CAN_READ = 0x20000
 FMODE_CAN_WRITE = 0x40000
 
-EBADF, EINVAL, ESPIPE, ENODEV = 9, 22, 29, 19
 
 
 class FileOps(Protocol):

@@ -15,6 +15,7 @@ methods prefixed with nothing special but documented as such:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from errno import EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOMEM
 from typing import Self, TypeVar
 
 import numpy as np
@@ -56,7 +57,6 @@ from gmemlab.model.mm.gup import (
 )
 from gmemlab.model.mm.memmap import PG_hwpoison
 from gmemlab.model.mm.memory import (
-    EFAULT,
     VM_FAULT_HWPOISON,
     VM_FAULT_OOM,
     VM_FAULT_SIGBUS,
@@ -76,7 +76,6 @@ from gmemlab.model.task import KGen
 from gmemlab.uapi import KVM_API_VERSION, PAGE_SHIFT, PAGE_SIZE
 
 T = TypeVar("T")
-EBADF, EIO, ENOMEM, EEXIST, ENODEV, EINVAL = 9, 5, 12, 17, 19, 22
 KVM_MAX_VCPU_IDS = 4096
 VCPU_MMAP_SIZE = 3 * PAGE_SIZE
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.trace import TraceEvent
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ class Invariants:
         mapping = m.folio_mapping(pfn)
         if mapping is None or mapping.kind != "guest_memfd" or not m.folio_no_direct_map_mapping(pfn):
             return
-        marked = bool(m.mem.private[pfn] & 1)
+        marked = bool(m.mem.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP)
         if marked == m.dmap.present(pfn):
             state = "set" if marked else "clear"
             dmap = "present" if m.dmap.present(pfn) else "not present"

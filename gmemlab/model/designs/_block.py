@@ -17,6 +17,7 @@ around it (``series-spec.md`` §3.7, §7.3, §7.4) need from mm:
 
 from __future__ import annotations
 
+from errno import EFAULT, ENOMEM
 from typing import TYPE_CHECKING
 
 from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, set_direct_map_valid_noflush, split_large_page
@@ -28,7 +29,6 @@ from gmemlab.uapi import PAGES_PER_PMD
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
-ENOMEM, EFAULT = 12, 14
 BLOCK_ORDER = 9
 
 

@@ -14,6 +14,7 @@ attacker could keep a stale TLB entry alive").
 
 from __future__ import annotations
 
+from errno import EINVAL
 from typing import TYPE_CHECKING, ClassVar
 
 from gmemlab.model.designs.base import has_marker, inode_no_direct_map, set_marker
@@ -25,7 +26,6 @@ from gmemlab.model.task import KGen
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
-EINVAL = 22
 
 
 class NoFlush(V12):

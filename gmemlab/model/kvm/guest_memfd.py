@@ -16,6 +16,7 @@ gmem_file``: the VM and its memslot bindings), listed on the mapping's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from errno import EBADF, EFAULT, EINTR, EINVAL, EIO, ENODEV, EOPNOTSUPP
 from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import S_IFREG, File, Inode, file_init_mode
@@ -43,6 +44,7 @@ from gmemlab.model.mm.memory import VM_MAYSHARE, VM_SHARED, Vma
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (
+    EHWPOISON,
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     GUEST_MEMFD_FLAG_MMAP,
@@ -55,8 +57,6 @@ if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm, Memslot
     from gmemlab.model.machine import Machine
 
-EINTR, EIO, EBADF, ENOMEM, EFAULT, ENODEV, EINVAL = 4, 5, 9, 12, 14, 19, 22
-EOPNOTSUPP, EHWPOISON = 95, 133
 
 
 @dataclass(eq=False, slots=True)
@@ -143,6 +143,8 @@ class KvmGmemAops:
         return (yield from kvm_gmem_error_folio(m, mapping, pfn))
 
 
+# BIT(0) of folio->private: the folio is out of the direct map (v12 10/16).
+KVM_GMEM_FOLIO_NO_DIRECT_MAP = 1 << 0
 GMEM_FOPS = KvmGmemFops()
 GMEM_AOPS = KvmGmemAops()
 

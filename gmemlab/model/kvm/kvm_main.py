@@ -10,6 +10,7 @@ vCPUs and guest_memfd files pin it).  ``KVM_SET_USER_MEMORY_REGION2`` follows
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from errno import EEXIST, EFAULT, EINVAL, EIO, ENOTTY
 from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import File
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from gmemlab.model.kvm.vcpu import Vcpu
     from gmemlab.model.machine import Machine
 
-EIO, EBADF, ENOMEM, EFAULT, EEXIST, EINVAL, ENOTTY = 5, 9, 12, 14, 17, 22, 25
 TASK_SIZE_MAX = 0x7FFF_FFFF_F000
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from errno import EFAULT
 from typing import TYPE_CHECKING
 
 from gmemlab.api import IoOut, MmioRead, MmioWrite, VcpuExit
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
     from gmemlab.model.machine import Machine
 
-EFAULT = 14
 PVCLOCK_SIZE = 32
 
 

@@ -23,6 +23,7 @@ that are already out of the direct map.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from errno import EEXIST, ENOENT, ENOMEM
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gmemlab.model.mm.folio import folio_get, folio_lock, folio_put, folio_unlock
@@ -44,7 +45,6 @@ FGP_LOCK = 1 << 0
 FGP_CREAT = 1 << 1
 FGP_ACCESSED = 1 << 2
 
-ENOENT, ENOMEM, EEXIST = 2, 12, 17
 
 
 class AddressSpaceOps(Protocol):

@@ -15,6 +15,7 @@ which turns "no page" into ``-EIO``), ``process_vm_readv`` (``-EFAULT``),
 
 from __future__ import annotations
 
+from errno import EFAULT
 from typing import TYPE_CHECKING
 
 from gmemlab.model.mm.memmap import KIND_ANON
@@ -30,7 +31,6 @@ FOLL_WRITE = 0x01
 FOLL_FORCE = 0x10
 FOLL_LONGTERM = 0x100
 FOLL_PIN = 0x40000
-EFAULT = 14
 
 
 def gup_fast_folio_allowed(m: Machine, pfn: int, gup_flags: int) -> bool:

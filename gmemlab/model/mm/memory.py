@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from errno import EFAULT, EINVAL, ENOMEM
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,7 +32,7 @@ from gmemlab.model.mm.memmap import KIND_ANON
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page
 from gmemlab.model.mm.xarray import EMPTY, XArray
 from gmemlab.model.task import KGen
-from gmemlab.uapi import PAGE_SHIFT, PAGE_SIZE
+from gmemlab.uapi import EHWPOISON, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
@@ -52,7 +53,6 @@ VM_FAULT_LOCKED = 0x200
 VM_FAULT_RETRY = 0x400
 VM_FAULT_ERROR = VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_HWPOISON
 
-EFAULT, ENOMEM, EINVAL, EHWPOISON, EAGAIN = 14, 12, 22, 133, 11
 MMAP_BASE = 0x7F00_0000_0000
 # How many times a user access retries a fault that returned VM_FAULT_OOM before the
 # model gives up; the real task would retry forever (pagefault_out_of_memory()).

@@ -26,7 +26,6 @@ from gmemlab.uapi import PAGE_SHIFT, PAGE_SIZE
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
-EINVAL = 22
 
 
 def shmem_fault(m: Machine, vma: Vma, page: int) -> KGen[tuple[int, int]]:

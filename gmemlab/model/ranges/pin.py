@@ -7,8 +7,10 @@ is now (see :mod:`.gate`).
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from gmemlab.model.designs import DESIGNS, get_design
+from gmemlab.model.ranges import pins
 from gmemlab.model.ranges.gate import judge, write_pins
 
 
@@ -21,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.write:
         print(f"wrote {write_pins()}")
+        importlib.reload(pins)
     for name in args.design:
         gate = judge(get_design(name))
         how = f"batched, mirroring {gate.mirror}" if gate.mirror else "per page"
