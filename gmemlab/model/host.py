@@ -26,6 +26,7 @@ from gmemlab.api import DirectMapCounters, KernelError, MemoryFault, SigBus, Vcp
 from gmemlab.guest import GuestProgram
 from gmemlab.model.fs import (
     File,
+    Inode,
     do_sys_ftruncate,
     fput,
     ksys_pread64,
@@ -460,7 +461,6 @@ class Host:
         return self.m.run(self.task, gen)
 
     def install(self, fops: _KvmFileOps, kvm: KvmStruct | None) -> int:
-        from gmemlab.model.fs import Inode
 
         mapping = self.m.new_mapping(None, 0, fops.name)
         inode = Inode(0, 0, 0, mapping, fops.name)

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
+from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
+from gmemlab.model.mm.memmap import PG_locked
+from gmemlab.model.ranges import checks
 from gmemlab.model.trace import TraceEvent
 
 if TYPE_CHECKING:
@@ -336,9 +339,6 @@ class Invariants:
         mapping, a marker out of step), and is what property tests call after
         every operation.
         """
-        from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
-        from gmemlab.model.mm.memmap import PG_locked
-        from gmemlab.model.ranges import checks
 
         # Each sweep picks, with numpy, the frames a check could fail on, and judges only
         # those one by one, in the order a frame-by-frame sweep would, a block of frames at

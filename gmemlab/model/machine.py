@@ -30,6 +30,7 @@ from gmemlab.model.mm.memmap import MemMap
 from gmemlab.model.mm.memory import Process
 from gmemlab.model.mm.page_alloc import PageAllocator
 from gmemlab.model.mm.tlb import Tlbs
+from gmemlab.model.mm.truncate import truncate_inode_pages_final
 from gmemlab.model.ranges import PER_PAGE, PerPage
 from gmemlab.model.ranges.gate import PER_PAGE_ASKED, Gate, judge
 from gmemlab.model.ranges.paths import BATCHED
@@ -166,7 +167,7 @@ class Machine:
         self.mappings.pop(mapping.id, None)
 
     def new_inode(self, mode: int, size: int, mapping: AddressSpace, kind: str) -> Inode:
-        inode = Inode(self._reg.next_ino, mode, size, mapping, kind)
+        inode = Inode(self._reg.next_ino, mode, size, mapping, kind, truncate_inode_pages_final)
         self._reg.next_ino += 1
         mapping.host = inode
         return inode

@@ -35,9 +35,9 @@ from gmemlab.model.invariants import KernelOops
 from gmemlab.model.kvm.guest_memfd import kvm_arch_gmem_invalidate, kvm_arch_gmem_prepare
 from gmemlab.model.kvm.kvm_main import Kvm, Memslot
 from gmemlab.model.machine import Machine
-from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
 from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
 from gmemlab.model.mm.folio import folio_lock, folio_unlock
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.ranges.gate import Gate
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from errno import EAGAIN, EEXIST, EFAULT, EINVAL
 from typing import TYPE_CHECKING, ClassVar
 
+from gmemlab.model.fs import fput
 from gmemlab.model.kvm.guest_memfd import (
     KVM_GMEM_FOLIO_NO_DIRECT_MAP,
     __kvm_gmem_get_pfn,
@@ -48,7 +49,6 @@ from gmemlab.model.kvm.guest_memfd import (
     kvm_gmem_get_index,
     kvm_gmem_no_direct_map,
 )
-from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
 from gmemlab.model.mm.filemap import (
     AS_NO_DIRECT_MAP,
     FGP_LOCK,
@@ -57,6 +57,7 @@ from gmemlab.model.mm.filemap import (
     filemap_get_folio,
 )
 from gmemlab.model.mm.folio import folio_mark_uptodate, folio_put, folio_unlock
+from gmemlab.model.mm.locks import down_read, up_read
 from gmemlab.model.mm.memory import (
     VM_FAULT_LOCKED,
     VM_FAULT_OOM,
@@ -66,6 +67,7 @@ from gmemlab.model.mm.memory import (
     vmf_error,
 )
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page, clear_page
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT
@@ -241,7 +243,6 @@ def secretmem_fault_common(m: Machine, vma: Vma, page: int,
     SIGBUS past i_size; under the shared invalidate lock: find-and-lock, or
     allocate a zeroed folio and ``insert`` it (retrying on -EEXIST).
     """
-    from gmemlab.model.mm.locks import down_read, up_read
 
     assert vma.file is not None
     inode = vma.file.inode
@@ -320,7 +321,6 @@ def kvm_gmem_get_pfn_folio(m: Machine, slot: Memslot, gfn: int) -> KGen[tuple[Fi
 
 def kvm_gmem_get_pfn_done(m: Machine, file: File | None, r: int, folio: int) -> KGen[GetPfnResult]:
     """The tail of ``kvm_gmem_get_pfn()``: unlock; on error also put; drop the file ref."""
-    from gmemlab.model.fs import fput
 
     if folio >= 0:
         yield from folio_unlock(m, folio)

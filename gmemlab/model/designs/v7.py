@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, ClassVar
 from gmemlab.model.designs.base import Design, has_marker
 from gmemlab.model.designs.v9 import V9
 from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
-from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 

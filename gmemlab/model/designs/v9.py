@@ -36,9 +36,9 @@ from gmemlab.model.designs.base import (
     set_marker,
 )
 from gmemlab.model.kvm.guest_memfd import kvm_arch_gmem_invalidate, kvm_arch_gmem_prepare
-from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
 from gmemlab.model.mm.folio import folio_mark_uptodate
 from gmemlab.model.mm.page_alloc import clear_page
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP

@@ -28,7 +28,6 @@ from gmemlab.model.mm.filemap import (
     filemap_get_folio,
     mapping_set_inaccessible,
     mapping_set_no_direct_map,
-    truncate_inode_pages_range,
 )
 from gmemlab.model.mm.folio import folio_put, folio_unlock
 from gmemlab.model.mm.locks import (
@@ -42,6 +41,7 @@ from gmemlab.model.mm.locks import (
 from gmemlab.model.mm.memmap import PG_hwpoison
 from gmemlab.model.mm.memory import VM_MAYSHARE, VM_SHARED, Vma
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER
+from gmemlab.model.mm.truncate import truncate_inode_pages_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (
     EHWPOISON,

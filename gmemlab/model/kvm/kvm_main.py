@@ -14,8 +14,9 @@ from errno import EEXIST, EFAULT, EINVAL, EIO, ENOTTY
 from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import File
+from gmemlab.model.kvm.guest_memfd import kvm_gmem_bind, kvm_gmem_unbind
 from gmemlab.model.mm.locks import mutex_lock, mutex_unlock, spin_lock, spin_unlock
-from gmemlab.model.mm.memory import Process
+from gmemlab.model.mm.memory import Process, walk_user
 from gmemlab.model.mm.xarray import XArray
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (
@@ -262,7 +263,6 @@ def kvm_set_memory_region(m: Machine, kvm: Kvm, slot_id: int, flags: int, gpa: i
 
 def _set_memory_region_locked(m: Machine, kvm: Kvm, slot_id: int, flags: int, gpa: int,
                               size: int, uaddr: int, gmem_fd: int, gmem_offset: int) -> KGen[int]:
-    from gmemlab.model.kvm.guest_memfd import kvm_gmem_bind, kvm_gmem_unbind
 
     r = check_memory_region_flags(m, kvm, flags)
     if r:
@@ -328,7 +328,6 @@ def _overlaps(kvm: Kvm, sid: int, base_gfn: int, npages: int) -> bool:
 
 def kvm_delete_memslot(m: Machine, kvm: Kvm, slot: Memslot) -> KGen[None]:
     """``kvm_set_memslot(KVM_MR_DELETE)``: zap its stage-2 entries, unbind guest_memfd."""
-    from gmemlab.model.kvm.guest_memfd import kvm_gmem_unbind
 
     yield from kvm.mmu_lock(m)
     kvm.mmu_invalidate_begin()
@@ -390,7 +389,6 @@ def kvm_read_guest(m: Machine, kvm: Kvm, gpa: int, length: int) -> KGen[bytes | 
     How KVM reaches guest memory for emulation, page-table walks and pvtime in
     the non-CoCo design: through the VMM's mapping, never the direct map.
     """
-    from gmemlab.model.mm.memory import walk_user
 
     out = bytearray(length)
     done = 0

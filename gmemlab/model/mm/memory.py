@@ -37,6 +37,7 @@ from gmemlab.uapi import EHWPOISON, PAGE_SHIFT, PAGE_SIZE
 if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
     from gmemlab.model.machine import Machine
+    from gmemlab.model.mm.filemap import AddressSpace
 
 VM_READ = 0x1
 VM_WRITE = 0x2
@@ -239,6 +240,16 @@ def zap_pte(m: Machine, vma: Vma, page: int) -> KGen[None]:
         yield from kvm.mmu_notifier_invalidate_range_end(m, addr, addr + PAGE_SIZE)
     if pfn != EMPTY:
         yield from folio_put(m, pfn)
+
+
+
+def unmap_mapping_folio(m: Machine, mapping: AddressSpace, pfn: int) -> KGen[None]:
+    """``unmap_mapping_folio()``: zap the folio's PTEs in every VMA mapping the file."""
+    index = m.mem.index[pfn]
+    for vma in list(mapping.i_mmap):
+        page = index - vma.pgoff
+        if 0 <= page < vma.npages and vma.ptes.load(page) == pfn:
+            yield from zap_pte(m, vma, page)
 
 
 def get_pte_or_fault(m: Machine, vma: Vma, addr: int, *, write: bool) -> KGen[int]:

@@ -32,6 +32,8 @@ from numpy.typing import NDArray
 from gmemlab.model.kvm.guest_memfd import GMEM_AOPS, KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.mm.direct_map import LEVEL_4K
 from gmemlab.model.mm.memmap import FRAME_FREE, KIND_NONE, PG_locked
+from gmemlab.model.mm.memory import zap_pte
+from gmemlab.model.mm.truncate import truncate_folio
 from gmemlab.model.mm.xarray import XArray
 from gmemlab.model.ranges import CHUNK, checks, folios, tlbsim, usable, zaps
 from gmemlab.model.ranges.events import DetailFn, Events, listed
@@ -120,7 +122,6 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
     cannot stand in (then the per-page path runs)."""
     if not usable(m) or mapping.a_ops is not GMEM_AOPS:
         return None
-    from gmemlab.model.mm.filemap import truncate_folio
 
     vmas = list(mapping.i_mmap)
     quiet = all(_quiet(vma) for vma in vmas)
@@ -267,7 +268,6 @@ def zap_user_range(m: Machine, vma: Vma) -> bool:
     """``zap_pte()`` for every PTE of ``vma``, in order; False if it cannot stand in."""
     if not usable(m):
         return False
-    from gmemlab.model.mm.memory import zap_pte
 
     quiet = _quiet(vma)
     v = m.mem.views()
