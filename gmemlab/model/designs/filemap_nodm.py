@@ -19,13 +19,13 @@ Where it comes from (details, quotes and what was not found: ``docs/next-shape.m
   with only ``CONFIG_ARCH_HAS_SET_DIRECT_MAP`` it is zapped on insertion and
   restored on removal (:class:`FilemapZap`, here).
 
-:class:`FilemapLevel` is what both share: the UAPI and guest_memfd side (mainline's
-paths, no marker), GUP's refusal, and secretmem on the page cache.
+:class:`FilemapZap` is the slow path, and what the fast path keeps of it: the UAPI
+and guest_memfd side (mainline's paths, no marker), GUP's refusal, and
+secretmem on the page cache.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 from gmemlab.model.designs.base import Design, FaultResult, arch_supports_no_direct_map
@@ -53,8 +53,22 @@ if TYPE_CHECKING:
 EINVAL = 22
 
 
-class FilemapLevel(Design, ABC):
-    """What the page-cache-level designs share; the two page-cache steps are the subclass's."""
+class FilemapZap(Design):
+    """``AS_NO_DIRECT_MAP`` without the mermap: zero and zap on insertion, restore and zero on removal.
+
+    The ``#elif defined(CONFIG_ARCH_HAS_SET_DIRECT_MAP)`` versions of
+    ``prep_{add,remove}_unmapped_folio()`` in ``mm/filemap.c`` of the ALLOC_UNMAPPED
+    v4 tree (``bjackman/linux`` at ``0c5bffae10ec``).  Every folio costs a zap and a
+    flush, as in v12, but at one place and for every owner of the mapping.  The
+    fast path (:class:`gmemlab.model.designs.unmapped_alloc.UnmappedAlloc`) replaces
+    the two steps and the allocation, as ``CONFIG_MERMAP`` does.
+    """
+
+    name: ClassVar[str] = "filemap"
+    title: ClassVar[str] = ("page cache zaps AS_NO_DIRECT_MAP folios on insertion, "
+                            "restores and zeroes them on removal (slow path as posted)")
+    source: ClassVar[str] = ("aeemS2wm38Cm4qAf@google.com; 20260508081812.12345-1-itazur@amazon.com; "
+                             "bjackman/linux mm/filemap.c@0c5bffae10ec")
 
     series: ClassVar[bool] = True
     secretmem_sets_no_direct_map: ClassVar[bool] = True
@@ -67,14 +81,36 @@ class FilemapLevel(Design, ABC):
         self.filemap_remove_hook = self.prep_remove_unmapped_folio
 
     # --- the two steps the page cache runs (mm/filemap.c) --------------------------------
-    @abstractmethod
     def prep_add_unmapped_folio(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[int]:
-        """``prep_add_unmapped_folio()``, called by ``filemap_add_folio()`` before the xarray store."""
+        """Slow ``prep_add_unmapped_folio()``: ``folio_zero_segment()``, then ``folio_zap_direct_map()``.
 
-    @abstractmethod
+        "we could have just allocated with __GFP_ZERO. But for consistency with the
+        ALLOC_UNMAPPED version it's forbidden, so zero manually."  A failed zap fails
+        the insertion (``goto err``: nothing to undo, the folio is still mapped).
+        """
+        if not mapping_no_direct_map(mapping):
+            return 0
+        yield from clear_page(m, folio, "folio_zero_segment")
+        m.trace.emit("prep_add_unmapped_folio", "zap", folio)
+        r = yield from folio_zap_direct_map(m, folio)
+        if not r:
+            yield from self.mark_zeroed(m, folio)
+        return r
+
     def prep_remove_unmapped_folio(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[None]:
-        """``prep_remove_unmapped_folio()``, called by ``filemap_remove_folio()`` and
-        ``delete_from_page_cache_batch()`` after the xarray delete, before ``filemap_free_folio()``."""
+        """Slow ``prep_remove_unmapped_folio()``: ``folio_restore_direct_map()``, then zero it.
+
+        This runs before ``filemap_free_folio()``, so before guest_memfd's
+        ``->free_folio`` and its ``kvm_arch_gmem_invalidate()``: the reverse of
+        v12's "invalidate then restore" (the checker reports it).
+        """
+        if not mapping_no_direct_map(mapping):
+            return
+        m.trace.emit("prep_remove_unmapped_folio", "restore", folio)
+        if m.inv.enabled and mapping.kind == "guest_memfd":  # kvm_arch_gmem_invalidate is gmem's
+            m.inv.on_restore(folio)
+        yield from folio_restore_direct_map(m, folio)
+        yield from clear_page(m, folio, "folio_zero_segment")
 
     def filemap_add_undo(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[None]:
         """``filemap_add_folio()``'s ``err_restore:`` when ``__filemap_add_folio()`` fails (-EEXIST)."""
@@ -137,7 +173,7 @@ class FilemapLevel(Design, ABC):
         yield from ()
 
 
-# --- the slow path: set_memory on insertion and removal ---------------------------------------------
+# --- mm/memory.c helpers (v4 1/26) ------------------------------------------------------------------
 def folio_zap_direct_map(m: Machine, folio: int) -> KGen[int]:
     """``folio_zap_direct_map()`` ("set_memory: add folio_{zap,restore}_direct_map helpers",
     ALLOC_UNMAPPED v4 1/26, v12 02/16): invalidate, then flush whatever the outcome."""
@@ -155,50 +191,3 @@ def folio_restore_direct_map(m: Machine, folio: int) -> KGen[None]:
     r = yield from set_direct_map_valid_noflush(m, folio, 1, True)
     if r:
         m.trace.emit("folio_restore_direct_map", "warn_on_once", folio, {"err": -r})
-
-
-class FilemapZap(FilemapLevel):
-    """``AS_NO_DIRECT_MAP`` without the mermap: zero and zap on insertion, restore and zero on removal.
-
-    The ``#elif defined(CONFIG_ARCH_HAS_SET_DIRECT_MAP)`` versions of
-    ``prep_{add,remove}_unmapped_folio()`` in ``mm/filemap.c`` of the ALLOC_UNMAPPED
-    v4 tree (``bjackman/linux`` at ``0c5bffae10ec``).  Every folio costs a zap and a
-    flush, as in v12, but at one place and for every owner of the mapping.
-    """
-
-    name: ClassVar[str] = "filemap"
-    title: ClassVar[str] = ("page cache zaps AS_NO_DIRECT_MAP folios on insertion, "
-                            "restores and zeroes them on removal (slow path as posted)")
-    source: ClassVar[str] = ("aeemS2wm38Cm4qAf@google.com; 20260508081812.12345-1-itazur@amazon.com; "
-                             "bjackman/linux mm/filemap.c@0c5bffae10ec")
-
-    def prep_add_unmapped_folio(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[int]:
-        """Slow ``prep_add_unmapped_folio()``: ``folio_zero_segment()``, then ``folio_zap_direct_map()``.
-
-        "we could have just allocated with __GFP_ZERO. But for consistency with the
-        ALLOC_UNMAPPED version it's forbidden, so zero manually."  A failed zap fails
-        the insertion (``goto err``: nothing to undo, the folio is still mapped).
-        """
-        if not mapping_no_direct_map(mapping):
-            return 0
-        yield from clear_page(m, folio, "folio_zero_segment")
-        m.trace.emit("prep_add_unmapped_folio", "zap", folio)
-        r = yield from folio_zap_direct_map(m, folio)
-        if not r:
-            yield from self.mark_zeroed(m, folio)
-        return r
-
-    def prep_remove_unmapped_folio(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[None]:
-        """Slow ``prep_remove_unmapped_folio()``: ``folio_restore_direct_map()``, then zero it.
-
-        This runs before ``filemap_free_folio()``, so before guest_memfd's
-        ``->free_folio`` and its ``kvm_arch_gmem_invalidate()``: the reverse of
-        v12's "invalidate then restore" (the checker reports it).
-        """
-        if not mapping_no_direct_map(mapping):
-            return
-        m.trace.emit("prep_remove_unmapped_folio", "restore", folio)
-        if m.inv.enabled and mapping.kind == "guest_memfd":  # kvm_arch_gmem_invalidate is gmem's
-            m.inv.on_restore(folio)
-        yield from folio_restore_direct_map(m, folio)
-        yield from clear_page(m, folio, "folio_zero_segment")

@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from gmemlab.model.designs._block import alloc_block, set_direct_map_block_noflush
-from gmemlab.model.designs.filemap_nodm import FilemapLevel
+from gmemlab.model.designs.filemap_nodm import FilemapZap
 from gmemlab.model.mm.filemap import AddressSpace, mapping_no_direct_map
 from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.memmap import FRAME_FREE, KIND_FILE, KIND_KERNEL, KIND_NONE
@@ -59,7 +59,7 @@ PAGEBLOCK_ORDER = 9  # x86-64: pageblock_order = HPAGE_PMD_ORDER
 AS_MERMAP_STALE = 13
 
 
-class UnmappedAlloc(FilemapLevel):
+class UnmappedAlloc(FilemapZap):
     """The page cache allocates ``AS_NO_DIRECT_MAP`` folios unmapped and zeroes them via the mermap."""
 
     name: ClassVar[str] = "unmapped"
