@@ -199,6 +199,28 @@ def test_a_mapping_without_the_flag_allocates_mapped_pages() -> None:
     assert not unmapped(h).unmapped_blocks
 
 
+def test_a_free_unmapped_pageblock_is_mapped_back_zeroed_when_mapped_memory_runs_out() -> None:
+    h = model_host("unmapped", low_ram_mib=16, init_on_free=False)
+    m = h.machine
+    design = unmapped(h)
+    vm, g = guest_memfd(h, PAGES_PER_PMD)
+    with g.mmap(PAGES_PER_PMD * PAGE) as mem:
+        mem.fill(0, PAGES_PER_PMD * PAGE, 0x5A)
+    g.close()
+    vm.close()
+    (block,) = design.unmapped_blocks
+    frames = range(block << PAGEBLOCK_ORDER, (block + 1) << PAGEBLOCK_ORDER)
+    assert design.nr_free[block] == PAGES_PER_PMD and all(m.mem.secret_bytes(p) for p in frames)
+    while m.alloc.nr_free:
+        h.kernel_alloc()
+    assert m.trace.counts["pageblock_mapped"] == 0
+    pfn = h.kernel_alloc()  # the mapped lists are empty: the unmapped block comes back
+    assert pfn in frames and m.trace.counts["pageblock_mapped"] == 1
+    assert not design.unmapped_blocks and not design.free_list
+    assert all(m.dmap.present(p) and m.mem.secret_bytes(p) == 0 for p in frames)
+    m.inv.check_all()
+
+
 # --- the slow path: zap on insertion, restore on removal ---------------------------------------------
 def test_slow_path_zeroes_then_zaps_on_insertion_and_restores_then_zeroes_on_removal() -> None:
     h = model_host("filemap", trace="full", invariants="record")

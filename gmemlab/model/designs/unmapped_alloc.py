@@ -28,10 +28,12 @@ quotes, and what was not found.
   the mermap if the mapping is marked stale.  The folio then goes back to the
   unmapped free list: no direct-map change, no flush, no zeroing.
 
-Not modelled: the reverse flip (a *mapped* allocation taking back a free
-unmapped pageblock, mapping it and zeroing it, RFC 17/19), compaction, and the
-per-CPU page lists (one extra pcplist bank per CPU for the unmapped freetype).
-A pageblock stays unmapped once flipped.
+* The reverse flip: when the mapped free lists run dry, a wholly free unmapped
+  pageblock is mapped back and zeroed ("when a block is mapped it needs to be
+  zeroed to ensure no residual data is available", RFC 17/19).
+
+Not modelled: compaction, partly free blocks changing sides, and the per-CPU
+page lists (one extra pcplist bank per CPU for the unmapped freetype).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from gmemlab.model.mm.filemap import AddressSpace, mapping_no_direct_map
 from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.memmap import FRAME_FREE, KIND_FILE, KIND_KERNEL, KIND_NONE
 from gmemlab.model.mm.mermap import Mermap, mermap_flush_tlb, mermap_get, mermap_put
+from gmemlab.model.mm.page_alloc import clear_page
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import PAGES_PER_PMD
@@ -75,6 +78,7 @@ class UnmappedAlloc(FilemapZap):
         # free_area[0].free_list[MIGRATE_UNMOVABLE | FREETYPE_UNMAPPED]: LIFO, as the
         # pcplists hand back the page freed last.
         self.free_list: list[int] = []
+        self.nr_free: dict[int, int] = {}  # pageblock -> its pages on the unmapped free list
         self.mermap = Mermap()
 
     # --- mm/page_alloc.c: the unmapped freetype -----------------------------------------------
@@ -103,6 +107,7 @@ class UnmappedAlloc(FilemapZap):
                     m.trace.emit(fn, "alloc_fail", -1, {"err": "ENOMEM"})
                     return -ENOMEM
                 pfn = self.free_list.pop()
+                self.nr_free[pfn >> PAGEBLOCK_ORDER] -= 1
                 m.mem.reset_for_alloc(pfn, KIND_FILE)
                 m.trace.emit(fn, "alloc_page", pfn, {"kind": "file", "freetype": "unmapped"})
                 return pfn
@@ -153,6 +158,50 @@ class UnmappedAlloc(FilemapZap):
         mem.mapping[pfn] = 0
         mem.refcount[pfn] = 0
         self.free_list.append(pfn)
+        block = pfn >> PAGEBLOCK_ORDER
+        self.nr_free[block] = self.nr_free.get(block, 0) + 1
+
+    def map_unmapped_block(self, m: Machine) -> KGen[bool]:
+        """``__rmqueue_direct_map()`` towards the mapped freetype: a free unmapped pageblock
+        goes back to the direct map, zeroed, and its pages to the mapped free lists.
+
+        RFC 17/19: "when a block is mapped it needs to be zeroed to ensure no
+        residual data is available" (the stored excerpt stops there), and the
+        block is taken whole under the zone lock, then mapped with the lock
+        dropped.  Mapping needs no flush.  Our choices: only a wholly free block
+        (the model has no buddy merging of partly free ones), the lowest first;
+        it is zeroed through the direct map once mapped.
+        """
+        fn = "__rmqueue_direct_map"
+        yield ("alloc", "zone")
+        free = sorted(b for b, n in self.nr_free.items() if n == PAGES_PER_PMD)
+        if not free:
+            return False
+        block = free[0]
+        base = block << PAGEBLOCK_ORDER
+        frames = range(base, base + PAGES_PER_PMD)
+        self.free_list = [pfn for pfn in self.free_list if pfn >> PAGEBLOCK_ORDER != block]
+        del self.nr_free[block]
+        self.unmapped_blocks.discard(block)  # set_pageblock_freetype(): mapped again
+        mem = m.mem
+        for pfn in frames:
+            mem.reset_for_alloc(pfn, KIND_KERNEL)
+        r = yield from set_direct_map_block_noflush(m, base, True)
+        if r:  # still unmapped: back to the unmapped list
+            self.unmapped_blocks.add(block)
+            for pfn in frames:
+                self._free_to_unmapped_list(m, pfn)
+            return False
+        for pfn in frames:
+            yield from clear_page(m, pfn, fn)
+        yield ("alloc", "zone")
+        for pfn in frames:
+            mem.state[pfn] = FRAME_FREE
+            mem.kind[pfn] = KIND_NONE
+            mem.refcount[pfn] = 0
+            m.alloc.give(pfn)
+        m.trace.emit(fn, "pageblock_mapped", base, {"pages": len(frames)})
+        return True
 
     def free_unmapped_frame(self, m: Machine, pfn: int) -> KGen[bool]:
         """``free_unref_folios()`` -> ``__free_one_page()`` with the pageblock's freetype.
