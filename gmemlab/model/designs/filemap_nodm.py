@@ -26,10 +26,10 @@ secretmem on the page cache.
 
 from __future__ import annotations
 
+from errno import EINVAL
 from typing import TYPE_CHECKING, ClassVar
 
 from gmemlab.model.designs.base import Design, FaultResult, arch_supports_no_direct_map
-from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
 from gmemlab.model.mm.filemap import (
     AS_NO_DIRECT_MAP,
     FGP_ACCESSED,
@@ -43,6 +43,7 @@ from gmemlab.model.mm.folio import folio_mark_uptodate
 from gmemlab.model.mm.locks import down_read, up_read
 from gmemlab.model.mm.memory import VM_FAULT_LOCKED, Vma, vmf_error
 from gmemlab.model.mm.page_alloc import clear_page
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_X86_SNP_VM, KVM_X86_TDX_VM, PAGE_SHIFT
@@ -50,7 +51,6 @@ from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_X86_SNP_VM, KVM_X86
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
-EINVAL = 22
 
 
 class FilemapZap(Design):

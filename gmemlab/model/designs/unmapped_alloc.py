@@ -38,6 +38,7 @@ page lists (one extra pcplist bank per CPU for the unmapped freetype).
 
 from __future__ import annotations
 
+from errno import ENOMEM
 from typing import TYPE_CHECKING, ClassVar
 
 from gmemlab.model.designs._block import alloc_block, set_direct_map_block_noflush
@@ -54,7 +55,6 @@ from gmemlab.uapi import PAGES_PER_PMD
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
-ENOMEM = 12
 PAGEBLOCK_ORDER = 9  # x86-64: pageblock_order = HPAGE_PMD_ORDER
 # Bit numbers of enum mapping_flags.  The v4 tree has AS_NO_DIRECT_MAP = 11 and
 # AS_MERMAP_STALE = 12; the model keeps v12's AS_NO_DIRECT_MAP = 12, so the stale bit
