@@ -9,7 +9,8 @@ from typing import Any
 
 from gmemlab.cli import UsageError
 from gmemlab.conformance.cases import CASES, Outcome
-from gmemlab.conformance.runner import CaseResult, Report, compare
+from gmemlab.conformance.recorded import RECORDED_ON
+from gmemlab.conformance.runner import RECORDED_KERNEL, CaseResult, Report, compare
 from gmemlab.report import dump_json, table
 
 WIDTH = 46
@@ -75,9 +76,15 @@ def short(o: Outcome) -> str:
 def render(r: Report) -> str:
     real = "linux" if r.live else "linux (recorded)"
     out = [f"real:  {r.real_name}" + ("" if r.live else " [recorded]"), f"{r.model_name}", ""]
-    rows = [[c.case.name, short(c.real), short(c.model), "yes" if c.match else "NO"]
-            for c in r.results]
+    rows = [[c.case.name + (" *" if c.recorded else ""), short(c.real), short(c.model),
+             "yes" if c.match else "NO"] for c in r.results]
     out.append(table(["case", real, "model", "match"], rows, align="llll"))
+    recorded = [c for c in r.results if c.recorded]
+    if recorded:
+        out.append(f"\n* {len(recorded)} cases need guest_memfd, which the running kernel lacks: "
+                   f"compared with the outcomes recorded on {RECORDED_ON}, on the model of that "
+                   f"kernel ({RECORDED_KERNEL.profile.name}, design {RECORDED_KERNEL.design}); "
+                   f"{len(r.results) - len(recorded)} ran live.")
     n, bad = len(r.results), len(r.mismatches)
     out.append(f"\n{n - bad} of {n} cases match" + ("." if not bad else f"; {bad} differ:"))
     for c in r.mismatches:
@@ -95,7 +102,8 @@ def render(r: Report) -> str:
 
 def _result_json(c: CaseResult) -> dict[str, Any]:
     return {"case": c.case.name, "real": c.real, "model": c.model, "match": c.match,
-            "flag_dependent": c.case.direct_map_dependent, "note": c.note or None}
+            "flag_dependent": c.case.direct_map_dependent, "note": c.note or None,
+            "recorded": c.recorded}
 
 
 def as_json(r: Report) -> dict[str, Any]:
