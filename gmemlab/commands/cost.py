@@ -71,10 +71,10 @@ def _measurement(args: argparse.Namespace) -> Any:
             raise UsageError(str(e)) from None
     import json
 
-    from gmemlab.twin import available
+    from gmemlab.twin import guest_memfd_available
     from gmemlab.twin.measure import MeasureConfig, run_measurement
 
-    ok, reason = available()
+    ok, reason = guest_memfd_available()
     if not ok:
         raise UsageError(f"--measure needs the real KVM: {reason}")
     _say(args.quiet)("measuring this machine (gmemlab measure --quick)")

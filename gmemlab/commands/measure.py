@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from gmemlab.twin import available
+    from gmemlab.twin import guest_memfd_available
     from gmemlab.twin.measure import MeasureConfig, format_report, run_measurement
 
     config = MeasureConfig.quick() if args.quick else MeasureConfig()
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--iterations must be positive")
         config = replace(config, roundtrip_iterations=args.iterations)
     config = replace(config, cpu=None if args.cpu < 0 else args.cpu)
-    ok, reason = available()
+    ok, reason = guest_memfd_available()
     if not ok:
         print(f"gmemlab measure: {reason}", file=sys.stderr)
         return 1
