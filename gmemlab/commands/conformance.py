@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from gmemlab.cli import UsageError
+from gmemlab.cli import UsageError, name_list
 from gmemlab.conformance.cases import CASES, Outcome
 from gmemlab.conformance.recorded import RECORDED_ON
 from gmemlab.conformance.runner import RECORDED_KERNEL, CaseResult, Report, compare
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "NO_DIRECT_MAP variants, which the running kernel cannot run, are listed apart."
         ),
     )
-    p.add_argument("--case", action="append", metavar="NAME",
+    p.add_argument("--case", action="append", metavar="NAME[,NAME]", type=name_list,
                    help="run only this case (repeatable; a prefix selects several)")
     p.add_argument("--recorded", action="store_true",
                    help="compare with the recorded outcomes even if /dev/kvm is present")
@@ -38,9 +38,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def main(args: argparse.Namespace) -> int:
     names = None
     if args.case:
-        names = [n for n in CASES if any(n == c or n.startswith(c) for c in args.case)]
+        wanted = [c for cases in args.case for c in cases]
+        names = [n for n in CASES if any(n.startswith(c) for c in wanted)]
         if not names:
-            raise UsageError(f"no case matches {', '.join(args.case)}; see --help or the list in "
+            raise UsageError(f"no case matches {', '.join(wanted)}; see --help or the list in "
                              "gmemlab/conformance/cases.py")
     real = None
     reason = ""
