@@ -9,8 +9,8 @@ Which ``gmemlab`` the tests import: when gmemlab is installed as a copy (``pip i
 as CI does), the installed copy, never the source tree, so that a file missing from the
 wheel fails here.  ``python -m pytest`` puts the tree first on ``sys.path``; the tree's
 entries are moved behind site-packages before gmemlab is first imported (``tests.*``
-still resolves from the tree).  With an editable install, or none, the tree is what is
-tested (the header of the run says which).
+still resolves from the tree, which is appended when pytest runs from elsewhere).  With
+an editable install, or none, the tree is what is tested (the run's header says which).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ def installed_copy() -> importlib.metadata.Distribution | None:
 
 
 INSTALLED = installed_copy()
-if INSTALLED is not None:
-    if "gmemlab" in sys.modules:
-        raise RuntimeError("gmemlab was imported before tests/conftest.py could pick the installed copy")
+if INSTALLED is not None:  # (if gmemlab was imported earlier, the assert below says from where)
     sys.path[:] = [p for p in sys.path if not _in_tree(p)] + [p for p in sys.path if _in_tree(p)]
+if not any(_in_tree(p) for p in sys.path):
+    sys.path.append(str(ROOT))  # `from tests.conftest import ...` wherever pytest was started
 
 import gmemlab  # noqa: E402  (after the sys.path decision above)
 
