@@ -122,17 +122,18 @@ def vma_has_no_direct_map(m: Machine, vma: Vma) -> bool:
 TASK_SIZE = 0x7FFF_FFFF_F000
 
 
-def mmap_room(m: Machine, mm: MmStruct, length: int, vm_flags: int) -> bool:
-    """Whether ``do_mmap()`` may place ``length`` bytes: its -ENOMEM checks (6.18, mm/mmap.c).
+def mmap_room(m: Machine, length: int, vm_flags: int) -> bool:
+    """Whether ``do_mmap()`` may map ``length`` bytes: its -ENOMEM checks (6.18, mm/mmap.c).
 
-    ``__get_unmapped_area()`` refuses ``len > TASK_SIZE`` and finds no gap when the
-    space left below TASK_SIZE is too small; ``__mmap_region()`` charges a private
-    writable mapping (``accountable_mapping()``) through ``__vm_enough_memory()``,
-    whose default heuristic (``vm.overcommit_memory`` = 0, OVERCOMMIT_GUESS) refuses
-    more pages than RAM plus swap (the model has no swap).  The other overcommit
+    ``__get_unmapped_area()`` refuses ``len > TASK_SIZE``; ``__mmap_region()`` charges
+    a private writable mapping (``accountable_mapping()``) through
+    ``__vm_enough_memory()``, whose default heuristic (``vm.overcommit_memory`` = 0,
+    OVERCOMMIT_GUESS) refuses more pages than RAM plus swap (the model has no swap).
+    Running out of gaps is not judged here: the model places mappings one after the
+    other (``MmStruct.next_addr``), not in the kernel's gaps.  The other overcommit
     modes and RLIMIT_AS are not modelled.
     """
-    if length > TASK_SIZE or mm.next_addr + length > TASK_SIZE:
+    if length > TASK_SIZE:
         return False
     if vm_flags & (VM_SHARED | VM_WRITE) == VM_WRITE:
         return length >> PAGE_SHIFT <= sum(hi - lo for lo, hi in m.ram)
@@ -147,7 +148,7 @@ def do_mmap(m: Machine, proc: Process, file: File | None, length: int, offset: i
     length = -(-length // PAGE_SIZE) * PAGE_SIZE
     mm = proc.mm
     flags = VM_READ | VM_WRITE | ((VM_SHARED | VM_MAYSHARE) if shared else 0)
-    if not mmap_room(m, mm, length, flags):
+    if not mmap_room(m, length, flags):
         return -ENOMEM
     vma = Vma(mm, mm.next_addr, mm.next_addr + length, offset >> PAGE_SHIFT, flags, file, fault)
     if file is not None:
