@@ -82,12 +82,11 @@ def test_measure_command(shared_host: twin.TwinHost, tmp_path: Path) -> None:
     assert result["machine"]["pinned_cpu"] is None
 
 
-def test_measure_rejects_bad_sizes() -> None:
-    from gmemlab.cli import UsageError
-
-    args = _parser().parse_args(["measure", "--size-mib", "0"])
-    with pytest.raises(UsageError):
-        args.handler(args)
+def test_measure_rejects_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(["measure", "--size-mib", "0"])
+    assert e.value.code == 2
+    assert "argument --size-mib: 0 is outside" in capsys.readouterr().err
 
 
 def test_quick_config() -> None:
