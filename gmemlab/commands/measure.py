@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from gmemlab.twin import guest_memfd_available
+    from gmemlab.twin import available
     from gmemlab.twin.measure import MeasureConfig, format_report, run_measurement
 
     config = MeasureConfig.quick() if args.quick else MeasureConfig()
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.iterations is not None:
         config = replace(config, roundtrip_iterations=args.iterations)
     config = replace(config, cpu=args.cpu)
-    ok, reason = guest_memfd_available()
+    ok, reason = available()
     if not ok:
         print(f"gmemlab measure: {reason}", file=sys.stderr)
         return 1
