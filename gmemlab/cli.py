@@ -52,7 +52,6 @@ def choose(value: str, known: Iterable[str], what: str) -> tuple[str, ...]:
 # --- argument types: every check a command line gets, run by parse_args() before any work -------
 # Each returns the converted value or raises argparse.ArgumentTypeError, which argparse prints
 # as one "gmemlab COMMAND: error: argument --OPTION: ..." line, exit status 2.
-ArgType = Callable[[str], Any]
 
 
 def int_in(lo: int, hi: int) -> Callable[[str], int]:
