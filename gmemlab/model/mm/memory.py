@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from errno import EFAULT, EINVAL, ENOMEM
+from errno import EAGAIN, EFAULT, EINVAL, ENOMEM
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -119,6 +119,28 @@ def vma_has_no_direct_map(m: Machine, vma: Vma) -> bool:
 
 
 # --- mmap / munmap / mlock ------------------------------------------------------------------------
+# x86-64 with 4-level paging: the top of user space, one guard page below 2^47.
+TASK_SIZE = 0x7FFF_FFFF_F000
+
+
+def mmap_room(m: Machine, length: int, vm_flags: int) -> bool:
+    """Whether ``do_mmap()`` may map ``length`` bytes: its -ENOMEM checks (6.18, mm/mmap.c).
+
+    ``__get_unmapped_area()`` refuses ``len > TASK_SIZE``; ``__mmap_region()`` charges
+    a private writable mapping (``accountable_mapping()``) through
+    ``__vm_enough_memory()``, whose default heuristic (``vm.overcommit_memory`` = 0,
+    OVERCOMMIT_GUESS) refuses more pages than RAM plus swap (the model has no swap).
+    Running out of gaps is not judged here: the model places mappings one after the
+    other (``MmStruct.next_addr``), not in the kernel's gaps.  The other overcommit
+    modes and RLIMIT_AS are not modelled.
+    """
+    if length > TASK_SIZE:
+        return False
+    if vm_flags & (VM_SHARED | VM_WRITE) == VM_WRITE:
+        return length >> PAGE_SHIFT <= sum(hi - lo for lo, hi in m.ram)
+    return True
+
+
 def do_mmap(m: Machine, proc: Process, file: File | None, length: int, offset: int, *,
             shared: bool, fault: FaultHandler | None = None) -> KGen[int]:
     """``do_mmap()`` + ``->mmap``: returns the address or -errno."""
@@ -127,6 +149,8 @@ def do_mmap(m: Machine, proc: Process, file: File | None, length: int, offset: i
     length = -(-length // PAGE_SIZE) * PAGE_SIZE
     mm = proc.mm
     flags = VM_READ | VM_WRITE | ((VM_SHARED | VM_MAYSHARE) if shared else 0)
+    if not mmap_room(m, length, flags):
+        return -ENOMEM
     vma = Vma(mm, mm.next_addr, mm.next_addr + length, offset >> PAGE_SHIFT, flags, file, fault)
     if file is not None:
         r = yield from file.f_op.mmap(m, file, vma)
@@ -157,19 +181,35 @@ def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
 
 
 def do_mlock(m: Machine, proc: Process, addr: int, length: int) -> KGen[int]:
-    """``mlock()``: ``mlock_fixup()`` skips AS_NO_DIRECT_MAP VMAs; the rest is populated."""
+    """``do_mlock()`` (mm/mlock.c, 6.18; v12 04-06 for AS_NO_DIRECT_MAP): lock, then populate.
+
+    ``apply_vma_lock_flags()`` -> ``mlock_fixup()`` leaves a VMA that refuses GUP
+    (``vma_has_no_direct_map()``, ``vma_is_secretmem()`` before the series) without
+    VM_LOCKED.  ``__mm_populate(start, len, 0)`` then faults every page in through
+    ``__get_user_pages()`` and, unlike the MAP_POPULATE path, stops at the first error:
+    ``check_vma_flags()`` refuses those VMAs and a fault that fails (SIGBUS) is -EFAULT
+    too, which ``__mlock_posix_error_return()`` makes -ENOMEM; an OOM fault is -ENOMEM,
+    made -EAGAIN.  So mlock() of memfd_secret memory is ENOMEM (measured on 6.18.44).
+    RLIMIT_MEMLOCK is not modelled: the model's VMM has CAP_IPC_LOCK.
+    """
+    from gmemlab.model.mm.gup import FOLL_WRITE, check_vma_flags
+
     end = addr + length
-    for vma in list(proc.mm.vmas):
-        if vma.end <= addr or vma.start >= end:
-            continue
+    vmas = sorted((v for v in proc.mm.vmas if v.start < end and v.end > addr), key=lambda v: v.start)
+    for vma in vmas:
         if vma_has_no_direct_map(m, vma):
             m.trace.emit("mlock_fixup", "mlock_skip", -1, {"addr": vma.start})
             continue
         vma.flags |= VM_LOCKED
+    for vma in vmas:
+        # populate_vma_page_range(): write-fault private writable mappings (break COW).
+        write = vma.flags & (VM_WRITE | VM_SHARED) == VM_WRITE
+        if check_vma_flags(m, vma, FOLL_WRITE if write else 0):
+            return -ENOMEM
         for a in range(max(addr, vma.start), min(end, vma.end), PAGE_SIZE):
-            pfn = yield from get_pte_or_fault(m, vma, a, write=False)
+            pfn = yield from get_pte_or_fault(m, vma, a, write=write)
             if pfn < 0:
-                break  # __mm_populate() ignores errors
+                return -EAGAIN if pfn == -VM_FAULT_OOM else -ENOMEM
     return 0
 
 
