@@ -63,12 +63,12 @@ from gmemlab.model.mm.memory import (
     VM_FAULT_SIGBUS,
     BulkOp,
     UserOp,
-    do_mlock,
     do_mmap,
     do_munmap,
     fault_name,
     walk_user,
 )
+from gmemlab.model.mm.mlock import do_mlock
 from gmemlab.model.mm.page_alloc import GFP_KERNEL, alloc_page, clear_page
 from gmemlab.model.mm.secretmem import sys_memfd_secret
 from gmemlab.model.mm.shmem import sys_memfd_create

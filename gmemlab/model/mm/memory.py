@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from errno import EAGAIN, EFAULT, EINVAL, ENOMEM
+from errno import EFAULT, EINVAL, ENOMEM
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -177,39 +177,6 @@ def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
     if vma.file is not None:
         vma.file.inode.mapping.i_mmap.remove(vma)
         yield from fput(m, vma.file)
-    return 0
-
-
-def do_mlock(m: Machine, proc: Process, addr: int, length: int) -> KGen[int]:
-    """``do_mlock()`` (mm/mlock.c, 6.18; v12 04-06 for AS_NO_DIRECT_MAP): lock, then populate.
-
-    ``apply_vma_lock_flags()`` -> ``mlock_fixup()`` leaves a VMA that refuses GUP
-    (``vma_has_no_direct_map()``, ``vma_is_secretmem()`` before the series) without
-    VM_LOCKED.  ``__mm_populate(start, len, 0)`` then faults every page in through
-    ``__get_user_pages()`` and, unlike the MAP_POPULATE path, stops at the first error:
-    ``check_vma_flags()`` refuses those VMAs and a fault that fails (SIGBUS) is -EFAULT
-    too, which ``__mlock_posix_error_return()`` makes -ENOMEM; an OOM fault is -ENOMEM,
-    made -EAGAIN.  So mlock() of memfd_secret memory is ENOMEM (measured on 6.18.44).
-    RLIMIT_MEMLOCK is not modelled: the model's VMM has CAP_IPC_LOCK.
-    """
-    from gmemlab.model.mm.gup import FOLL_WRITE, check_vma_flags
-
-    end = addr + length
-    vmas = sorted((v for v in proc.mm.vmas if v.start < end and v.end > addr), key=lambda v: v.start)
-    for vma in vmas:
-        if vma_has_no_direct_map(m, vma):
-            m.trace.emit("mlock_fixup", "mlock_skip", -1, {"addr": vma.start})
-            continue
-        vma.flags |= VM_LOCKED
-    for vma in vmas:
-        # populate_vma_page_range(): write-fault private writable mappings (break COW).
-        write = vma.flags & (VM_WRITE | VM_SHARED) == VM_WRITE
-        if check_vma_flags(m, vma, FOLL_WRITE if write else 0):
-            return -ENOMEM
-        for a in range(max(addr, vma.start), min(end, vma.end), PAGE_SIZE):
-            pfn = yield from get_pte_or_fault(m, vma, a, write=write)
-            if pfn < 0:
-                return -EAGAIN if pfn == -VM_FAULT_OOM else -ENOMEM
     return 0
 
 
