@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from gmemlab.model.designs.base import KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.trace import TraceEvent
 
 if TYPE_CHECKING:
@@ -95,6 +96,13 @@ INVARIANTS: dict[str, Invariant] = {
             "a speculative kernel read through the direct map never reaches a NO_DIRECT_MAP "
             "folio that is mapped to the guest or to userspace",
             "§7.1 threat model; §3.7 stale TLB window",
+        ),
+        Invariant(
+            "free-frame-unmarked",
+            "a frame returned to the page allocator carries no KVM_GMEM_FOLIO_NO_DIRECT_MAP "
+            "marker in folio->private (judged before the allocator's reset clears it)",
+            "§8 bug 5 (v8: restore did not clear the marker); v12 10/16 "
+            "kvm_gmem_folio_restore_direct_map() clears it",
         ),
         Invariant(
             "no-mapping-of-free-frame",
@@ -211,6 +219,13 @@ class Invariants:
                 pfn,
             )
         mem = m.mem
+        if mem.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP:
+            self.fail(
+                "free-frame-unmarked",
+                f"pfn {pfn:#x} returned to the page allocator with KVM_GMEM_FOLIO_NO_DIRECT_MAP "
+                "still set in folio->private",
+                pfn,
+            )
         if mem.mapcount[pfn] or mem.s2count[pfn]:
             self.fail(
                 "no-mapping-of-free-frame",
