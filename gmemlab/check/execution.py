@@ -51,9 +51,9 @@ from dataclasses import dataclass
 from types import GeneratorType
 from typing import Any, cast
 
+from gmemlab.api import KernelError
 from gmemlab.check.digest import Namer
 from gmemlab.check.scenarios import Scenario
-from gmemlab.api import KernelError
 from gmemlab.check.world import Op, World
 from gmemlab.model.designs import Design, get_design
 from gmemlab.model.invariants import INVARIANTS, KernelOops
@@ -204,11 +204,16 @@ class Execution:
             results: list[Any] = []
             run = ActorRun(a.name, task, _actor_body(self.world, task, a.ops, results), results,
                            a.ops)
+            self.actors.append(run)
             try:
                 run.pending = next(run.gen)
             except StopIteration:
                 run.done = True
-            self.actors.append(run)
+            except Exception as e:  # an operation that raised before its first yield
+                run.done = True
+                self.crashed = True
+                self.setup_broken.append(crash_report(e, f"actor {a.name}, before its first step"))
+                return
         self.namer.name_world(self.world, ((r.task, a.ops) for r, a in zip(self.actors, scenario.actors,
                                                                            strict=True)))
 

@@ -1,4 +1,9 @@
-"""The bugs review found in the series, as the checker finds them.
+"""The bugs review found in the series, as the checker finds them, and the catalogue of verdicts.
+
+``KNOWN_BUGS``: each bug review found, as the checker reports it.
+``EXPECTED``: for each design and scenario, every property the design is
+expected to break there; ``gmemlab check`` exits 0 when every verdict is as
+catalogued and names what is new (:func:`judge`).
 
 Each entry names a design, a standard scenario and the invariant the
 checker reports first, with the length of the shortest schedule that breaks
@@ -12,6 +17,9 @@ through, for a reader to check it is the bug named.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+from gmemlab.check.explore import Result
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,3 +71,87 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
              "pagecache", "fault-punch", (), "invalidate-before-restore", 24,
              ("filemap_free_folio",)),
 )
+
+
+# --- what each design is expected to break, cell by cell ------------------------------------------
+ALL_PROFILES = ("*",)
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """Every property ``design`` breaks in ``scenario`` (explored with ``--all``), and why.
+
+    ``profiles``: where this holds (``*``: every profile the design offers the
+    flag on).  A cell not listed is expected to pass.
+    """
+
+    design: str
+    scenario: str
+    breaks: frozenset[str]
+    why: str
+    profiles: tuple[str, ...] = ALL_PROFILES
+
+
+Status = Literal["ok", "new", "gone", "skip"]
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """A cell's verdict held against the catalogue."""
+
+    status: Status
+    expected: frozenset[str]  # what the catalogue says breaks here (ignored properties left out)
+    new: tuple[str, ...] = ()  # broken, not catalogued
+    gone: tuple[str, ...] = ()  # catalogued, no longer broken
+    note: str = ""  # catalogued properties a bounded or random search did not reach
+
+    def describe(self) -> str:
+        if self.status == "skip":
+            return "skipped"
+        parts = []
+        if self.new:
+            parts.append("NEW " + ", ".join(self.new))
+        if self.gone:
+            parts.append("GONE " + ", ".join(self.gone))
+        if not parts:
+            parts.append("as catalogued" if self.expected else "as expected")
+        if self.note:
+            parts.append(self.note)
+        return "; ".join(parts)
+
+
+def expected(design: str, scenario: str, profile: str) -> Expected | None:
+    for e in EXPECTED:
+        if e.design == design and e.scenario == scenario and (
+                e.profiles == ALL_PROFILES or profile in e.profiles):
+            return e
+    return None
+
+
+def judge(result: Result, ignore: frozenset[str] = frozenset(), *,
+          all_violations: bool = False) -> Judgement:
+    """Hold ``result`` to the catalogue.
+
+    New: a property broken that the catalogue does not list for the cell.  Gone:
+    a catalogued property an exhaustive, unbounded search no longer finds (all
+    of them with ``--all``; stopping at the first, the cell no longer fails).  A
+    bounded or random search that misses one says so but is not a failure: it
+    may not have reached it.
+    """
+    if result.skipped is not None:
+        return Judgement("skip", frozenset())
+    entry = expected(result.design, result.scenario, result.profile)
+    want = (entry.breaks if entry else frozenset()) - ignore
+    found = [c.invariant for c in result.found]
+    new = tuple(p for p in found if p not in want)
+    missing = sorted(want - set(found)) if all_violations else (
+        sorted(want) if want and not found else [])
+    exhaustive = (result.mode == "exhaustive" and not result.bound_hits
+                  and result.bounds.preemptions is None)
+    gone = tuple(missing) if exhaustive else ()
+    note = "" if exhaustive or not missing else (
+        f"catalogued {', '.join(missing)} not reached by this "
+        f"{'random' if result.mode == 'random' else 'bounded'} search")
+    return Judgement("new" if new else "gone" if gone else "ok", want, new, gone, note)
+
+EXPECTED: tuple[Expected, ...] = ()

@@ -44,15 +44,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gmemlab.model.fs import File, fput, get_file
-from gmemlab.model.kvm.guest_memfd import kvm_gmem_fallocate
+from gmemlab.model.kvm.guest_memfd import kvm_gmem_fallocate, kvm_gmem_no_direct_map
 from gmemlab.model.kvm.mmu import kvm_mmu_page_fault
-from gmemlab.model.kvm.vcpu import Vcpu
+from gmemlab.model.kvm.vcpu import Vcpu, kvm_write_system_time
 from gmemlab.model.machine import Machine
 from gmemlab.model.mm.filemap import AddressSpace
-from gmemlab.model.mm.locks import down_read, down_write, up_read, up_write
-from gmemlab.model.kvm.guest_memfd import kvm_gmem_no_direct_map
-from gmemlab.model.kvm.vcpu import kvm_write_system_time
 from gmemlab.model.mm.gup import FOLL_PIN, get_user_pages, put_pages
+from gmemlab.model.mm.locks import down_read, down_write, up_read, up_write
 from gmemlab.model.mm.memory import Process, do_mlock, do_munmap, get_pte_or_fault
 from gmemlab.model.mm.page_alloc import __GFP_ZERO, GFP_KERNEL, alloc_page
 from gmemlab.model.mm.tlb import kernel_access, speculative_read
