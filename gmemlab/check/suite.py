@@ -56,8 +56,8 @@ def flag_refused(design: DesignSpec, profile: str) -> str | None:
            "can_set_direct_map() is false" if not prof.can_set_direct_map else
            "no FEAT_S2FWB" if prof.arch == "arm64" and not prof.s2fwb else
            "not in this version")
-    return (f"{d.name} does not offer GUEST_MEMFD_FLAG_NO_DIRECT_MAP on {profile} ({why}; "
-            f"KVM_CAP_GUEST_MEMFD_FLAGS = {flags:#x})")
+    return (f"{d.name} does not offer NO_DIRECT_MAP on {profile}: {why} "
+            f"(KVM_CAP_GUEST_MEMFD_FLAGS = {flags:#x})")
 
 
 def check_one(design: DesignSpec, scenario: Scenario, opts: Options = Options(), *,
