@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gmemlab.check.explore import Bounds, Counterexample, Result, explore
 from gmemlab.check.known import EXPECTED, KNOWN_BUGS, expected, judge
 from gmemlab.check.scenarios import STANDARD, get_scenario
-from gmemlab.check.suite import series_designs
+from gmemlab.check.suite import check_one, series_designs
 
 
 def test_v12_passes_every_standard_scenario_exhaustively(v12_suite: list[Result]) -> None:
@@ -93,3 +95,11 @@ def test_a_verdict_is_judged_against_the_catalogue() -> None:
     j = judge(_result("v9", "fault-punch", [], mode="random"))
     assert j.status == "ok" and "random" in j.note
     assert judge(_result("v12", "fault-punch", [], skipped="why")).status == "skip"
+
+
+@pytest.mark.parametrize("design", ["v9", "v7", "noflush", "pagecache", "batch"])
+def test_the_historical_designs_break_what_the_catalogue_says(design: str) -> None:
+    """The whole catalogue was drawn from ``gmemlab check --all --profile all``; here a sample."""
+    for name in ("fault-punch", "plain-beside"):
+        j = judge(check_one(design, get_scenario(name)))
+        assert j.status == "ok", (design, name, j.describe())
