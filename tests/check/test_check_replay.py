@@ -48,7 +48,7 @@ def test_the_counterexample_shows_lanes_the_break_and_the_command() -> None:
     s = get_scenario("lifecycle")
     cx = explore(s, "v7").found[0]
     text = render_counterexample(s, "v7", "v7", cx)
-    assert "invariant 'marker-matches-direct-map' broken after 16 steps" in text
+    assert "property 'marker-matches-direct-map' broken after 16 steps" in text
     assert "vmm (cpu0)" in text and "kalloc (cpu1)" in text
     assert ">> user fault page 0" in text
     assert "kernel functions at the break: vmm > _user_fault" in text
