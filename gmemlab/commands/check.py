@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
         for name in property_names():
             summary, source = describe(name)
-            print(f"  {name:<27} {summary}\n  {'':<27}   ({source})")
+            print(f"  {name:<28} {summary}\n  {'':<28}   ({source})")
         return 0
 
     designs = _names(args.design) or series_designs()
