@@ -35,6 +35,7 @@ from gmemlab.uapi import (
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    to_u64,
 )
 
 if TYPE_CHECKING:
@@ -357,7 +358,7 @@ def kvm_set_memory_attributes(m: Machine, kvm: Kvm, address: int, size: int,
     supported = KVM_MEMORY_ATTRIBUTE_PRIVATE if prof.has_private_mem(kvm.vm_type) else 0
     if flags or attributes & ~supported:
         return -EINVAL
-    if size == 0 or address + size < address:
+    if size == 0 or to_u64(address + size) < address:  # the u64 sum wraps
         return -EINVAL
     if address % PAGE_SIZE or size % PAGE_SIZE:
         return -EINVAL
@@ -378,13 +379,15 @@ def kvm_set_memory_attributes(m: Machine, kvm: Kvm, address: int, size: int,
 
 
 def kvm_destroy_vm(m: Machine, kvm: Kvm) -> KGen[None]:
-    """``kvm_destroy_vm()``: zap everything, free the memslots (unbinding guest_memfd)."""
+    """``kvm_destroy_vm()``: zap everything, free the memslots (unbinding guest_memfd),
+    and take the VM off ``vm_list`` (``Machine.kvms``) so nothing keeps it alive."""
     kvm.destroyed = True
     m.trace.emit("kvm_destroy_vm", "vm_destroy", -1, {"vm": kvm.id})
     for slot in list(kvm.memslots.values()):
         yield from kvm_delete_memslot(m, kvm, slot)
     if kvm in kvm.owner.mm.notifiers:
         kvm.owner.mm.notifiers.remove(kvm)
+    m.kvms.pop(kvm.id, None)
 
 
 def kvm_read_guest(m: Machine, kvm: Kvm, gpa: int, length: int) -> KGen[bytes | int]:

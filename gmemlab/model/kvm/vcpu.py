@@ -14,6 +14,7 @@ direct map, so it fails on NO_DIRECT_MAP guest_memfd (the v5 FAQ gap).
 
 from __future__ import annotations
 
+import errno
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -200,8 +201,17 @@ def _batched(m: Machine, vcpu: Vcpu, op: Touch | Fill | Check) -> bool:
 
 
 def kvm_write_system_time(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int]:
-    """``MSR_KVM_SYSTEM_TIME_NEW``: ``kvm_gpc_activate()`` + refresh, then write pvclock."""
+    """``MSR_KVM_SYSTEM_TIME_NEW``: ``kvm_gpc_activate()`` + refresh, then write pvclock.
+
+    ``__kvm_gpc_refresh()`` (virt/kvm/pfncache.c) refuses a ``len`` that does not fit in
+    the page at ``gpa``'s offset with -EINVAL before mapping anything, and
+    ``kvm_gpc_check()`` then stays false, so ``kvm_setup_guest_pvclock()`` writes nothing:
+    a pvclock at an in-page offset above ``PAGE_SIZE - 32`` is never written.
+    """
     kvm = vcpu.kvm
+    if (gpa & (PAGE_SIZE - 1)) + PVCLOCK_SIZE > PAGE_SIZE:
+        m.trace.emit("kvm_gpc_refresh", "pfncache_fail", -1, {"gpa": gpa, "err": "EINVAL"})
+        return -errno.EINVAL
     slot = kvm.gfn_to_memslot(gpa >> PAGE_SHIFT)
     fn = "kvm_gpc_refresh"
     if slot is None:

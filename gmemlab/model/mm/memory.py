@@ -18,6 +18,7 @@ a fault it cannot resolve is ``-EFAULT`` instead of a signal.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -31,7 +32,7 @@ from gmemlab.model.mm.memmap import KIND_ANON
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page
 from gmemlab.model.mm.xarray import EMPTY, XArray
 from gmemlab.model.task import KGen
-from gmemlab.uapi import PAGE_SHIFT, PAGE_SIZE
+from gmemlab.uapi import PAGE_SHIFT, PAGE_SIZE, to_u64
 
 if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
@@ -53,7 +54,18 @@ VM_FAULT_RETRY = 0x400
 VM_FAULT_ERROR = VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_HWPOISON
 
 EFAULT, ENOMEM, EINVAL, EHWPOISON, EAGAIN = 14, 12, 22, 133, 11
-MMAP_BASE = 0x7F00_0000_0000
+# x86_64 with 4-level paging: user space is [0, TASK_SIZE), TASK_SIZE = (1 << 47) - PAGE_SIZE.
+TASK_SIZE = (1 << 47) - PAGE_SIZE
+# mmap_base() without randomization: TASK_SIZE minus the stack gap, which is clamped to at
+# least 128 MiB (an 8 MiB stack rlimit plus the guard gap is less).  Top-down mappings
+# start below it.
+MMAP_BASE = TASK_SIZE - (128 << 20)
+# TASK_UNMAPPED_BASE (mmap_legacy_base() without randomization): where the bottom-up
+# fallback of a failed top-down search starts.
+TASK_UNMAPPED_BASE = -(-(TASK_SIZE // 3) // PAGE_SIZE) * PAGE_SIZE
+# MAX_LFS_FILESIZE, file_mmap_size_max() of a regular file.
+MAX_LFS_FILESIZE = (1 << 63) - 1
+DEFAULT_MAX_MAP_COUNT = 65530  # sysctl vm.max_map_count
 # How many times a user access retries a fault that returned VM_FAULT_OOM before the
 # model gives up; the real task would retry forever (pagefault_out_of_memory()).
 OOM_RETRIES = 8
@@ -93,7 +105,7 @@ class Vma:
 @dataclass(eq=False, slots=True)
 class MmStruct:
     vmas: list[Vma] = field(default_factory=list)
-    next_addr: int = MMAP_BASE
+    mmap_base: int = MMAP_BASE
     # KVM instances whose memslots point into this mm (mmu_notifier subscribers).
     notifiers: list[Kvm] = field(default_factory=list)
 
@@ -118,26 +130,89 @@ def vma_has_no_direct_map(m: Machine, vma: Vma) -> bool:
 
 
 # --- mmap / munmap / mlock ------------------------------------------------------------------------
-def do_mmap(m: Machine, proc: Process, file: File | None, length: int, offset: int, *,
-            shared: bool, fault: FaultHandler | None = None) -> KGen[int]:
-    """``do_mmap()`` + ``->mmap``: returns the address or -errno."""
-    if length <= 0 or offset & (PAGE_SIZE - 1):
-        return -EINVAL
-    length = -(-length // PAGE_SIZE) * PAGE_SIZE
+def sys_mmap(m: Machine, proc: Process, file: File | None, length: int, offset: int, *,
+             shared: bool) -> KGen[int]:
+    """x86 ``sys_mmap()`` -> ``ksys_mmap_pgoff()`` -> ``do_mmap()`` (6.18), no address hint.
+
+    ``len`` and ``off`` are ``unsigned long``: a caller's value is converted first, so a
+    negative offset is a huge page offset, which ``file_mmap_ok()`` refuses.
+    """
+    length, offset = to_u64(length), to_u64(offset)
+    if offset & (PAGE_SIZE - 1):
+        return -errno.EINVAL
+    return (yield from do_mmap(m, proc, file, length, offset >> PAGE_SHIFT, shared=shared))
+
+
+def do_mmap(m: Machine, proc: Process, file: File | None, length: int, pgoff: int, *,
+            shared: bool) -> KGen[int]:
+    """``do_mmap()`` + ``mmap_region()`` + ``->mmap``: returns the address or -errno.
+
+    The checks in the kernel's order: a zero length is EINVAL; a length whose page
+    alignment wraps is ENOMEM; a page offset range that wraps is EOVERFLOW; then
+    ``get_unmapped_area()`` (ENOMEM when nothing fits below ``TASK_SIZE``), then
+    ``file_mmap_ok()`` (EOVERFLOW past ``MAX_LFS_FILESIZE``).  Nothing is mapped before
+    every check has passed.
+    """
+    if not length:
+        return -errno.EINVAL
+    length = to_u64(-(-length // PAGE_SIZE) * PAGE_SIZE)
+    if not length:
+        return -errno.ENOMEM
+    if pgoff + (length >> PAGE_SHIFT) > 0xFFFF_FFFF_FFFF_FFFF:
+        return -errno.EOVERFLOW
     mm = proc.mm
+    if len(mm.vmas) > DEFAULT_MAX_MAP_COUNT:
+        return -errno.ENOMEM
+    addr = get_unmapped_area(mm, length)
+    if addr < 0:
+        return addr
+    if file is not None and (length > MAX_LFS_FILESIZE
+                             or pgoff > (MAX_LFS_FILESIZE - length) >> PAGE_SHIFT):
+        return -errno.EOVERFLOW  # file_mmap_ok() of a regular file
     flags = VM_READ | VM_WRITE | ((VM_SHARED | VM_MAYSHARE) if shared else 0)
-    vma = Vma(mm, mm.next_addr, mm.next_addr + length, offset >> PAGE_SHIFT, flags, file, fault)
+    vma = Vma(mm, addr, addr + length, pgoff, flags, file, None)
     if file is not None:
         r = yield from file.f_op.mmap(m, file, vma)
         if r:
             return r
         get_file(file)
         file.inode.mapping.i_mmap.append(vma)
-    mm.next_addr += length + PAGE_SIZE  # leave a guard gap between mappings
     mm.vmas.append(vma)
     m.trace.emit("do_mmap", "mmap", -1, {"addr": vma.start, "len": length,
                                         "file": file.inode.kind if file else "anon"})
     return vma.start
+
+
+def get_unmapped_area(mm: MmStruct, length: int) -> int:
+    """x86 ``arch_get_unmapped_area_topdown()`` -> ``vm_unmapped_area()`` (no hint, no
+    alignment): the highest gap below ``mmap_base`` that fits, else bottom-up from
+    ``TASK_UNMAPPED_BASE`` to ``TASK_SIZE``; -ENOMEM if neither has room.
+
+    Unmapped ranges are reused, as in the kernel.
+    """
+    if length > TASK_SIZE:
+        return -errno.ENOMEM
+    used = sorted((v.start, v.end) for v in mm.vmas)
+    top = mm.mmap_base
+    for start, end in reversed(used):
+        if end <= top:
+            if top - end >= length:
+                return top - length
+            top = min(top, start)
+        elif start < top:
+            top = start
+    if top - PAGE_SIZE >= length:
+        return top - length
+    low = TASK_UNMAPPED_BASE
+    for start, end in used:
+        if end <= low:
+            continue
+        if start - low >= length:
+            return low
+        low = max(low, end)
+    if TASK_SIZE - low >= length:
+        return low
+    return -errno.ENOMEM
 
 
 def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
