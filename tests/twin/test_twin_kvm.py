@@ -151,8 +151,9 @@ def test_private_slot_is_guarded(host: twin.TwinHost) -> None:
         with pytest.raises(api.KernelError) as e:  # its GPA range is taken
             vm.set_user_memory_region2(2, 0, guestenv.PRIVATE_GPA, PAGE, 0)
         assert e.value.errno == errno.EEXIST
-    with pytest.raises(ValueError):  # closing the VM closed its vCPUs
-        vcpu.fileno()
+    with pytest.raises(api.KernelError) as closed:  # closing the VM closed its vCPUs
+        vcpu.run()
+    assert closed.value.errno == errno.EBADF
 
 
 def test_set_memory_attributes_reaches_the_kernel(host: twin.TwinHost) -> None:
