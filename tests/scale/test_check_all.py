@@ -9,6 +9,7 @@ from gmemlab.model import Host, MachineConfig
 from gmemlab.model.invariants import Invariants
 from gmemlab.model.mm.direct_map import PTE_NOT_PRESENT
 from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
+from gmemlab.model.mm.memmap import KIND_KERNEL, KIND_PGTABLE
 from gmemlab.uapi import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
@@ -50,6 +51,12 @@ def frame_by_frame(inv: Invariants) -> None:
     for kvm in m.kvms.values():
         for _gfn, pfn in kvm.spte.items():
             inv.on_handout(pfn, "stage-2 mapping")
+    held = {pfn for mapping in m.mappings.values() for _index, pfn in mapping.i_pages.items()}
+    held |= {pfn for proc in m.processes for vma in proc.mm.vmas for _p, pfn in vma.ptes.items()}
+    for pfn in range(mem.nr_pages):
+        if (mem.allocated(pfn) and pfn not in held and mem.kind[pfn] not in (KIND_KERNEL, KIND_PGTABLE)
+                and not m.design.holds_unmapped(m, pfn)):
+            inv.on_unowned(pfn)
 
 
 def broken_machine() -> Host:
@@ -69,6 +76,8 @@ def broken_machine() -> Host:
         m.dmap.set_pte(pfn, False)
     m.tlb.fill(1, 1, gmem.pfn(400 << 12))  # a stale translation of a mapped folio
     m.mem.mapping[gmem.pfn(500 << 12)] = 0  # out of the direct map, in no page cache
+    for page in (600, 601):  # off the page cache, never freed: leaked
+        gmem.file.inode.mapping.i_pages.erase(page)
     return h
 
 
@@ -83,5 +92,5 @@ def test_check_all_reports_what_a_frame_by_frame_sweep_reports() -> None:
     assert len(fast) >= 8
     assert {name for name, _, _ in fast} >= {
         "free-frame-in-direct-map", "zap-only-no-direct-map", "marker-matches-direct-map",
-        "handout-zapped", "handout-flushed"}
+        "handout-zapped", "handout-flushed", "frame-has-owner"}
     assert fast == slow

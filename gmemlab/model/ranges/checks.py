@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K, PTE_NOT_PRESENT, DirectMap
 from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
-from gmemlab.model.mm.memmap import FRAME_ALLOCATED, PG_locked
+from gmemlab.model.mm.memmap import FRAME_ALLOCATED, KIND_KERNEL, KIND_PGTABLE, PG_locked
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
@@ -111,6 +111,15 @@ def out_of_direct_map_suspects(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
                            if a.test(AS_NO_DIRECT_MAP) or a.kind == "secretmem"), np.int64)
     bad: NDArray[np.bool_] = (v.state[pfns] != FRAME_ALLOCATED) | ~np.isin(v.mapping[pfns], allowed)
     return bad
+
+
+def unowned_frames(m: Machine, owned: NDArray[np.bool_]) -> Pfns:
+    """The allocated frames ``check_all()`` found in no page cache or page table (``owned``
+    false), other than the kernel's own (its allocations and direct-map page tables, which
+    the model never frees): the suspects of a leak, ascending."""
+    v = m.mem.views()
+    return np.flatnonzero((v.state == FRAME_ALLOCATED) & ~owned & (v.kind != KIND_KERNEL)
+                          & (v.kind != KIND_PGTABLE)).astype(np.int64)
 
 
 def on_direct_map_change(m: Machine, pfns: Pfns, valid: bool) -> None:
