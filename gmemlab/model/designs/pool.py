@@ -150,6 +150,10 @@ class UnmappedPool(V12):
     def kvm_gmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
         yield from kvm_arch_gmem_invalidate(m, pfn)
 
+    def holds_unmapped(self, m: Machine, pfn: int) -> bool:
+        """Every frame the pool took stays out of the direct map, in use or not."""
+        return pfn in self.owned
+
     def free_unmapped_frame(self, m: Machine, pfn: int) -> KGen[bool]:
         """A pool frame's last reference went (truncation, or a lost insertion race):
         back to the pool, still unmapped, never to the page allocator."""
