@@ -295,3 +295,23 @@ def test_check_all_holds_on_every_owner_kind() -> None:
     h.kernel_alloc()
     h.machine.inv.check_all()
     assert h.machine.inv.counts["frame-has-owner"] == 0
+
+
+def test_memory_attributes_over_a_huge_range() -> None:
+    """Clearing attributes of a huge empty range is a no-op (the kernel's "nothing to do"
+    check); otherwise a range whose xarray nodes cannot fit is -ENOMEM at xa_reserve(),
+    and changes nothing."""
+    from gmemlab.uapi import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_SW_PROTECTED_VM
+
+    h = model_host("v12")
+    vm = h.open_kvm().create_vm(KVM_X86_SW_PROTECTED_VM)
+    vm.set_memory_attributes(0, 1 << 62, 0)
+    refused(h, errno.ENOMEM,
+            lambda: vm.set_memory_attributes(0, 1 << 62, KVM_MEMORY_ATTRIBUTE_PRIVATE))
+    assert not vm.kvm.attributes
+    vm.set_memory_attributes(GPA, 4 * PAGE_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    # Not all clear now: the kernel reserves every index of the range first, and fails.
+    refused(h, errno.ENOMEM, lambda: vm.set_memory_attributes(0, 1 << 62, 0))
+    assert len(vm.kvm.attributes) == 4
+    vm.set_memory_attributes(GPA, 4 * PAGE_SIZE, 0)
+    assert not vm.kvm.attributes

@@ -363,19 +363,52 @@ def kvm_set_memory_attributes(m: Machine, kvm: Kvm, address: int, size: int,
     if address % PAGE_SIZE or size % PAGE_SIZE:
         return -EINVAL
     start, end = address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT
+    return (yield from kvm_vm_set_mem_attributes(m, kvm, start, end, attributes))
+
+
+XA_NODE_BYTES, XA_CHUNK = 576, 64  # sizeof(struct xa_node) on 64-bit; slots per node
+
+
+def kvm_vm_set_mem_attributes(m: Machine, kvm: Kvm, start: int, end: int,
+                              attributes: int) -> KGen[int]:
+    """``kvm_vm_set_mem_attributes()`` (virt/kvm/kvm_main.c, 6.18).
+
+    Nothing to do if the whole range already has ``attributes`` (so clearing a huge
+    empty range is cheap, as in the kernel).  Otherwise every index is reserved in
+    ``mem_attr_array`` first (``xa_reserve()``, GFP_KERNEL_ACCOUNT): a range whose
+    xarray nodes do not fit in free memory fails there with -ENOMEM, before any
+    attribute or mapping changed.  Then invalidate, store, and end the invalidation.
+    """
+    yield from mutex_lock(m, kvm.slots_lock)
+    if _range_has_attributes(kvm, start, end, attributes):
+        yield from mutex_unlock(m, kvm.slots_lock)
+        return 0
+    if -(-(end - start) // XA_CHUNK) * XA_NODE_BYTES > m.alloc.nr_free * PAGE_SIZE:
+        yield from mutex_unlock(m, kvm.slots_lock)
+        return -ENOMEM
     yield from kvm.mmu_lock(m)
     kvm.mmu_invalidate_begin()
     kvm.mmu_invalidate_range_add(start, end)
     if (yield from kvm.unmap_gfn_range(m, start, end, "kvm_vm_set_mem_attributes")):
         kvm.flush_remote_tlbs(m)
-    for gfn in range(start, end):
-        if attributes:
+    if attributes:
+        for gfn in range(start, end):
             kvm.attributes[gfn] = attributes
-        else:
-            kvm.attributes.pop(gfn, None)
+    else:
+        for gfn in [g for g in kvm.attributes if start <= g < end]:
+            del kvm.attributes[gfn]
     kvm.mmu_invalidate_end()
     yield from kvm.mmu_unlock(m)
+    yield from mutex_unlock(m, kvm.slots_lock)
     return 0
+
+
+def _range_has_attributes(kvm: Kvm, start: int, end: int, attributes: int) -> bool:
+    """``kvm_range_has_memory_attributes(kvm, start, end, ~0, attributes)``."""
+    if not attributes:
+        return not any(start <= g < end for g in kvm.attributes)
+    return (end - start <= len(kvm.attributes)
+            and all(kvm.attributes.get(g) == attributes for g in range(start, end)))
 
 
 def kvm_destroy_vm(m: Machine, kvm: Kvm) -> KGen[None]:
