@@ -211,6 +211,9 @@ def test_guest_write_to_a_readonly_slot_is_mmio_and_changes_nothing(h: Host) -> 
     assert vcpu.stats()["mmio_exits"] == 1
     r = run_program(vcpu, GuestProgram().touch(GPA + PAGE_SIZE, PAGE_SIZE, write=True, value=7))
     assert r.last_exit == MmioWrite(GPA + PAGE_SIZE, b"\x07")
+    with pytest.raises(KernelError) as e:  # kvm-clock's pfncache wants a writable hva
+        vcpu.kvm_clock(GPA)
+    assert e.value.errno == errno.EFAULT
     assert mem.read(0, 2 * PAGE_SIZE) == b"\x5a" * (2 * PAGE_SIZE)
     assert vm.read_guest(GPA, 8) == b"\x5a" * 8
 

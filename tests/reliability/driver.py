@@ -107,6 +107,7 @@ class Slot:
     npages: int
     backing: Backing
     readonly: bool
+    uaddr: int  # userspace_addr: kvm-clock's pfncache goes through it, whatever is there now
     gmem: int = -1  # the Gmem it is bound to, or -1 (anonymous memory: the Map below)
     map: int = -1
 
@@ -237,7 +238,7 @@ class World:
             uaddr = m.mapping.addr if m is not None else 0
             v.vm.set_user_memory_region2(sid, KVM_MEM_GUEST_MEMFD, gpa, g.file.size, uaddr,
                                          g.file, 0)
-            v.slots[sid] = Slot(gpa, g.file.size // PAGE_SIZE, g.backing, False, gmem=src)
+            v.slots[sid] = Slot(gpa, g.file.size // PAGE_SIZE, g.backing, False, uaddr, gmem=src)
             return
         mi = ~src
         mp = self.map(mi)
@@ -245,7 +246,8 @@ class World:
             return
         flags = KVM_MEM_READONLY if readonly else 0
         v.vm.set_user_memory_region2(sid, flags, gpa, mp.mapping.length, mp.mapping.addr)
-        v.slots[sid] = Slot(gpa, mp.mapping.length // PAGE_SIZE, mp.backing, bool(readonly), map=mi)
+        v.slots[sid] = Slot(gpa, mp.mapping.length // PAGE_SIZE, mp.backing, bool(readonly),
+                            mp.mapping.addr, map=mi)
 
     def op_delete_slot(self, vm: int, sid: int) -> None:
         v = self.vm(vm)
@@ -355,6 +357,25 @@ class World:
         if not r.ok or r.reports != [want[byte % length]]:
             raise OracleMismatch(f"guest read of slot {sid} page {page}: {r}, want "
                                  f"{want[byte % length]:#x}{' everywhere' if uniform else ''}")
+
+    def op_kvm_clock(self, vm: int, sid: int, page: int, slot32: int) -> None:
+        """kvm-clock's pvclock (32 zero bytes here) written through the slot's
+        ``userspace_addr`` by GUP: refused on a read-only slot, on what GUP refuses, and
+        where nothing is mapped; else the bytes land in whatever mapping is there now."""
+        g = self._guest(vm, sid)
+        if g is None:
+            return
+        _v, s, vcpu = g
+        off = self._span(s.backing, page, 1)[0] + (slot32 % (PAGE_SIZE // 32)) * 32
+        hva = s.uaddr + off
+        target = next((mp for mp in self.maps if mp.mapped and s.uaddr
+                       and mp.mapping.addr <= hva < mp.mapping.addr + mp.mapping.length), None)
+        if s.readonly or target is None or target.gup_refused or not target.shared_ok:
+            self.refused(errno.EFAULT, lambda: vcpu.kvm_clock(s.gpa + off), "kvm_clock")
+            return
+        vcpu.kvm_clock(s.gpa + off)
+        at = hva - target.mapping.addr
+        target.backing.data[at : at + 32] = bytes(32)
 
     def op_fallocate(self, gi: int, page: int, n: int, punch: int) -> None:
         g = self.gmem(gi)
@@ -518,6 +539,7 @@ def generate(rng: random.Random, w: World) -> Op:
             (1, on_slot("delete_slot")),
             (8, on_slot("guest_fill", lambda: r(MAX_PAGES), lambda: r(1, 3), lambda: r(1, 256))),
             (8, on_slot("guest_read", lambda: r(MAX_PAGES), lambda: r(PAGE_SIZE))),
+            (2, on_slot("kvm_clock", lambda: r(MAX_PAGES), lambda: r(PAGE_SIZE // 32))),
         ]
     if gmems:
         choices += [

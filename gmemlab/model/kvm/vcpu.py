@@ -36,7 +36,7 @@ from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.gup import FOLL_WRITE, get_user_pages
 from gmemlab.model.mm.tlb import kernel_access
 from gmemlab.model.task import KGen, Task
-from gmemlab.uapi import PAGE_SHIFT, PAGE_SIZE
+from gmemlab.uapi import KVM_MEM_READONLY, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
@@ -215,6 +215,10 @@ def kvm_write_system_time(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int]:
     slot = kvm.gfn_to_memslot(gpa >> PAGE_SHIFT)
     fn = "kvm_gpc_refresh"
     if slot is None:
+        return -EFAULT
+    if slot.flags & KVM_MEM_READONLY:
+        # gfn_to_hva_memslot() asks for a writable hva: KVM_HVA_ERR_RO_BAD, -EFAULT.
+        m.trace.emit(fn, "pfncache_fail", -1, {"gpa": gpa, "err": "EFAULT"})
         return -EFAULT
     hva = slot.userspace_addr + (((gpa >> PAGE_SHIFT) - slot.base_gfn) << PAGE_SHIFT)
     pages = yield from get_user_pages(m, kvm.owner, hva, 1, FOLL_WRITE, "hva_to_pfn")
