@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gmemlab.api import KernelError, MmioWrite, SigBus, run_program
 from gmemlab.guest import GuestProgram
@@ -125,9 +125,10 @@ class Vm:
 class World:
     """The model host, the objects a sequence made, and the oracle of their contents."""
 
-    def __init__(self, design: str, profile: str) -> None:
+    def __init__(self, design: str, profile: str, *, range_paths: bool = True) -> None:
         self.design, self.profile = design, profile
-        self.h = Host(design=design, profile=profile, config=CONFIG)
+        self.h = Host(design=design, profile=profile,
+                      config=replace(CONFIG, range_paths=range_paths))
         self.kvm = self.h.open_kvm()
         self.gmem_ok = self.kvm.check_extension(KVM_CAP_GUEST_MEMFD) > 0
         self.vms: list[Vm] = []
@@ -135,7 +136,8 @@ class World:
         self.maps: list[Map] = []
         self.files: list[tuple[MemFile, Backing, str]] = []
         self.closed: list[Callable[[], object]] = []  # calls on closed objects
-        self.crashed = False
+        self.crashed = False  # the modelled kernel oopsed (a design known to)
+        self.ops: list[Op] = []  # what run_sequence() drew
         self.baseline = self.user_frames()
 
     # --- bookkeeping ------------------------------------------------------------------------
@@ -587,7 +589,8 @@ def play(ops: list[Op], design: str, profile: str) -> World:
     except KernelOops:
         if "kernel-oops" not in EXPECTED_VIOLATIONS.get(design, ()):
             raise
-        return w  # the modelled kernel crashed, as this design does: nothing more to judge
+        w.crashed = True  # as this design does: nothing more to judge
+        return w
     judge(w)
     return w
 
@@ -602,13 +605,24 @@ def judge(w: World) -> None:
         raise AssertionError(bad[0].format())
 
 
-def run_sequence(seed: int, design: str, profile: str, steps: int) -> int:
-    """Generate and run ``steps`` calls from ``seed``; returns how many ran.
+def outcome(w: World) -> tuple[object, ...]:
+    """What a sequence left: event counts and numbering, every frame's state, owner and
+    contents byte, the direct map.  The batched and per-page paths must leave the same."""
+    m = w.h.machine
+    v = m.mem.views()
+    counts = sorted((k, n) for k, n in m.trace.counts.items() if n)
+    return (counts, m.trace.seq, v.state.tobytes(), v.kind.tobytes(), v.refcount.tobytes(),
+            v.fill.tobytes(), m.dmap.meminfo())
+
+
+def run_sequence(seed: int, design: str, profile: str, steps: int, *,
+                 range_paths: bool = True) -> World:
+    """Generate and run ``steps`` calls from ``seed``, tear down and judge; returns the world.
 
     On a failure, raises :class:`SequenceFailure` with the seed and a shortened sequence.
     """
     rng = random.Random(f"{seed}/{design}/{profile}")
-    w = World(design, profile)
+    w = World(design, profile, range_paths=range_paths)
     ops: list[Op] = []
     try:
         for _ in range(steps):
@@ -620,9 +634,11 @@ def run_sequence(seed: int, design: str, profile: str, steps: int) -> int:
     except KernelOops:
         if "kernel-oops" not in EXPECTED_VIOLATIONS.get(design, ()):
             raise SequenceFailure(seed, design, profile, ops, *_shrunk(ops, design, profile)) from None
+        w.crashed = True
     except Exception:  # any failure is reported with its sequence
         raise SequenceFailure(seed, design, profile, ops, *_shrunk(ops, design, profile)) from None
-    return len(ops)
+    w.ops = ops
+    return w
 
 
 def _shrunk(ops: list[Op], design: str, profile: str) -> tuple[BaseException, list[Op]]:
