@@ -195,12 +195,9 @@ def get_unmapped_area(mm: MmStruct, length: int) -> int:
     used = sorted((v.start, v.end) for v in mm.vmas)
     top = mm.mmap_base
     for start, end in reversed(used):
-        if end <= top:
-            if top - end >= length:
-                return top - length
-            top = min(top, start)
-        elif start < top:
-            top = start
+        if end <= top and top - end >= length:
+            return top - length
+        top = min(top, start)
     if top - PAGE_SIZE >= length:
         return top - length
     low = TASK_UNMAPPED_BASE
