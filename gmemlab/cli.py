@@ -45,6 +45,17 @@ def choose(value: str, known: Iterable[str], what: str) -> tuple[str, ...]:
     return names
 
 
+def design_arg(value: str) -> str:
+    """A ``--design``: a design's name, or a user's design file (loaded now, so errors come first)."""
+    from gmemlab.model.designs import UnknownDesign, get_design
+
+    try:
+        get_design(value)
+    except UnknownDesign as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gmemlab",

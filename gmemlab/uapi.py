@@ -21,6 +21,9 @@ PTRS_PER_PTE = 512
 PAGES_PER_PMD = 1 << (PMD_SHIFT - PAGE_SHIFT)  # 512
 PAGES_PER_PUD = 1 << (PUD_SHIFT - PAGE_SHIFT)  # 262144
 
+# Linux errno values Python's errno module does not name (include/uapi/asm-generic/errno.h).
+EHWPOISON = 133  # memory page has hardware error
+
 
 # --- C integer types: what the kernel sees of a Python int passed as an argument ---------
 # A syscall argument or a uAPI struct field has a C type; a caller's value is converted to
@@ -45,6 +48,7 @@ def to_s64(v: int) -> int:
     """``(loff_t)v`` (``long long``)."""
     v &= 0xFFFF_FFFF_FFFF_FFFF
     return v - (1 << 64) if v >> 63 else v
+
 
 # --- ioctl encoding (include/uapi/asm-generic/ioctl.h) -----------------------
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14

@@ -93,8 +93,8 @@ def ram_gib_for(size: int) -> float:
     return size / GIB * (1 + 1 / 256) + 1
 
 
-def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | None = None
-        ) -> dict[str, Any]:
+def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | None = None,
+        design: str = "v12") -> dict[str, Any]:
     """Run the ``kind`` lifecycle of a ``size``-byte guest; see the module docstring."""
     if kind not in KINDS:
         raise ValueError(f"unknown lifecycle {kind!r} ({', '.join(KINDS)})")
@@ -104,7 +104,7 @@ def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | No
     t0c, t0w = time.process_time(), time.perf_counter()
     config = MachineConfig(ram_gib=ram_gib_for(size), trace="off", invariants="stop",
                            range_paths=not per_page)
-    host = Host(config=config)
+    host = Host(config=config, design=design)
     m = host.machine
     free_before = m.alloc.nr_free
     boot = {"cpu_s": time.process_time() - t0c, "wall_s": time.perf_counter() - t0w}
@@ -161,9 +161,12 @@ def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | No
                            f"{pt_pages} are direct-map page tables")
     return {
         "kind": kind,
+        "design": m.design.name,
         "size_bytes": size,
         "pages": pages,
         "per_page_path": per_page,
+        "batched_paths": m.gate.mirror is not None,
+        "paths_reason": m.gate.reason,
         "boot": boot,
         "ops": clock.ops,
         "lifecycle_wall_s": sum(op["wall_s"] for op in clock.ops.values()),
@@ -250,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("size_gib", type=float)
     p.add_argument("kind", choices=KINDS)
     p.add_argument("--per-page", action="store_true", help="force the per-page generator paths")
+    p.add_argument("--design", default="v12", help="design name or design file (default: v12)")
     p.add_argument("--work-gib", type=float, default=0.0,
                    help="run lifecycles back to back until they have handled this many GiB "
                         "(default: one lifecycle)")
@@ -258,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     if size <= 0:
         p.error("the guest needs at least one page")
     count = max(1, math.ceil(args.work_gib * GIB / size))
-    label = f"{args.size_gib:g} GiB {args.kind}" + (" per page" if args.per_page else "")
+    label = (f"{args.size_gib:g} GiB {args.kind}" + (" per page" if args.per_page else "")
+             + (f" ({args.design})" if args.design != "v12" else ""))
     # Warm the process first (imports done lazily on first use, first calls into
     # numpy), so that every size measures the same steady state and a short run at
     # 1 GiB is not charged a fixed start-up cost the 64 GiB run spreads thinner.
-    run(WARMUP_BYTES, args.kind, per_page=args.per_page)
+    run(WARMUP_BYTES, args.kind, per_page=args.per_page, design=args.design)
     bar = Bar(label if count == 1 else f"{label} x{count}")
     results = []
     try:
@@ -274,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             # one now, or the next lifecycles pile up beside it and the peak RSS is not
             # one guest's (the count-based collector does not see the bytes).
             gc.collect()
-            results.append(run(size, args.kind, per_page=args.per_page, progress=progress))
+            results.append(run(size, args.kind, per_page=args.per_page, progress=progress,
+                               design=args.design))
     finally:
         bar.close()
     json.dump(combine(results), sys.stdout)

@@ -116,11 +116,23 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     return out
 
 
+def paths_line(result: dict[str, Any]) -> str:
+    """Which kernel paths the bench's lifecycles ran, and why (``Machine.gate``)."""
+    design = result["config"].get("design", "v12")
+    done = [r for r in result["runs"] if "error" not in r]
+    if not done or "paths_reason" not in done[0]:
+        return f"design {design}"
+    r = done[0]
+    how = "batched where regular" if r["batched_paths"] else "every page per page"
+    return f"design {r.get('design', design)}: {how} ({r['paths_reason']})"
+
+
 def render(result: dict[str, Any]) -> str:
     rows = _rows(result, result["runs"]) + _rows(result, result["per_page"], " per page")
     real = result["real"]
-    out = [table(["size", "lifecycle", "operation", "model us/page", "rounds", "real us/page",
-                  "ratio", "peak RSS MiB"], rows, align="lllrrrrr")]
+    out = [paths_line(result),
+           table(["size", "lifecycle", "operation", "model us/page", "rounds", "real us/page", "ratio",
+                  "peak RSS MiB"], rows, align="lllrrrrr")]
     out.append("")
     rounds, work = result["config"]["rounds"], result["config"]["work_gib"]
     if "merged" in result:

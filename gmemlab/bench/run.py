@@ -52,6 +52,7 @@ class BenchConfig:
     work_gib: float | None = None
     per_page_mib: float = 16
     real: bool = True
+    design: str = "v12"  # a design's name or a design file
     measure: MeasureConfig = field(default_factory=MeasureConfig)
 
 
@@ -79,11 +80,12 @@ def _real(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     return {"available": True, "reason": "", "measure": run_measurement(mc)}
 
 
-def _child(size_gib: float, kind: str, *, per_page: bool, work_gib: float = 0.0) -> dict[str, Any]:
+def _child(size_gib: float, kind: str, *, per_page: bool, work_gib: float = 0.0,
+           design: str = "v12") -> dict[str, Any]:
     """Lifecycles (``work_gib`` of them, at least one) in a fresh interpreter: its peak RSS
     is that size's own."""
     cmd = [sys.executable, "-m", "gmemlab.bench.lifecycle", repr(size_gib), kind,
-           "--work-gib", repr(work_gib)]
+           "--work-gib", repr(work_gib), "--design", design]
     if per_page:
         cmd.append("--per-page")
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
@@ -103,15 +105,17 @@ def run_bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     samples: dict[tuple[float, str], list[dict[str, Any]]] = {job: [] for job in jobs}
     for rnd in range(cfg.rounds):
         for size, kind in jobs if rnd % 2 == 0 else jobs[::-1]:
-            samples[(size, kind)].append(_child(size, kind, per_page=False, work_gib=work))
+            samples[(size, kind)].append(_child(size, kind, per_page=False, work_gib=work,
+                                                design=cfg.design))
     runs = [combine(samples[job]) for job in jobs]
-    per_page = [_child(cfg.per_page_mib / 1024, kind, per_page=True) for kind in KINDS]
+    per_page = [_child(cfg.per_page_mib / 1024, kind, per_page=True, design=cfg.design)
+                for kind in KINDS]
     return {
         "schema": SCHEMA,
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "commit": _commit()},
         "config": {"sizes_gib": list(cfg.sizes_gib), "rounds": cfg.rounds, "work_gib": work,
-                   "per_page_mib": cfg.per_page_mib},
+                   "per_page_mib": cfg.per_page_mib, "design": cfg.design},
         "real": real,
         "runs": runs,
         "per_page": per_page,

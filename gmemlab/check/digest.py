@@ -62,8 +62,10 @@ from gmemlab.model.mm.xarray import XArray
 # MemMap fields that are not state: the lifetime counter reports use, the exposure
 # analysis's watch set, a cache of numpy views of the columns, the frame count.
 MEM_NOT_STATE = frozenset({"gen", "taint_watch", "_views", "nr_pages"})
-# Machine attributes that are not state: history, observers, or fixed at boot.
-MACHINE_NOT_STATE = frozenset({"trace", "inv", "current", "step_hook", "config", "profile", "ram"})
+# Machine attributes that are not state: history, observers, fixed at boot, or which code
+# paths run (the batched paths and their gate: judged once, never by the checker's tasks).
+MACHINE_NOT_STATE = frozenset({"trace", "inv", "current", "step_hook", "config", "profile", "ram",
+                               "ranges", "_gate"})
 # Machine attributes machine() digests in its own way.
 _MACHINE_SPECIAL = frozenset({"mem", "dmap", "alloc", "tlb", "locks", "kvms", "mappings", "faults",
                               "design"})

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from errno import EBADF, EFAULT
 from typing import Any
 
 from gmemlab.model.fs import File, fput, get_file
@@ -46,8 +47,6 @@ from gmemlab.model.mm.tlb import speculative_read
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.task import KGen, Task
 from gmemlab.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, PAGE_SHIFT
-
-EBADF, EFAULT = 9, 14
 
 
 @dataclass(eq=False, slots=True)

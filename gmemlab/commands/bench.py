@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from gmemlab.cli import UsageError
+from gmemlab.cli import UsageError, design_arg, split_list
 from gmemlab.report import dump_json
 
 
@@ -34,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="GiB of lifecycles per size, kind and round, the same for every size so "
                         "that costs per page compare over the same time (default: the largest size)")
     p.add_argument("--no-real", action="store_true", help="skip the real kernel's measurement")
+    p.add_argument("--design", default="v12", metavar="DESIGN[,DESIGN]", type=_designs,
+                   help="designs to bench, one bench each: names or design files (default: v12)")
     p.add_argument("--json", metavar="OUT", nargs="?", const="-",
                    help="print the results as JSON (or write them to OUT, to --compare later)")
     p.add_argument("--compare", metavar="OLD.json", help="show the change against an earlier --json")
@@ -51,6 +53,13 @@ def _sizes(text: str) -> tuple[float, ...]:
     if not sizes or any(s <= 0 or s * 1024 != int(s * 1024) for s in sizes):
         raise UsageError("--sizes must be positive whole numbers of MiB, in GiB (e.g. 0.25,1,4)")
     return sizes
+
+
+def _designs(text: str) -> tuple[str, ...]:
+    names = split_list(text)
+    if not names:
+        raise argparse.ArgumentTypeError("needs at least one design")
+    return tuple(design_arg(n) for n in names)
 
 
 def _load(option: str, path: str) -> dict[str, Any]:
@@ -87,20 +96,26 @@ def run(args: argparse.Namespace) -> int:
             result = merge([_load("--merge", path) for path in args.merge])
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"--merge: these runs cannot be pooled: {e}") from None
+        results = [result]
     else:
-        result = run_bench(cfg, say)
+        if len(args.design) > 1 and (args.json not in (None, "-") or old is not None):
+            raise UsageError("--json OUT and --compare take one design at a time")
+        results = []
+        for design in args.design:
+            say(f"design {design}")
+            results.append(run_bench(replace(cfg, design=design), say))
     if args.json == "-":
-        dump_json(result)
-        return 1 if _failed(result) else 0
+        dump_json(results[0] if len(results) == 1 else {"benches": results})
+        return 1 if any(_failed(r) for r in results) else 0
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            json.dump(results[0], f, indent=1)
             f.write("\n")
-    print(render(result))
+    print("\n\n".join(render(r) for r in results))
     if old is not None:
         print()
-        print(compare(old, result))
-    return 1 if _failed(result) else 0
+        print(compare(old, results[0]))
+    return 1 if any(_failed(r) for r in results) else 0
 
 
 def _failed(result: dict[str, Any]) -> bool:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gmemlab.cli import UsageError
+from gmemlab.cli import UsageError, design_arg
 from gmemlab.model import DESIGNS, PROFILES, Host, Machine, MachineConfig
 from gmemlab.report import Cell, dump_json, kib, table
 from gmemlab.scenarios.lifecycle import COLUMNS, LifecycleConfig, LifecycleResult, run_lifecycle
@@ -25,8 +25,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "to the direct map and the TLBs, and the series' invariants."
         ),
     )
-    p.add_argument("--design", default="v12", choices=list(DESIGNS),
-                   help="kernel design to run (default: v12)")
+    p.add_argument("--design", default="v12", type=design_arg, metavar="DESIGN",
+                   help=f"kernel design to run: {', '.join(DESIGNS)}, or a design file "
+                        "(file.py[:Class], module:Class) (default: v12)")
+    p.add_argument("--design-file", dest="design", type=design_arg, metavar="FILE.py[:Class]",
+                   help="run a design of your own (see the README: write your own design)")
+    p.add_argument("--per-page", action="store_true",
+                   help="run every page through the design's per-page kernel paths, never the "
+                        "batched ones (slower; the report is the same)")
     p.add_argument("--profile", default="x86_64", choices=list(PROFILES),
                    help="architecture profile (default: x86_64)")
     p.add_argument("--guest-mib", type=int, default=64, help="guest memory in MiB (default: 64)")
@@ -50,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         config = MachineConfig(ram_gib=args.ram_gib, ncpus=args.cpus, init_on_free=args.init_on_free,
                                trace="full" if args.trace else "ring", invariants="record",
-                               seed=args.seed)
+                               seed=args.seed, range_paths=not args.per_page)
         machine = Machine(config, profile=args.profile, design=args.design)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -103,6 +109,8 @@ def as_json(r: LifecycleResult, host: Host, note: str, plot: Path | None) -> dic
         "direct_map": {"before": r.meminfo_before, "after": r.meminfo_after, "splits": r.splits,
                        "not_present_pages": r.not_present_pages},
         "counts": r.counts,
+        "paths": {"batched": m.gate.mirror is not None, "mirror": m.gate.mirror, "why": m.gate.reason,
+                  "differs": list(m.gate.differs)},
         "invariants": r.verdicts,
         "violations": [
             {"invariant": v.invariant.name, "message": v.message, "pfn": v.pfn, "seq": v.seq,
@@ -123,6 +131,9 @@ def render(r: LifecycleResult, host: Host, note: str, plot: Path | None) -> str:
     ]
     if note:
         out.append(f"note: {note}")
+    gate = m.gate
+    out.append(f"kernel paths: batched where regular, mirroring {gate.mirror}'s per-page code "
+               f"({gate.reason})" if gate.mirror else f"kernel paths: per page ({gate.reason})")
     out += ["", "What happened"]
     width = max(len(s.name) for s in r.steps)
     for i, s in enumerate(r.steps):

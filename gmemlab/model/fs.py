@@ -11,7 +11,9 @@ folio through ``->free_folio``.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from errno import EBADF, EINVAL, ESPIPE
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gmemlab.model.task import KGen
@@ -43,7 +45,6 @@ FMODE_PWRITE = 0x10
 FMODE_CAN_READ = 0x20000
 FMODE_CAN_WRITE = 0x40000
 
-EBADF, EINVAL, ESPIPE, ENODEV = 9, 22, 29, 19
 # MAX_LFS_FILESIZE: the s_maxbytes of every pseudo filesystem a modelled file lives on
 # (guest_memfd's kvm_gmem_fs and the anon inode fs via init_pseudo(), shmem for memfd).
 MAX_LFS_FILESIZE = (1 << 63) - 1
@@ -74,6 +75,8 @@ class Inode:
     size: int
     mapping: AddressSpace
     kind: str  # "guest_memfd", "secretmem", "shmem"
+    # super_operations->evict_inode; the machine gives every inode truncate_inode_pages_final().
+    evict_inode: Callable[[Machine, Inode], KGen[None]] | None = None
     private: int = 0  # i_private: the guest_memfd creation flags (GMEM_I(inode)->flags)
     i_count: int = 0  # references from files
     evicted: bool = False
@@ -133,15 +136,15 @@ def fput(m: Machine, file: File) -> KGen[None]:
 
 
 def iput(m: Machine, inode: Inode) -> KGen[None]:
-    """``iput()`` -> ``evict()`` -> ``truncate_inode_pages_final()``."""
-    from gmemlab.model.mm.filemap import truncate_inode_pages_range
+    """``iput()`` -> ``evict()`` -> ``->evict_inode`` (``truncate_inode_pages_final()``)."""
 
     inode.i_count -= 1
     if inode.i_count:
         return
     if inode.mapping.nrpages or inode.kind in ("guest_memfd", "secretmem", "shmem"):
         m.trace.emit("evict", "evict_inode", -1, {"ino": inode.ino, "kind": inode.kind})
-    yield from truncate_inode_pages_range(m, inode.mapping, 0, None)
+    if inode.evict_inode is not None:
+        yield from inode.evict_inode(m, inode)
     inode.evicted = True
     m.unregister_mapping(inode.mapping)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+from errno import EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOMEM
 from typing import Self, TypeVar
 
 import numpy as np
@@ -26,6 +27,7 @@ from gmemlab.api import DirectMapCounters, KernelError, MemoryFault, SigBus, Vcp
 from gmemlab.guest import GuestProgram
 from gmemlab.model.fs import (
     File,
+    Inode,
     do_sys_ftruncate,
     fput,
     ksys_pread64,
@@ -58,7 +60,6 @@ from gmemlab.model.mm.gup import (
 )
 from gmemlab.model.mm.memmap import PG_hwpoison
 from gmemlab.model.mm.memory import (
-    EFAULT,
     VM_FAULT_HWPOISON,
     VM_FAULT_OOM,
     VM_FAULT_SIGBUS,
@@ -78,7 +79,6 @@ from gmemlab.model.task import KGen
 from gmemlab.uapi import KVM_API_VERSION, PAGE_SHIFT, PAGE_SIZE, to_u32, to_u64
 
 T = TypeVar("T")
-EBADF, EIO, ENOMEM, EEXIST, ENODEV, EINVAL = 9, 5, 12, 17, 19, 22
 KVM_MAX_VCPU_IDS = 4096
 VCPU_MMAP_SIZE = 3 * PAGE_SIZE
 
@@ -491,7 +491,6 @@ class Host:
         return self.m.run(self.task, gen)
 
     def install(self, fops: _KvmFileOps, kvm: KvmStruct | None) -> int:
-        from gmemlab.model.fs import Inode
 
         mapping = self.m.new_mapping(None, 0, fops.name)
         inode = Inode(0, 0, 0, mapping, fops.name)

@@ -19,6 +19,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
+from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
+from gmemlab.model.mm.memmap import KIND_NAMES, PG_locked
+from gmemlab.model.ranges import checks
 from gmemlab.model.trace import TraceEvent
 
 if TYPE_CHECKING:
@@ -258,7 +262,7 @@ class Invariants:
         mapping = m.folio_mapping(pfn)
         if mapping is None or mapping.kind != "guest_memfd" or not m.folio_no_direct_map_mapping(pfn):
             return
-        marked = bool(m.mem.private[pfn] & 1)
+        marked = bool(m.mem.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP)
         if marked == m.dmap.present(pfn):
             state = "set" if marked else "clear"
             dmap = "present" if m.dmap.present(pfn) else "not present"
@@ -336,8 +340,6 @@ class Invariants:
 
     def on_unowned(self, pfn: int) -> None:
         """``check_all()`` found ``pfn`` allocated but held by nothing that will free it."""
-        from gmemlab.model.mm.memmap import KIND_NAMES
-
         mem = self.m.mem
         self.fail(
             "frame-has-owner",
@@ -355,9 +357,6 @@ class Invariants:
         mapping, a marker out of step), and is what property tests call after
         every operation.
         """
-        from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
-        from gmemlab.model.mm.memmap import PG_locked
-        from gmemlab.model.ranges import checks
 
         # Each sweep picks, with numpy, the frames a check could fail on, and judges only
         # those one by one, in the order a frame-by-frame sweep would, a block of frames at

@@ -30,6 +30,10 @@ from gmemlab.model.mm.memmap import MemMap
 from gmemlab.model.mm.memory import Process
 from gmemlab.model.mm.page_alloc import PageAllocator
 from gmemlab.model.mm.tlb import Tlbs
+from gmemlab.model.mm.truncate import truncate_inode_pages_final
+from gmemlab.model.ranges import PER_PAGE, PerPage
+from gmemlab.model.ranges.gate import PER_PAGE_ASKED, Gate, judge
+from gmemlab.model.ranges.paths import BATCHED
 from gmemlab.model.task import KGen, Step, Task, run_sync
 from gmemlab.model.trace import Trace, TraceMode
 
@@ -49,8 +53,9 @@ class MachineConfig:
     trace_ring: int = 4096
     invariants: InvariantMode = "stop"
     seed: int = 0
-    # Run range operations through the batched paths (gmemlab.model.ranges) when nothing
-    # observes or interleaves steps; False forces the per-page generator paths.
+    # Let the batched paths (gmemlab.model.ranges) stand in for the per-page ones when nothing
+    # observes or interleaves steps and the code is the code they mirror (see ranges.gate);
+    # False forces the per-page generator paths.
     range_paths: bool = True
 
     def validate(self) -> None:
@@ -102,9 +107,10 @@ class Machine:
         self.processes: list[Process] = []
         # Called after every step of every kernel path run through run(); see observe().
         self.step_hook: Callable[[Step], None] | None = None
-        # True only while run() runs a path straight through with nobody watching its steps:
-        # then the batched range paths may stand in for the per-page ones.
-        self.range_paths_active = False
+        # The loop heads of kernel paths go through this: the batched paths only while run()
+        # runs a path straight through with nobody watching its steps, and the gate agrees.
+        self.ranges: PerPage = PER_PAGE
+        self._gate: Gate | None = None
 
     def _ram_ranges(self) -> list[tuple[int, int]]:
         """e820 RAM in pfns: [4K, 636K), [1M, low_ram), [4G, 4G + ram)."""
@@ -125,12 +131,19 @@ class Machine:
         self.trace.current = task
         if self.step_hook is not None:
             return run_sync(_observed(gen, self.step_hook))
-        outer = self.range_paths_active
-        self.range_paths_active = self.config.range_paths
+        outer = self.ranges
+        self.ranges = BATCHED if self.gate.mirror else PER_PAGE
         try:
             return run_sync(gen)
         finally:
-            self.range_paths_active = outer
+            self.ranges = outer
+
+    @property
+    def gate(self) -> Gate:
+        """May the batched paths stand in here, and why (judged once, at the first use)?"""
+        if self._gate is None:
+            self._gate = judge(self.design) if self.config.range_paths else PER_PAGE_ASKED
+        return self._gate
 
     def switch_to(self, task: Task) -> None:
         """Make ``task`` current (the checker calls this before each step it schedules)."""
@@ -154,7 +167,7 @@ class Machine:
         self.mappings.pop(mapping.id, None)
 
     def new_inode(self, mode: int, size: int, mapping: AddressSpace, kind: str) -> Inode:
-        inode = Inode(self._reg.next_ino, mode, size, mapping, kind)
+        inode = Inode(self._reg.next_ino, mode, size, mapping, kind, truncate_inode_pages_final)
         self._reg.next_ino += 1
         mapping.host = inode
         return inode

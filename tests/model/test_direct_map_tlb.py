@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from gmemlab.model import Machine, MachineConfig
-from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K, set_direct_map_valid_noflush
+from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range, kernel_access, speculative_read
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (

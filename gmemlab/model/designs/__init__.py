@@ -11,7 +11,12 @@ none was posted as code.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from gmemlab.model.designs.base import Design
 from gmemlab.model.designs.batched import BatchedFlush
@@ -43,14 +48,66 @@ class UnknownDesign(ValueError):
     pass
 
 
+def is_design_file(spec: str) -> bool:
+    """Does ``spec`` name a user's design (``file.py``, ``file.py:Class``, ``module:Class``)?"""
+    return spec.endswith(".py") or ":" in spec
+
+
+def load_design(spec: str) -> type[Design]:
+    """The design class a user wrote: ``path/to/file.py[:Class]`` or ``package.module:Class``.
+
+    Without ``:Class`` the file must define exactly one :class:`Design` subclass of its own.
+    """
+    where, _, cls_name = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise UnknownDesign(f"design file {where!r}: no such file")
+            name = "gmemlab_user_design_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+            module = sys.modules.get(name)
+            if module is None:
+                loader_spec = importlib.util.spec_from_file_location(name, path)
+                assert loader_spec is not None and loader_spec.loader is not None
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[name] = module  # dataclasses and inspect look modules up by name
+                try:
+                    loader_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+        else:
+            module = importlib.import_module(where)
+    except UnknownDesign:
+        raise
+    except Exception as e:  # the user's code: say where it failed, in one line
+        raise UnknownDesign(f"design {spec!r} does not load: {type(e).__name__}: {e}") from e
+    if cls_name:
+        found = getattr(module, cls_name, None)
+        if not (isinstance(found, type) and issubclass(found, Design)):
+            raise UnknownDesign(f"design {spec!r}: {cls_name!r} is not a Design subclass in {where}")
+        return found
+    own = [v for v in vars(module).values()
+           if isinstance(v, type) and issubclass(v, Design) and v.__module__ == module.__name__]
+    if len(own) != 1:
+        names = ", ".join(c.__name__ for c in own) or "none"
+        raise UnknownDesign(f"design file {where!r} defines {len(own)} Design subclasses ({names}); "
+                            f"name one as {where}:Class")
+    return own[0]
+
+
 def get_design(design: str | Design) -> Design:
-    """A design instance from its name (or the instance itself)."""
+    """A design instance from its name, a user's design file (:func:`load_design`), or itself."""
     if isinstance(design, Design):
         return design
     factory = DESIGNS.get(design)
+    if factory is None and is_design_file(design):
+        factory = load_design(design)
     if factory is None:
-        raise UnknownDesign(f"unknown design {design!r}; choose one of: {', '.join(DESIGNS)}")
+        raise UnknownDesign(f"unknown design {design!r}; choose one of: {', '.join(DESIGNS)}, "
+                            "or a design file (file.py[:Class], module:Class)")
     return factory()
 
 
-__all__ = ["DESIGNS", "SERIES_DESIGNS", "Design", "UnknownDesign", "get_design"]
+__all__ = ["DESIGNS", "SERIES_DESIGNS", "Design", "UnknownDesign", "get_design", "is_design_file",
+           "load_design"]

@@ -17,18 +17,19 @@ around it (``series-spec.md`` §3.7, §7.3, §7.4) need from mm:
 
 from __future__ import annotations
 
+from errno import EFAULT, ENOMEM
 from typing import TYPE_CHECKING
 
-from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, set_direct_map_valid_noflush, split_large_page
+from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M
 from gmemlab.model.mm.locks import spin_lock, spin_unlock
 from gmemlab.model.mm.page_alloc import clear_page
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush, split_large_page
 from gmemlab.model.task import KGen
 from gmemlab.uapi import PAGES_PER_PMD
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
-ENOMEM, EFAULT = 12, 14
 BLOCK_ORDER = 9
 
 

@@ -12,6 +12,20 @@ proposal) hooks in the page cache.  Every other path is shared code in
 the kernel on our machines runs (``realkernel.md``), so the model can be held
 to it.
 
+A design is one class that starts from :class:`Design` and overrides what its
+version changes.  The named hooks are where the series' versions differ:
+
+* capability: ``kvm_arch_gmem_supports_no_direct_map``, ``kvm_gmem_get_supported_flags``;
+* handout and free: ``kvm_gmem_zap_for_handout`` (user fault and ``kvm_gmem_get_pfn``),
+  ``kvm_gmem_restore_on_free`` (``->free_folio``), or the three paths whole;
+* zap, flush, restore: ``folio_zap_direct_map``, ``flush_after_zap``,
+  ``folio_restore_direct_map`` (the series' mm helpers, v12 02/16);
+* marker: :func:`set_marker`, :func:`clear_marker`, :func:`has_marker`
+  (``folio->private``), used by the guest_memfd wrappers a version writes;
+* allocation: ``filemap_alloc_folio``, ``kvm_gmem_allocate``, ``free_unmapped_frame``;
+  page cache: ``filemap_add_hook``, ``filemap_remove_hook``, ``filemap_add_undo``;
+* secretmem: ``secretmem_fault``, ``secretmem_free_folio``.
+
 Pieces several versions share verbatim are functions here, named for the
 kernel lines they stand for.
 """
@@ -19,9 +33,12 @@ kernel lines they stand for.
 from __future__ import annotations
 
 from collections.abc import Callable
+from errno import EAGAIN, EEXIST, EFAULT, EINVAL
 from typing import TYPE_CHECKING, ClassVar
 
+from gmemlab.model.fs import fput
 from gmemlab.model.kvm.guest_memfd import (
+    KVM_GMEM_FOLIO_NO_DIRECT_MAP,
     __kvm_gmem_get_pfn,
     folio_inode,
     kvm_arch_gmem_invalidate,
@@ -30,10 +47,17 @@ from gmemlab.model.kvm.guest_memfd import (
     kvm_gmem_get_file,
     kvm_gmem_get_folio,
     kvm_gmem_get_index,
+    kvm_gmem_no_direct_map,
 )
-from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
-from gmemlab.model.mm.filemap import FGP_LOCK, AddressSpace, filemap_add_folio, filemap_get_folio
+from gmemlab.model.mm.filemap import (
+    AS_NO_DIRECT_MAP,
+    FGP_LOCK,
+    AddressSpace,
+    filemap_add_folio,
+    filemap_get_folio,
+)
 from gmemlab.model.mm.folio import folio_mark_uptodate, folio_put, folio_unlock
+from gmemlab.model.mm.locks import down_read, up_read
 from gmemlab.model.mm.memory import (
     VM_FAULT_LOCKED,
     VM_FAULT_OOM,
@@ -43,6 +67,7 @@ from gmemlab.model.mm.memory import (
     vmf_error,
 )
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page, clear_page
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT
@@ -52,8 +77,6 @@ if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm, Memslot
     from gmemlab.model.machine import Machine
 
-EAGAIN, EEXIST, EINVAL = 11, 17, 22
-KVM_GMEM_FOLIO_NO_DIRECT_MAP = 1 << 0  # BIT(0) of folio->private
 
 FaultResult = tuple[int, int]  # (vm_fault_t, pfn of the locked folio or -1)
 GetPfnResult = tuple[int, int]  # (0 or -errno, pfn)
@@ -85,26 +108,76 @@ class Design:
 
     # --- mm --------------------------------------------------------------------------------
     def mapping_refuses_gup(self, m: Machine, mapping: AddressSpace) -> bool:
-        """GUP's refusal: ``secretmem_mapping()`` before the series."""
+        """GUP's refusal: ``secretmem_mapping()`` before the series, ``mapping_no_direct_map()``
+        (``gup_fast_folio_allowed``/``check_vma_flags``) once it has ``AS_NO_DIRECT_MAP``."""
+        if self.series:
+            return mapping.test(AS_NO_DIRECT_MAP)
         return mapping.kind == "secretmem"
 
+    def folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:
+        """Hook *zap*: ``folio_zap_direct_map()`` (v12 02/16, ``mm/memory.c``).
+
+        Invalidate, then the *flush* hook whatever the outcome.  Mainline has no
+        such helper and never calls it; the series' designs do.
+        """
+        if not m.profile.has_set_direct_map:
+            return 0  # !CONFIG_ARCH_HAS_SET_DIRECT_MAP stub: silent success
+        ret = yield from set_direct_map_valid_noflush(m, folio, 1, False)
+        yield from self.flush_after_zap(m, folio)
+        return ret
+
+    def flush_after_zap(self, m: Machine, folio: int) -> KGen[None]:
+        """Hook *flush*: ``flush_tlb_kernel_range()`` over the zapped folio (v12 02/16)."""
+        yield from flush_tlb_kernel_range(m, folio, folio + 1, "folio_zap_direct_map")
+
+    def folio_restore_direct_map(self, m: Machine, folio: int) -> KGen[None]:
+        """Hook *restore*: ``folio_restore_direct_map()`` (v12 02/16): cannot fail after the
+        zap split; WARN if it does."""
+        if not m.profile.has_set_direct_map:
+            return
+        r = yield from set_direct_map_valid_noflush(m, folio, 1, True)
+        if r:
+            m.trace.emit("folio_restore_direct_map", "warn_on_once", folio, {"err": -r})
+
     # --- guest_memfd ---------------------------------------------------------------------------
+    def kvm_gmem_zap_for_handout(self, m: Machine, folio: int) -> KGen[int]:
+        """Hook: a locked, uptodate folio is about to be handed out (mapped by the user fault,
+        or returned by ``kvm_gmem_get_pfn()`` before it is prepared).  Mainline: nothing.
+        v12: ``if (kvm_gmem_no_direct_map(inode)) kvm_gmem_folio_zap_direct_map(folio)``."""
+        yield from ()
+        return 0
+
+    def kvm_gmem_restore_on_free(self, m: Machine, pfn: int) -> KGen[None]:
+        """Hook: in ``->free_folio``, after ``kvm_arch_gmem_invalidate()``.  Mainline: nothing;
+        v12 restores a marked folio."""
+        yield from ()
+
     def kvm_gmem_fault_user_mapping(self, m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:
+        """``kvm_gmem_fault_user_mapping()``: zero if not uptodate, hand out, map."""
         ret, folio = yield from kvm_gmem_fault_uptodate_folio(m, vma, page)
         if ret:
             return ret, -1
+        err = yield from self.kvm_gmem_zap_for_handout(m, folio)
+        if err:
+            return (yield from fault_fail(m, folio, vmf_error(err)))
         return VM_FAULT_LOCKED, folio
 
     def kvm_gmem_get_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int) -> KGen[GetPfnResult]:
+        """``kvm_gmem_get_pfn()``: zero if not uptodate, hand out, ``kvm_arch_gmem_prepare()``."""
         file, folio = yield from kvm_gmem_get_pfn_folio(m, slot, gfn)
         if folio < 0:
             return (yield from kvm_gmem_get_pfn_done(m, file, folio, -1))
         yield from zero_if_not_uptodate(m, folio, "kvm_gmem_get_pfn")
+        r = yield from self.kvm_gmem_zap_for_handout(m, folio)
+        if r:
+            return (yield from kvm_gmem_get_pfn_done(m, file, r, folio))
         r = yield from kvm_arch_gmem_prepare(m, kvm, gfn, folio)
         return (yield from kvm_gmem_get_pfn_done(m, file, r, folio))
 
     def kvm_gmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
+        """``kvm_gmem_free_folio()``: ``kvm_arch_gmem_invalidate()``, then the restore hook."""
         yield from kvm_arch_gmem_invalidate(m, pfn)
+        yield from self.kvm_gmem_restore_on_free(m, pfn)
 
     # --- secretmem ---------------------------------------------------------------------------
     secretmem_sets_no_direct_map: ClassVar[bool] = False
@@ -170,7 +243,6 @@ def secretmem_fault_common(m: Machine, vma: Vma, page: int,
     SIGBUS past i_size; under the shared invalidate lock: find-and-lock, or
     allocate a zeroed folio and ``insert`` it (retrying on -EEXIST).
     """
-    from gmemlab.model.mm.locks import down_read, up_read
 
     assert vma.file is not None
     inode = vma.file.inode
@@ -242,14 +314,13 @@ def kvm_gmem_get_pfn_folio(m: Machine, slot: Memslot, gfn: int) -> KGen[tuple[Fi
     index = kvm_gmem_get_index(slot, gfn)
     file = yield from kvm_gmem_get_file(m, slot)
     if file is None:
-        return None, -14  # -EFAULT
+        return None, -EFAULT
     folio = yield from __kvm_gmem_get_pfn(m, file, slot, index)
     return file, folio
 
 
 def kvm_gmem_get_pfn_done(m: Machine, file: File | None, r: int, folio: int) -> KGen[GetPfnResult]:
     """The tail of ``kvm_gmem_get_pfn()``: unlock; on error also put; drop the file ref."""
-    from gmemlab.model.fs import fput
 
     if folio >= 0:
         yield from folio_unlock(m, folio)
@@ -285,8 +356,6 @@ def has_marker(m: Machine, pfn: int) -> bool:
 
 def inode_no_direct_map(m: Machine, pfn: int) -> bool:
     """``GMEM_I(folio_inode(folio))->flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP``."""
-    from gmemlab.model.kvm.guest_memfd import kvm_gmem_no_direct_map
-
     return kvm_gmem_no_direct_map(folio_inode(m, pfn))
 
 

@@ -28,6 +28,7 @@ zeroed and removed anyway.
 
 from __future__ import annotations
 
+from errno import EINTR, EINVAL
 from typing import TYPE_CHECKING, ClassVar
 
 from gmemlab.model.designs._block import folio_zap_direct_map_noflush
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from gmemlab.model.fs import Inode
     from gmemlab.model.machine import Machine
 
-EINTR, EINVAL = 4, 22
 
 
 class FallocRange(V12):

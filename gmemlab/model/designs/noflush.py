@@ -14,18 +14,18 @@ attacker could keep a stale TLB entry alive").
 
 from __future__ import annotations
 
+from errno import EINVAL
 from typing import TYPE_CHECKING, ClassVar
 
 from gmemlab.model.designs.base import has_marker, inode_no_direct_map, set_marker
 from gmemlab.model.designs.v12 import V12
-from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
-EINVAL = 22
 
 
 class NoFlush(V12):

@@ -27,12 +27,10 @@ from typing import TYPE_CHECKING, ClassVar
 from gmemlab.model.designs.base import (
     Design,
     FaultResult,
-    GetPfnResult,
     secretmem_fault_common,
     zero_if_not_uptodate,
 )
 from gmemlab.model.designs.v12 import V12
-from gmemlab.model.kvm.guest_memfd import kvm_arch_gmem_invalidate
 from gmemlab.model.mm.filemap import AddressSpace, filemap_add_folio, mapping_no_direct_map
 from gmemlab.model.mm.folio import folio_mark_uptodate
 from gmemlab.model.mm.memory import Vma
@@ -40,7 +38,6 @@ from gmemlab.model.mm.page_alloc import clear_page
 from gmemlab.model.task import KGen
 
 if TYPE_CHECKING:
-    from gmemlab.model.kvm.kvm_main import Kvm, Memslot
     from gmemlab.model.machine import Machine
 
 
@@ -73,14 +70,8 @@ class PageCache(V12):
             yield from self.folio_restore_direct_map(m, folio)
 
     # guest_memfd runs mainline's paths: the page cache already did the work.
-    def kvm_gmem_fault_user_mapping(self, m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:
-        return (yield from Design.kvm_gmem_fault_user_mapping(self, m, vma, page))
-
-    def kvm_gmem_get_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int) -> KGen[GetPfnResult]:
-        return (yield from Design.kvm_gmem_get_pfn(self, m, kvm, slot, gfn))
-
-    def kvm_gmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
-        yield from kvm_arch_gmem_invalidate(m, pfn)
+    kvm_gmem_zap_for_handout = Design.kvm_gmem_zap_for_handout
+    kvm_gmem_restore_on_free = Design.kvm_gmem_restore_on_free
 
     def _secretmem_insert(self, m: Machine, mapping: AddressSpace, folio: int,
                           offset: int) -> KGen[int]:

@@ -42,20 +42,17 @@ from gmemlab.model.designs._block import (
     folio_zap_direct_map_noflush,
     set_direct_map_block_noflush,
 )
-from gmemlab.model.designs.base import Design, FaultResult, GetPfnResult
+from gmemlab.model.designs.base import Design
 from gmemlab.model.designs.v12 import V12
-from gmemlab.model.kvm.guest_memfd import kvm_arch_gmem_invalidate
 from gmemlab.model.mm.filemap import AddressSpace, mapping_no_direct_map
 from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.memmap import KIND_FILE, KIND_KERNEL, PG_locked, PG_uptodate
-from gmemlab.model.mm.memory import Vma
 from gmemlab.model.mm.page_alloc import GFP_KERNEL, alloc_page
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import PAGES_PER_PMD
 
 if TYPE_CHECKING:
-    from gmemlab.model.kvm.kvm_main import Kvm, Memslot
     from gmemlab.model.machine import Machine
 
 
@@ -141,14 +138,8 @@ class UnmappedPool(V12):
         m.trace.count("flush_tlb_local")
 
     # --- guest_memfd: the frames come unmapped, so the faults are mainline's --------------------
-    def kvm_gmem_fault_user_mapping(self, m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:
-        return (yield from Design.kvm_gmem_fault_user_mapping(self, m, vma, page))
-
-    def kvm_gmem_get_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int) -> KGen[GetPfnResult]:
-        return (yield from Design.kvm_gmem_get_pfn(self, m, kvm, slot, gfn))
-
-    def kvm_gmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
-        yield from kvm_arch_gmem_invalidate(m, pfn)
+    kvm_gmem_zap_for_handout = Design.kvm_gmem_zap_for_handout
+    kvm_gmem_restore_on_free = Design.kvm_gmem_restore_on_free
 
     def holds_unmapped(self, m: Machine, pfn: int) -> bool:
         """Every frame the pool took stays out of the direct map, in use or not."""

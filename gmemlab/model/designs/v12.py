@@ -15,47 +15,38 @@ Patches 02 (``folio_{zap,restore}_direct_map`` in ``mm/memory.c``), 03
 
 from __future__ import annotations
 
+from errno import EINVAL
 from typing import TYPE_CHECKING, ClassVar
 
 from gmemlab.model.designs.base import (
     Design,
     FaultResult,
-    GetPfnResult,
     arch_supports_no_direct_map,
     clear_marker,
-    fault_fail,
     has_marker,
     inode_no_direct_map,
-    kvm_gmem_fault_uptodate_folio,
-    kvm_gmem_get_pfn_done,
-    kvm_gmem_get_pfn_folio,
     secretmem_fault_common,
     set_marker,
-    zero_if_not_uptodate,
 )
 from gmemlab.model.kvm.guest_memfd import (
     folio_inode,
-    kvm_arch_gmem_invalidate,
-    kvm_arch_gmem_prepare,
     kvm_gmem_no_direct_map,
 )
-from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
-from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP, AddressSpace, filemap_add_folio
+from gmemlab.model.mm.filemap import AddressSpace, filemap_add_folio
 from gmemlab.model.mm.folio import folio_mark_uptodate
-from gmemlab.model.mm.memory import VM_FAULT_LOCKED, Vma, vmf_error
+from gmemlab.model.mm.memory import Vma
 from gmemlab.model.mm.page_alloc import clear_page
-from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_X86_SNP_VM, KVM_X86_TDX_VM
 
 if TYPE_CHECKING:
-    from gmemlab.model.kvm.kvm_main import Kvm, Memslot
     from gmemlab.model.machine import Machine
 
-EINVAL = 22
 
 
 class V12(Design):
+    """v12: mainline's paths with the zap at handout and the restore at free (hooks)."""
+
     name: ClassVar[str] = "v12"
     title: ClassVar[str] = "v12 as posted (reference): zap then prepare, invalidate then restore"
     source: ClassVar[str] = "20260410151746.61150-1-kalyazin@amazon.com"
@@ -74,27 +65,6 @@ class V12(Design):
         if vm_type is None or self.kvm_arch_gmem_supports_no_direct_map(m, vm_type):
             flags |= GUEST_MEMFD_FLAG_NO_DIRECT_MAP
         return flags
-
-    def mapping_refuses_gup(self, m: Machine, mapping: AddressSpace) -> bool:
-        """``mapping_no_direct_map()`` in ``gup_fast_folio_allowed``/``check_vma_flags``."""
-        return mapping.test(AS_NO_DIRECT_MAP)
-
-    # --- mm/memory.c helpers (v12 02/16) -------------------------------------------------------
-    def folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:
-        """``folio_zap_direct_map()``: invalidate, then flush whatever the outcome."""
-        if not m.profile.has_set_direct_map:
-            return 0  # !CONFIG_ARCH_HAS_SET_DIRECT_MAP stub: silent success
-        ret = yield from set_direct_map_valid_noflush(m, folio, 1, False)
-        yield from flush_tlb_kernel_range(m, folio, folio + 1, "folio_zap_direct_map")
-        return ret
-
-    def folio_restore_direct_map(self, m: Machine, folio: int) -> KGen[None]:
-        """``folio_restore_direct_map()``: cannot fail after the zap split; WARN if it does."""
-        if not m.profile.has_set_direct_map:
-            return
-        r = yield from set_direct_map_valid_noflush(m, folio, 1, True)
-        if r:
-            m.trace.emit("folio_restore_direct_map", "warn_on_once", folio, {"err": -r})
 
     # --- guest_memfd (v12 10/16) ------------------------------------------------------------
     def kvm_gmem_folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:
@@ -120,30 +90,15 @@ class V12(Design):
         yield from self.folio_restore_direct_map(m, folio)
         yield from clear_marker(m, folio, fn)
 
-    def kvm_gmem_fault_user_mapping(self, m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:
-        ret, folio = yield from kvm_gmem_fault_uptodate_folio(m, vma, page)
-        if ret:
-            return ret, -1
+    def kvm_gmem_zap_for_handout(self, m: Machine, folio: int) -> KGen[int]:
+        """The user fault and ``kvm_gmem_get_pfn()`` (before ``kvm_arch_gmem_prepare()``):
+        ``if (kvm_gmem_no_direct_map(inode)) kvm_gmem_folio_zap_direct_map(folio)``."""
         if inode_no_direct_map(m, folio):
-            err = yield from self.kvm_gmem_folio_zap_direct_map(m, folio)
-            if err:
-                return (yield from fault_fail(m, folio, vmf_error(err)))
-        return VM_FAULT_LOCKED, folio
+            return (yield from self.kvm_gmem_folio_zap_direct_map(m, folio))
+        return 0
 
-    def kvm_gmem_get_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int) -> KGen[GetPfnResult]:
-        file, folio = yield from kvm_gmem_get_pfn_folio(m, slot, gfn)
-        if folio < 0:
-            return (yield from kvm_gmem_get_pfn_done(m, file, folio, -1))
-        yield from zero_if_not_uptodate(m, folio, "kvm_gmem_get_pfn")
-        if inode_no_direct_map(m, folio):
-            r = yield from self.kvm_gmem_folio_zap_direct_map(m, folio)
-            if r:
-                return (yield from kvm_gmem_get_pfn_done(m, file, r, folio))
-        r = yield from kvm_arch_gmem_prepare(m, kvm, gfn, folio)
-        return (yield from kvm_gmem_get_pfn_done(m, file, r, folio))
-
-    def kvm_gmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
-        yield from kvm_arch_gmem_invalidate(m, pfn)
+    def kvm_gmem_restore_on_free(self, m: Machine, pfn: int) -> KGen[None]:
+        """``kvm_gmem_free_folio()``, after the invalidate: restore a marked folio."""
         if has_marker(m, pfn):
             yield from self.kvm_gmem_folio_restore_direct_map(m, pfn)
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from gmemlab.model.designs.base import KVM_GMEM_FOLIO_NO_DIRECT_MAP, has_marker
+from gmemlab.model.designs.base import Design, has_marker
 from gmemlab.model.designs.v9 import V9
-from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
+from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 
@@ -30,10 +31,21 @@ if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
 
-class V7(V9):
+class V7(Design):
     name: ClassVar[str] = "v7"
     title: ClassVar[str] = "v7 as posted: marker set with '&', no flag check, optional flush"
     source: ClassVar[str] = "20250924151101.2225820-1-patrick.roy@campus.lmu.de"
+    series: ClassVar[bool] = True
+    uses_marker: ClassVar[bool] = True
+    secretmem_sets_no_direct_map: ClassVar[bool] = True
+
+    # What v7 shares with v9, line for line: the capability, the handout in the user fault,
+    # the guest fault (prepare, then zap with the error ignored), restore-then-invalidate.
+    kvm_arch_gmem_supports_no_direct_map = V9.kvm_arch_gmem_supports_no_direct_map
+    kvm_gmem_get_supported_flags = V9.kvm_gmem_get_supported_flags
+    kvm_gmem_zap_for_handout = V9.kvm_gmem_zap_for_handout
+    kvm_gmem_get_pfn = V9.kvm_gmem_get_pfn
+    kvm_gmem_free_folio = V9.kvm_gmem_free_folio
 
     def __init__(self, guest_memfd_tlb_flush: bool = True) -> None:
         self.guest_memfd_tlb_flush = guest_memfd_tlb_flush

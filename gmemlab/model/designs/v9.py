@@ -26,24 +26,19 @@ from typing import TYPE_CHECKING, ClassVar
 
 from gmemlab.model.designs.base import (
     Design,
-    FaultResult,
     GetPfnResult,
     arch_supports_no_direct_map,
     clear_marker,
-    fault_fail,
     has_marker,
     inode_no_direct_map,
-    kvm_gmem_fault_uptodate_folio,
     kvm_gmem_get_pfn_done,
     kvm_gmem_get_pfn_folio,
     set_marker,
 )
-from gmemlab.model.designs.v12 import V12
 from gmemlab.model.kvm.guest_memfd import kvm_arch_gmem_invalidate, kvm_arch_gmem_prepare
-from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
 from gmemlab.model.mm.folio import folio_mark_uptodate
-from gmemlab.model.mm.memory import VM_FAULT_LOCKED, Vma, vmf_error
 from gmemlab.model.mm.page_alloc import clear_page
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP
@@ -62,15 +57,18 @@ def kvm_gmem_prepare_folio_tracked(m: Machine, kvm: Kvm, gfn: int, folio: int) -
     return r
 
 
-class V9(V12):
+class V9(Design):
     name: ClassVar[str] = "v9"
     title: ClassVar[str] = ("v9 as posted: marker before zap, prepare then zap with its error "
                             "ignored, restore then invalidate")
     source: ClassVar[str] = "20260114134510.1835-1-kalyazin@amazon.com"
-    excluded_vm_types: ClassVar[tuple[int, ...]] = ()
+    series: ClassVar[bool] = True
+    uses_marker: ClassVar[bool] = True
+    secretmem_sets_no_direct_map: ClassVar[bool] = True
 
     def kvm_gmem_get_supported_flags(self, m: Machine, vm_type: int | None) -> int:
-        flags = super(V12, self).kvm_gmem_get_supported_flags(m, vm_type)
+        """No ``!kvm ||``: the system-wide answer is the arch hook's too."""
+        flags = Design.kvm_gmem_get_supported_flags(self, m, vm_type)
         if self.kvm_arch_gmem_supports_no_direct_map(m, vm_type):
             flags |= GUEST_MEMFD_FLAG_NO_DIRECT_MAP
         return flags
@@ -105,14 +103,9 @@ class V9(V12):
             yield from self.folio_restore_direct_map(m, folio)
             yield from clear_marker(m, folio, fn)
 
-    def kvm_gmem_fault_user_mapping(self, m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:
-        ret, folio = yield from kvm_gmem_fault_uptodate_folio(m, vma, page)
-        if ret:
-            return ret, -1
-        err = yield from self.kvm_gmem_folio_zap_direct_map(m, folio)
-        if err:
-            return (yield from fault_fail(m, folio, vmf_error(err)))
-        return VM_FAULT_LOCKED, folio
+    def kvm_gmem_zap_for_handout(self, m: Machine, folio: int) -> KGen[int]:
+        """The user fault zaps unconditionally (the helper checks the flag); handles the error."""
+        return (yield from self.kvm_gmem_folio_zap_direct_map(m, folio))
 
     def kvm_gmem_get_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int) -> KGen[GetPfnResult]:
         file, folio = yield from kvm_gmem_get_pfn_folio(m, slot, gfn)
@@ -127,8 +120,4 @@ class V9(V12):
     def kvm_gmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
         yield from self.kvm_gmem_folio_restore_direct_map(m, pfn)
         yield from kvm_arch_gmem_invalidate(m, pfn)
-
-    # secretmem moved onto the folio helpers only in v11.
-    secretmem_fault = Design.secretmem_fault
-    _secretmem_insert = Design._secretmem_insert
-    secretmem_free_folio = Design.secretmem_free_folio
+    # secretmem moved onto the folio helpers only in v11: mainline's secretmem here.

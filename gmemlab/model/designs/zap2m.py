@@ -43,11 +43,11 @@ from typing import TYPE_CHECKING, ClassVar
 from gmemlab.model.designs._block import alloc_block, set_direct_map_block_noflush
 from gmemlab.model.designs.base import clear_marker, has_marker, set_marker
 from gmemlab.model.designs.v12 import V12
-from gmemlab.model.mm.direct_map import set_direct_map_valid_noflush
 from gmemlab.model.mm.filemap import AddressSpace, filemap_add_folio, mapping_no_direct_map
 from gmemlab.model.mm.folio import folio_put, folio_unlock
 from gmemlab.model.mm.memmap import KIND_FILE, PG_uptodate
 from gmemlab.model.mm.page_alloc import clear_page
+from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import PAGE_SHIFT, PAGES_PER_PMD

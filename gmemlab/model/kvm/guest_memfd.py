@@ -16,6 +16,7 @@ gmem_file``: the VM and its memslot bindings), listed on the mapping's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from errno import EBADF, EFAULT, EINTR, EINVAL, EIO, ENODEV, EOPNOTSUPP
 from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import S_IFREG, File, Inode, file_init_mode
@@ -27,7 +28,6 @@ from gmemlab.model.mm.filemap import (
     filemap_get_folio,
     mapping_set_inaccessible,
     mapping_set_no_direct_map,
-    truncate_inode_pages_range,
 )
 from gmemlab.model.mm.folio import folio_put, folio_unlock
 from gmemlab.model.mm.locks import (
@@ -41,8 +41,10 @@ from gmemlab.model.mm.locks import (
 from gmemlab.model.mm.memmap import PG_hwpoison
 from gmemlab.model.mm.memory import VM_MAYSHARE, VM_SHARED, Vma
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER
+from gmemlab.model.mm.truncate import truncate_inode_pages_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (
+    EHWPOISON,
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     GUEST_MEMFD_FLAG_MMAP,
@@ -55,8 +57,6 @@ if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm, Memslot
     from gmemlab.model.machine import Machine
 
-EINTR, EIO, EBADF, ENOMEM, EFAULT, ENODEV, EINVAL = 4, 5, 9, 12, 14, 19, 22
-EOPNOTSUPP, EHWPOISON = 95, 133
 
 
 @dataclass(eq=False, slots=True)
@@ -143,6 +143,8 @@ class KvmGmemAops:
         return (yield from kvm_gmem_error_folio(m, mapping, pfn))
 
 
+# BIT(0) of folio->private: the folio is out of the direct map (v12 10/16).
+KVM_GMEM_FOLIO_NO_DIRECT_MAP = 1 << 0
 GMEM_FOPS = KvmGmemFops()
 GMEM_AOPS = KvmGmemAops()
 
@@ -315,11 +317,7 @@ def kvm_gmem_allocate(m: Machine, inode: Inode, offset: int, length: int) -> KGe
     mapping = inode.mapping
     yield from down_read(m, mapping.invalidate_lock)
     start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
-    batched = None
-    if m.range_paths_active:
-        from gmemlab.model.ranges.free import allocate
-
-        batched = allocate(m, inode, start, end, lambda index: kvm_gmem_allocate_one(m, inode, index))
+    batched = m.ranges.allocate(m, inode, start, end, lambda index: kvm_gmem_allocate_one(m, inode, index))
     if batched is None:
         r = 0
         for index in range(start, end):

@@ -10,11 +10,13 @@ vCPUs and guest_memfd files pin it).  ``KVM_SET_USER_MEMORY_REGION2`` follows
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from errno import EEXIST, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY
 from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import File
+from gmemlab.model.kvm.guest_memfd import kvm_gmem_bind, kvm_gmem_unbind
 from gmemlab.model.mm.locks import mutex_lock, mutex_unlock, spin_lock, spin_unlock
-from gmemlab.model.mm.memory import Process
+from gmemlab.model.mm.memory import Process, walk_user
 from gmemlab.model.mm.xarray import XArray
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (
@@ -42,7 +44,6 @@ if TYPE_CHECKING:
     from gmemlab.model.kvm.vcpu import Vcpu
     from gmemlab.model.machine import Machine
 
-EIO, EBADF, ENOMEM, EFAULT, EEXIST, EINVAL, ENOTTY = 5, 9, 12, 14, 17, 22, 25
 TASK_SIZE_MAX = 0x7FFF_FFFF_F000
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 
@@ -131,12 +132,9 @@ class Kvm:
 
     def unmap_gfn_range(self, m: Machine, start: int, end: int, fn: str) -> KGen[int]:
         """``kvm_mmu_unmap_gfn_range()``: zap the stage-2 entries of [start, end)."""
-        if m.range_paths_active:
-            from gmemlab.model.ranges.free import unmap_gfn_range
-
-            batched = unmap_gfn_range(m, self, start, end, fn)
-            if batched is not None:
-                return batched
+        batched = m.ranges.unmap_gfn_range(m, self, start, end, fn)
+        if batched is not None:
+            return batched
         zapped = 0
         for gfn, pfn in list(self.spte.items(start, end)):
             yield ("spte", (self.id, gfn))
@@ -266,7 +264,6 @@ def kvm_set_memory_region(m: Machine, kvm: Kvm, slot_id: int, flags: int, gpa: i
 
 def _set_memory_region_locked(m: Machine, kvm: Kvm, slot_id: int, flags: int, gpa: int,
                               size: int, uaddr: int, gmem_fd: int, gmem_offset: int) -> KGen[int]:
-    from gmemlab.model.kvm.guest_memfd import kvm_gmem_bind, kvm_gmem_unbind
 
     r = check_memory_region_flags(m, kvm, flags)
     if r:
@@ -332,7 +329,6 @@ def _overlaps(kvm: Kvm, sid: int, base_gfn: int, npages: int) -> bool:
 
 def kvm_delete_memslot(m: Machine, kvm: Kvm, slot: Memslot) -> KGen[None]:
     """``kvm_set_memslot(KVM_MR_DELETE)``: zap its stage-2 entries, unbind guest_memfd."""
-    from gmemlab.model.kvm.guest_memfd import kvm_gmem_unbind
 
     yield from kvm.mmu_lock(m)
     kvm.mmu_invalidate_begin()
@@ -429,7 +425,6 @@ def kvm_read_guest(m: Machine, kvm: Kvm, gpa: int, length: int) -> KGen[bytes | 
     How KVM reaches guest memory for emulation, page-table walks and pvtime in
     the non-CoCo design: through the VMM's mapping, never the direct map.
     """
-    from gmemlab.model.mm.memory import walk_user
 
     out = bytearray(length)
     done = 0

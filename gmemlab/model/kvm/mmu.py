@@ -18,6 +18,7 @@ invalidation keeps them honest.
 
 from __future__ import annotations
 
+from errno import EFAULT
 from typing import TYPE_CHECKING
 
 from gmemlab.model.mm.folio import folio_put
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from gmemlab.model.kvm.vcpu import Vcpu
     from gmemlab.model.machine import Machine
 
-EFAULT = 14
 MMIO = -(1 << 30)  # not an errno: the access is emulated MMIO
 
 

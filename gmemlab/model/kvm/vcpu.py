@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 from collections import Counter
 from dataclasses import dataclass, field
+from errno import EFAULT
 from typing import TYPE_CHECKING
 
 from gmemlab.api import IoOut, MmioRead, MmioWrite, VcpuExit
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
     from gmemlab.model.machine import Machine
 
-EFAULT = 14
 PVCLOCK_SIZE = 32
 
 
@@ -124,7 +124,7 @@ def _run_range(m: Machine, vcpu: Vcpu, op: Fill | Check) -> KGen[VcpuExit | int 
     write = isinstance(op, Fill)
     mem = m.mem
     while vcpu.off < op.length:
-        if m.range_paths_active and _batched(m, vcpu, op):
+        if m.ranges.guest_access(m, vcpu, op):
             continue
         gpa = op.gpa + vcpu.off
         if vcpu.mmio_pending == gpa:
@@ -171,7 +171,7 @@ def _check_failed(vcpu: Vcpu) -> VcpuExit:
 def _run_touch(m: Machine, vcpu: Vcpu, op: Touch) -> KGen[VcpuExit | int | None]:
     mem = m.mem
     while vcpu.off < op.length:
-        if m.range_paths_active and _batched(m, vcpu, op):
+        if m.ranges.guest_access(m, vcpu, op):
             continue
         gpa = op.gpa + vcpu.off
         pfn = yield from guest_translate(m, vcpu, gpa, op.write)
@@ -188,16 +188,6 @@ def _run_touch(m: Machine, vcpu: Vcpu, op: Touch) -> KGen[VcpuExit | int | None]
             mem.memset(pfn, gpa & (PAGE_SIZE - 1), 1, op.value, secret=True)
         vcpu.off += PAGE_SIZE - (gpa & (PAGE_SIZE - 1))
     return None
-
-
-def _batched(m: Machine, vcpu: Vcpu, op: Touch | Fill | Check) -> bool:
-    """The loop over a run of pages at once, where it can be (``gmemlab.model.ranges``).
-
-    False: the page at ``vcpu.off`` goes through the per-page loop body.
-    """
-    from gmemlab.model.ranges.fault import guest_access
-
-    return guest_access(m, vcpu, op)
 
 
 def kvm_write_system_time(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int]:

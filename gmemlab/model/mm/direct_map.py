@@ -29,11 +29,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gmemlab.api import DirectMapCounters
-from gmemlab.model.task import KGen
 from gmemlab.uapi import PAGES_PER_PMD, PAGES_PER_PUD
 
 if TYPE_CHECKING:
-    from gmemlab.model.machine import Machine
+    pass
 
 PAGE_OFFSET = 0xFFFF_8880_0000_0000  # x86-64, 4-level paging, no KASLR
 
@@ -53,8 +52,8 @@ LEVEL_PAGES = {LEVEL_4K: 1, LEVEL_2M: PAGES_PER_PMD, LEVEL_1G: PAGES_PER_PUD}
 
 Granularity = Literal["x86", "4k"]
 
-_PMD_SHIFT = 9  # pfn -> 2M region
-_PUD_SHIFT = 18  # pfn -> 1G region
+PFN_PMD_SHIFT = 9  # pfn -> 2M region
+PFN_PUD_SHIFT = 18  # pfn -> 1G region
 
 
 def va(pfn: int) -> int:
@@ -85,12 +84,12 @@ class DirectMap:
             self._map_4k(lo, hi)
             return
         for base in range(lo, hi, LEVEL_PAGES[level]):
-            r1 = base >> _PUD_SHIFT
+            r1 = base >> PFN_PUD_SHIFT
             if level == LEVEL_1G:
                 self.pud[r1] = E_LEAF
             else:
                 self.pud[r1] = E_TABLE
-                self.pmd[base >> _PMD_SHIFT] = E_LEAF
+                self.pmd[base >> PFN_PMD_SHIFT] = E_LEAF
             self.count[level] += 1
 
     def _map_4k(self, lo: int, hi: int) -> None:
@@ -101,9 +100,9 @@ class DirectMap:
         """
         pos = lo
         while pos < hi:
-            r2 = pos >> _PMD_SHIFT
-            end = min(hi, (r2 + 1) << _PMD_SHIFT)
-            self.pud[pos >> _PUD_SHIFT] = E_TABLE
+            r2 = pos >> PFN_PMD_SHIFT
+            end = min(hi, (r2 + 1) << PFN_PMD_SHIFT)
+            self.pud[pos >> PFN_PUD_SHIFT] = E_TABLE
             self.pmd[r2] = E_TABLE
             ptes = self.pte.get(r2)
             if ptes is None:
@@ -115,10 +114,10 @@ class DirectMap:
     # --- lookups ------------------------------------------------------------------------
     def leaf(self, pfn: int) -> tuple[int, int, bool] | None:
         """``lookup_address()``: (level, first pfn of the leaf, present), or None if unmapped."""
-        r1 = pfn >> _PUD_SHIFT
+        r1 = pfn >> PFN_PUD_SHIFT
         s1 = self.pud[r1] if r1 < len(self.pud) else E_NONE
         if s1 == E_TABLE:
-            r2 = pfn >> _PMD_SHIFT
+            r2 = pfn >> PFN_PMD_SHIFT
             s2 = self.pmd[r2]
             if s2 == E_TABLE:
                 e = self.pte[r2][pfn & 511]
@@ -127,20 +126,20 @@ class DirectMap:
                 return LEVEL_4K, pfn, e == PTE_PRESENT
             if s2 == E_NONE:
                 return None
-            return LEVEL_2M, r2 << _PMD_SHIFT, s2 == E_LEAF
+            return LEVEL_2M, r2 << PFN_PMD_SHIFT, s2 == E_LEAF
         if s1 == E_NONE:
             return None
-        return LEVEL_1G, r1 << _PUD_SHIFT, s1 == E_LEAF
+        return LEVEL_1G, r1 << PFN_PUD_SHIFT, s1 == E_LEAF
 
     def present(self, pfn: int) -> bool:
         """``kernel_page_present()``."""
-        r1 = pfn >> _PUD_SHIFT
+        r1 = pfn >> PFN_PUD_SHIFT
         s1 = self.pud[r1]
         if s1 == E_LEAF:
             return True
         if s1 != E_TABLE:
             return False
-        r2 = pfn >> _PMD_SHIFT
+        r2 = pfn >> PFN_PMD_SHIFT
         s2 = self.pmd[r2]
         if s2 == E_TABLE:
             return self.pte[r2][pfn & 511] == PTE_PRESENT
@@ -148,8 +147,8 @@ class DirectMap:
 
     def lookup_many(self, pfns: NDArray[np.int64]) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
         """:meth:`leaf` for each of ``pfns``: its level (0: unmapped) and whether it is present."""
-        s1 = np.frombuffer(self.pud, np.uint8)[pfns >> _PUD_SHIFT]
-        r2 = pfns >> _PMD_SHIFT
+        s1 = np.frombuffer(self.pud, np.uint8)[pfns >> PFN_PUD_SHIFT]
+        r2 = pfns >> PFN_PMD_SHIFT
         s2 = np.frombuffer(self.pmd, np.uint8)[r2]
         level = np.where(s1 == E_NONE, 0, LEVEL_1G).astype(np.uint8)
         present = s1 == E_LEAF
@@ -161,7 +160,7 @@ class DirectMap:
             # The PTE pages of the regions involved, joined: one lookup for all of them.
             regions, rank = np.unique(r2[at], return_inverse=True)
             ptes = np.frombuffer(b"".join([self.pte[r] for r in regions.tolist()]), np.uint8)
-            e = ptes[(rank << _PMD_SHIFT) | (pfns[at] & 511)]
+            e = ptes[(rank << PFN_PMD_SHIFT) | (pfns[at] & 511)]
             level[at] = np.where(e == PTE_NONE, 0, LEVEL_4K)
             present[at] = e == PTE_PRESENT
         return level, present
@@ -175,7 +174,7 @@ class DirectMap:
         if not len(pfns):
             return
         new = PTE_PRESENT if valid else PTE_NOT_PRESENT
-        r2 = pfns >> _PMD_SHIFT
+        r2 = pfns >> PFN_PMD_SHIFT
         order = None if (r2[1:] >= r2[:-1]).all() else np.argsort(r2, kind="stable")
         if order is not None:
             r2 = r2[order]
@@ -216,7 +215,7 @@ class DirectMap:
 
     def set_pte(self, pfn: int, valid: bool) -> bool:
         """Set a 4K entry's present bit; returns whether it changed."""
-        ptes = self.pte[pfn >> _PMD_SHIFT]
+        ptes = self.pte[pfn >> PFN_PMD_SHIFT]
         new = PTE_PRESENT if valid else PTE_NOT_PRESENT
         old = ptes[pfn & 511]
         ptes[pfn & 511] = new
@@ -260,99 +259,3 @@ def _split_mem_range(start: int, end: int, granularity: Granularity,
     if pos < end:
         out.append((pos, end, LEVEL_4K))
     return out
-
-
-# --- CPA: the kernel paths -------------------------------------------------------------------
-def set_direct_map_valid_noflush(m: Machine, pfn: int, numpages: int, valid: bool) -> KGen[int]:
-    """``set_direct_map_valid_noflush(addr, numpages, valid)`` (v12 patch 01 signature).
-
-    x86: ``__set_pages_p``/``__set_pages_np`` -> ``__change_page_attr_set_clr()``.
-    Splits large leaves as needed; does not flush the changed 4K entries (the
-    caller must), but each split does ``flush_tlb_all()``.  Returns 0 or -errno.
-    arm64: no-op returning 0 unless ``can_set_direct_map()``; otherwise
-    ``set_memory_valid()``, which flushes the range itself.
-    """
-    prof = m.profile
-    if not prof.has_set_direct_map:
-        return 0
-    if prof.arch == "arm64" and not prof.can_set_direct_map:
-        return 0  # arch/arm64/mm/pageattr.c: silent no-op
-    fn = "set_direct_map_valid_noflush"
-    for p in range(pfn, pfn + numpages):
-        r = yield from _change_page_attr(m, p, valid, fn)
-        if r:
-            return r
-    if prof.set_direct_map_flushes:
-        from gmemlab.model.mm.tlb import flush_tlb_kernel_range
-
-        yield from flush_tlb_kernel_range(m, pfn, pfn + numpages, "__change_memory_common")
-    return 0
-
-
-def _change_page_attr(m: Machine, pfn: int, valid: bool, fn: str) -> KGen[int]:
-    """``__change_page_attr()`` for one page, with its split-and-repeat loop."""
-    from gmemlab.model.mm.locks import spin_lock, spin_unlock
-
-    d = m.dmap
-    while True:
-        yield from spin_lock(m, ("cpa_lock",))
-        yield ("dmap", pfn)
-        leaf = d.leaf(pfn)
-        if leaf is None:
-            yield from spin_unlock(m, ("cpa_lock",))
-            m.trace.emit(fn, "cpa_fault", pfn)
-            return -14  # -EFAULT: __cpa_process_fault() for an unmapped address
-        level, _base, present = leaf
-        if level == LEVEL_4K:
-            if d.set_pte(pfn, valid):
-                m.trace.emit(fn, "dmap_set" if valid else "dmap_clear", pfn, {"level": "4K"})
-                if m.inv.enabled:
-                    m.inv.on_direct_map_change(pfn, valid)
-            yield from spin_unlock(m, ("cpa_lock",))
-            return 0
-        if present == valid:
-            # try_preserve_large_page(): the whole leaf already has the wanted state.
-            yield from spin_unlock(m, ("cpa_lock",))
-            return 0
-        yield from spin_unlock(m, ("cpa_lock",))
-        r = yield from split_large_page(m, pfn, level)
-        if r:
-            return r
-
-
-def split_large_page(m: Machine, pfn: int, level: int) -> KGen[int]:
-    """``split_large_page()`` + ``__split_large_page()``: one level down, then flush_tlb_all()."""
-    from gmemlab.model.mm.locks import spin_lock, spin_unlock
-    from gmemlab.model.mm.page_alloc import GFP_KERNEL, alloc_page, free_page_to_allocator
-    from gmemlab.model.mm.tlb import flush_tlb_all, kernel_access
-
-    fn = "split_large_page"
-    if m.faults.should_fail("pt_alloc"):
-        m.trace.emit(fn, "pt_alloc_fail", pfn, {"level": LEVEL_NAMES[level], "err": "ENOMEM"})
-        return -12
-    base = yield from alloc_page(m, GFP_KERNEL, kind="pgtable")
-    if base < 0:
-        m.trace.emit(fn, "pt_alloc_fail", pfn, {"level": LEVEL_NAMES[level], "err": "ENOMEM"})
-        return -12
-    m.trace.emit(fn, "pt_alloc", base, {"for_pfn": pfn, "level": LEVEL_NAMES[level]})
-    yield from spin_lock(m, ("cpa_lock",))
-    yield ("dmap", pfn)
-    leaf = m.dmap.leaf(pfn)
-    if leaf is None or leaf[0] != level:
-        # Another CPU split it while we allocated: __split_large_page() returns 1.
-        yield from spin_unlock(m, ("cpa_lock",))
-        yield from free_page_to_allocator(m, base)
-        return 0
-    # The new table is filled through the direct map (pbase = page_address(base)).
-    yield from kernel_access(m, base, "__split_large_page", write=True)
-    m.mem.zero(base)
-    d = m.dmap
-    if level == LEVEL_1G:
-        d.split_1g(pfn >> _PUD_SHIFT)
-        m.trace.emit("__split_large_page", "dmap_split_1g", pfn, {"pt": base})
-    else:
-        d.split_2m(pfn >> _PMD_SHIFT)
-        m.trace.emit("__split_large_page", "dmap_split_2m", pfn, {"pt": base})
-    yield from flush_tlb_all(m, "__split_large_page")
-    yield from spin_unlock(m, ("cpa_lock",))
-    return 0

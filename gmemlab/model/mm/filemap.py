@@ -23,9 +23,10 @@ that are already out of the direct map.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from errno import EEXIST, ENOENT, ENOMEM
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gmemlab.model.mm.folio import folio_get, folio_lock, folio_put, folio_unlock
+from gmemlab.model.mm.folio import folio_lock, folio_put, folio_unlock
 from gmemlab.model.mm.memmap import KIND_FILE, PG_locked
 from gmemlab.model.mm.xarray import EMPTY, XArray
 from gmemlab.model.task import KGen
@@ -44,7 +45,6 @@ FGP_LOCK = 1 << 0
 FGP_CREAT = 1 << 1
 FGP_ACCESSED = 1 << 2
 
-ENOENT, ENOMEM, EEXIST = 2, 12, 17
 
 
 class AddressSpaceOps(Protocol):
@@ -175,55 +175,3 @@ def filemap_free_folio(m: Machine, mapping: AddressSpace, pfn: int) -> KGen[None
     if free_folio is not None:
         yield from free_folio(m, pfn)
     yield from folio_put(m, pfn)
-
-
-def unmap_mapping_folio(m: Machine, mapping: AddressSpace, pfn: int) -> KGen[None]:
-    """``unmap_mapping_folio()``: zap the folio's PTEs in every VMA mapping the file."""
-    from gmemlab.model.mm.memory import zap_pte
-
-    index = m.mem.index[pfn]
-    for vma in list(mapping.i_mmap):
-        page = index - vma.pgoff
-        if 0 <= page < vma.npages and vma.ptes.load(page) == pfn:
-            yield from zap_pte(m, vma, page)
-
-
-def truncate_inode_folio(m: Machine, mapping: AddressSpace, pfn: int) -> KGen[None]:
-    """``truncate_cleanup_folio()`` + ``filemap_remove_folio()`` for a locked folio."""
-    if m.mem.mapcount[pfn]:
-        yield from unmap_mapping_folio(m, mapping, pfn)
-    yield from page_cache_delete(m, mapping, pfn)
-    yield from filemap_free_folio(m, mapping, pfn)
-
-
-def truncate_inode_pages_range(m: Machine, mapping: AddressSpace, start: int,
-                               end: int | None) -> KGen[int]:
-    """``truncate_inode_pages_range()`` over page indices [start, end) (None: to the end).
-
-    Returns the number of folios removed.
-    """
-    if m.range_paths_active:
-        from gmemlab.model.ranges.free import truncate
-
-        batched = truncate(m, mapping, start, end)
-        if batched is not None:
-            return batched
-    removed = 0
-    for index, pfn in mapping.i_pages.items(start, end):
-        removed += yield from truncate_folio(m, mapping, index, pfn)
-    return removed
-
-
-def truncate_folio(m: Machine, mapping: AddressSpace, index: int, pfn: int) -> KGen[int]:
-    """One folio of :func:`truncate_inode_pages_range`: 1 if it removed it, 0 if someone else did."""
-    mem = m.mem
-    yield from folio_get(m, pfn)  # find_lock_entries()
-    yield from folio_lock(m, pfn)
-    if mem.mapping[pfn] != mapping.id or mem.index[pfn] != index:
-        yield from folio_unlock(m, pfn)  # someone else removed it meanwhile
-        yield from folio_put(m, pfn)
-        return 0
-    yield from truncate_inode_folio(m, mapping, pfn)
-    yield from folio_unlock(m, pfn)
-    yield from folio_put(m, pfn)
-    return 1

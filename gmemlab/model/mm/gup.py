@@ -15,8 +15,10 @@ which turns "no page" into ``-EIO``), ``process_vm_readv`` (``-EFAULT``),
 
 from __future__ import annotations
 
+from errno import EFAULT
 from typing import TYPE_CHECKING
 
+from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.memmap import KIND_ANON
 from gmemlab.model.mm.memory import Process, Vma, get_pte_or_fault, vma_has_no_direct_map
 from gmemlab.model.mm.xarray import EMPTY
@@ -30,7 +32,6 @@ FOLL_WRITE = 0x01
 FOLL_FORCE = 0x10
 FOLL_LONGTERM = 0x100
 FOLL_PIN = 0x40000
-EFAULT = 14
 
 
 def gup_fast_folio_allowed(m: Machine, pfn: int, gup_flags: int) -> bool:
@@ -106,7 +107,6 @@ def pages_or_error(m: Machine, pages: list[int], err: int) -> list[int] | int:
 
 
 def put_pages(m: Machine, pages: list[int]) -> KGen[None]:
-    from gmemlab.model.mm.folio import folio_put
 
     for pfn in pages:
         yield from folio_put(m, pfn)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from errno import EFAULT, EINVAL, ENOMEM
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,11 +33,12 @@ from gmemlab.model.mm.memmap import KIND_ANON
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page
 from gmemlab.model.mm.xarray import EMPTY, XArray
 from gmemlab.model.task import KGen
-from gmemlab.uapi import PAGE_SHIFT, PAGE_SIZE, to_u64
+from gmemlab.uapi import EHWPOISON, PAGE_SHIFT, PAGE_SIZE, to_u64
 
 if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
     from gmemlab.model.machine import Machine
+    from gmemlab.model.mm.filemap import AddressSpace
 
 VM_READ = 0x1
 VM_WRITE = 0x2
@@ -53,7 +55,6 @@ VM_FAULT_LOCKED = 0x200
 VM_FAULT_RETRY = 0x400
 VM_FAULT_ERROR = VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_HWPOISON
 
-EFAULT, ENOMEM, EINVAL, EHWPOISON, EAGAIN = 14, 12, 22, 133, 11
 # x86_64 with 4-level paging: user space is [0, TASK_SIZE), TASK_SIZE = (1 << 47) - PAGE_SIZE.
 TASK_SIZE = (1 << 47) - PAGE_SIZE
 # mmap_base() without randomization: TASK_SIZE minus the stack gap, which is clamped to at
@@ -216,7 +217,7 @@ def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
     vma = proc.mm.find_vma(addr)
     if vma is None or vma.start != addr:
         return -EINVAL
-    if not (m.range_paths_active and _zap_batched(m, vma)):
+    if not m.ranges.zap_user_range(m, vma):
         for page, _pfn in vma.ptes.items():
             yield from zap_pte(m, vma, page)
     proc.mm.vmas.remove(vma)
@@ -225,13 +226,6 @@ def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
         vma.file.inode.mapping.i_mmap.remove(vma)
         yield from fput(m, vma.file)
     return 0
-
-
-def _zap_batched(m: Machine, vma: Vma) -> bool:
-    """Every PTE of ``vma`` zapped at once, where it can be (``gmemlab.model.ranges``)."""
-    from gmemlab.model.ranges.free import zap_user_range
-
-    return zap_user_range(m, vma)
 
 
 def do_mlock(m: Machine, proc: Process, addr: int, length: int) -> KGen[int]:
@@ -320,6 +314,16 @@ def zap_pte(m: Machine, vma: Vma, page: int) -> KGen[None]:
         yield from folio_put(m, pfn)
 
 
+
+def unmap_mapping_folio(m: Machine, mapping: AddressSpace, pfn: int) -> KGen[None]:
+    """``unmap_mapping_folio()``: zap the folio's PTEs in every VMA mapping the file."""
+    index = m.mem.index[pfn]
+    for vma in list(mapping.i_mmap):
+        page = index - vma.pgoff
+        if 0 <= page < vma.npages and vma.ptes.load(page) == pfn:
+            yield from zap_pte(m, vma, page)
+
+
 def get_pte_or_fault(m: Machine, vma: Vma, addr: int, *, write: bool) -> KGen[int]:
     """The PTE's pfn, faulting it in if absent; -VM_FAULT_* on failure."""
     page = (addr - vma.start) >> PAGE_SHIFT
@@ -350,13 +354,10 @@ def walk_user(m: Machine, proc: Process, addr: int, length: int, write: bool,
     """
     done = 0
     while done < length:
-        if m.range_paths_active:
-            from gmemlab.model.ranges.fault import user_access
-
-            batch, again = user_access(m, proc, addr, length, done, write, op, bulk)
-            done += batch
-            if again:
-                continue
+        batch, again = m.ranges.user_access(m, proc, addr, length, done, write, op, bulk)
+        done += batch
+        if again:
+            continue
         a = addr + done
         vma = proc.mm.find_vma(a)
         if vma is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable
+from errno import ENOMEM
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,7 +34,6 @@ GFP_HIGHUSER = 1 << 1
 __GFP_ZERO = 1 << 8
 GFP_HIGHUSER_ZERO = GFP_HIGHUSER | __GFP_ZERO
 
-ENOMEM = 12
 _KIND_BY_NAME = {v: k for k, v in KIND_NAMES.items()}
 _NORMAL_START = 1 << 20  # pfn of 4 GiB
 _RESERVED_END = 0x100  # pfn of 1 MiB

@@ -12,6 +12,7 @@ zeroes it.  The fault and free paths are the design's: secretmem moved onto
 
 from __future__ import annotations
 
+from errno import EINVAL, ENOSYS
 from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import S_IFREG, File, file_init_mode
@@ -24,7 +25,6 @@ from gmemlab.uapi import O_CLOEXEC
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
-ENOSYS, EINVAL = 38, 22
 
 
 class SecretmemFops:

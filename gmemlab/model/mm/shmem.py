@@ -15,18 +15,17 @@ from gmemlab.model.mm.filemap import (
     FGP_CREAT,
     FGP_LOCK,
     filemap_get_folio,
-    truncate_inode_pages_range,
 )
 from gmemlab.model.mm.folio import folio_mark_uptodate
 from gmemlab.model.mm.memory import VM_FAULT_LOCKED, VM_FAULT_SIGBUS, Process, Vma, vmf_error
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER, clear_page
+from gmemlab.model.mm.truncate import truncate_inode_pages_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
-EINVAL = 22
 
 
 def shmem_fault(m: Machine, vma: Vma, page: int) -> KGen[tuple[int, int]]:

@@ -27,25 +27,37 @@ conditions are checked first; a page that could break one is left to the
 per-page path, which reports it), and judge them again as they go with
 vectorised versions of the ``Invariants.on_*`` hooks, at the same points.
 
-They run only when nothing can tell the difference (:func:`usable`): a path run
-straight through by ``Machine.run`` without a step hook, fault injection
-disarmed, the exact designs whose code they mirror (``v12`` and ``base``; other
-designs, even subclasses of v12, take the per-page paths), an x86 profile
+They run only where they can be shown to follow the code in front of them
+(:mod:`.gate`): the machine's design and the shared kernel code must be,
+function for function, the code ``tests/scale`` held them to (v12's or
+mainline's); any other design, a subclass that overrides anything, a
+``--design-file``, a test's monkeypatch, runs every page through its per-page
+path, and ``Machine.gate`` says why.  Then, per call, only when nothing can
+tell the difference (:func:`usable`): a path run straight through by
+``Machine.run`` without a step hook, fault injection disarmed, an x86 profile
 whose CPA does not flush, and ``init_on_alloc`` off.  Each one handles the
 longest run of pages it can prove regular (direct-map splits included), and
 returns; the caller's per-page loop takes the next page (an error, an MMIO
 exit, a folio lock held, a TLB at capacity...) and then tries a batch again.
+
+Kernel loops reach them through ``m.ranges`` (:class:`PerPage` or
+:class:`.paths.Batched`), never by testing which one they have.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gmemlab.model.designs.base import Design
-from gmemlab.model.designs.v12 import V12
-
 if TYPE_CHECKING:
+    from gmemlab.guest import Check, Fill, Touch
+    from gmemlab.model.fs import Inode
+    from gmemlab.model.kvm.kvm_main import Kvm
+    from gmemlab.model.kvm.vcpu import Vcpu
     from gmemlab.model.machine import Machine
+    from gmemlab.model.mm.filemap import AddressSpace
+    from gmemlab.model.mm.memory import BulkOp, Process, UserOp, Vma
+    from gmemlab.model.task import KGen
 
 # Pages per batch: large enough to amortise the per-batch work, small enough that the
 # arrays of a batch stay in cache and peak memory stays flat.
@@ -56,9 +68,7 @@ FIRST_WINDOW = 4096
 
 
 def usable(m: Machine) -> bool:
-    """May a batched path stand in for the per-page one on ``m`` now?"""
-    if not m.range_paths_active or type(m.design) not in (V12, Design):
-        return False
+    """May a batched path stand in for the per-page one on ``m`` now (``m.ranges`` is batched)?"""
     prof = m.profile
     return (prof.arch == "x86_64" and prof.has_set_direct_map and not prof.set_direct_map_flushes
             and not m.faults.armed() and not m.config.init_on_alloc
@@ -66,5 +76,44 @@ def usable(m: Machine) -> bool:
 
 
 def zaps(m: Machine) -> bool:
-    """Does the design zap NO_DIRECT_MAP folios (v12), or leave the direct map alone (base)?"""
-    return type(m.design) is V12
+    """Does the mirrored design zap NO_DIRECT_MAP folios (v12), or leave the direct map alone?"""
+    return m.gate.zaps
+
+
+class PerPage:
+    """No batched paths: every kernel loop runs its per-page body for every page.
+
+    Each method is a loop head of a kernel path; it answers "nothing done here",
+    so the caller's per-page body takes the next page.
+    """
+
+    __slots__ = ()
+
+    def guest_access(self, m: Machine, vcpu: Vcpu, op: Touch | Fill | Check) -> bool:
+        """``_run_touch()``/``_run_range()``: True when the caller should look at ``vcpu.off`` again."""
+        return False
+
+    def user_access(self, m: Machine, proc: Process, addr: int, length: int, done: int, write: bool,
+                    op: UserOp, bulk: BulkOp | None) -> tuple[int, bool]:
+        """``walk_user()``: (bytes done, look again)."""
+        return 0, False
+
+    def unmap_gfn_range(self, m: Machine, kvm: Kvm, start: int, end: int, fn: str) -> int | None:
+        """``kvm_mmu_unmap_gfn_range()``: the entries zapped, or None (not done)."""
+        return None
+
+    def truncate(self, m: Machine, mapping: AddressSpace, start: int, end: int | None) -> int | None:
+        """``truncate_inode_pages_range()``: the folios removed, or None (not done)."""
+        return None
+
+    def zap_user_range(self, m: Machine, vma: Vma) -> bool:
+        """``do_munmap()``'s ``zap_pte_range()`` over the whole VMA: done or not."""
+        return False
+
+    def allocate(self, m: Machine, inode: Inode, start: int, end: int,
+                 one: Callable[[int], KGen[int]]) -> int | None:
+        """``kvm_gmem_allocate()``'s loop: its return value, or None (not done)."""
+        return None
+
+
+PER_PAGE = PerPage()

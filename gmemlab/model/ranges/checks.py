@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.mm.direct_map import (
     E_LEAF_NP,
     LEVEL_1G,
@@ -83,7 +84,7 @@ def unlock_suspects(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
     if m.design.uses_marker:
         gmem = np.isin(v.mapping[pfns], _mapping_ids(m, "gmem_ndm"))
         if gmem.any():
-            marked = (v.private[pfns] & 1) != 0
+            marked = (v.private[pfns] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
             bad = gmem & (marked == m.dmap.present_many(pfns))
     return bad
 

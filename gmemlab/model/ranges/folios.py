@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from gmemlab.model.kvm.guest_memfd import kvm_gmem_no_direct_map
+from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP, kvm_gmem_no_direct_map
 from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K
 from gmemlab.model.mm.memmap import KIND_FILE, KIND_PGTABLE, PG_hwpoison, PG_locked, PG_uptodate
 from gmemlab.model.mm.xarray import EMPTY
@@ -190,7 +190,7 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
     if hwpoison:
         bad |= old & ((flags & PG_hwpoison) != 0)
     level, present = m.dmap.lookup_many(np.where(fault, pfn, 0))
-    marked = old & ((v.private[op] & 1) != 0)
+    marked = old & ((v.private[op] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0)
     if ndm:
         bad |= marked & present  # out of step: the unlock would report it
     zero = zap = np.zeros(n, np.bool_)
@@ -303,7 +303,7 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     pzap = pfn[zap]
     m.dmap.set_ptes(pzap, False)
     checks.on_direct_map_change(m, pzap, False)
-    v.private[pzap] |= 1  # KVM_GMEM_FOLIO_NO_DIRECT_MAP
+    v.private[pzap] |= KVM_GMEM_FOLIO_NO_DIRECT_MAP
     ipis = 0 if m.profile.tlb_broadcast else m.tlb.ncpus - 1
     trace = m.trace
     trace.count("flush_tlb_kernel_range", len(pzap))

@@ -29,9 +29,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from gmemlab.model.kvm.guest_memfd import GMEM_AOPS
+from gmemlab.model.kvm.guest_memfd import GMEM_AOPS, KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.mm.direct_map import LEVEL_4K
 from gmemlab.model.mm.memmap import FRAME_FREE, KIND_NONE, PG_locked
+from gmemlab.model.mm.memory import zap_pte
+from gmemlab.model.mm.truncate import truncate_folio
 from gmemlab.model.mm.xarray import XArray
 from gmemlab.model.ranges import CHUNK, checks, folios, tlbsim, usable, zaps
 from gmemlab.model.ranges.events import DetailFn, Events, listed
@@ -120,7 +122,6 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
     cannot stand in (then the per-page path runs)."""
     if not usable(m) or mapping.a_ops is not GMEM_AOPS:
         return None
-    from gmemlab.model.mm.filemap import truncate_folio
 
     vmas = list(mapping.i_mmap)
     quiet = all(_quiet(vma) for vma in vmas)
@@ -137,7 +138,7 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
             ptes += _mapped_by(vma, idx, pfn)[0]
         ok &= (ptes == v.mapcount[pfn]) & (v.refcount[pfn] - ptes - 1 >= 0)
         level, present = m.dmap.lookup_many(pfn)
-        marked = (v.private[pfn] & 1) != 0
+        marked = (v.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
         if zaps(m):
             ok &= np.where(marked, (level == LEVEL_4K) & ~present, present)
         else:
@@ -198,12 +199,12 @@ def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr
     v.invalidated[pfn] = 1
     ev.add("kvm_arch_gmem_invalidate", "invalidate", None, lambda i: {"rmp_reclaim": reclaim(i)})
     if zaps(m):
-        marked = (v.private[pfn] & 1) != 0
+        marked = (v.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
         pm = pfn[marked]
         checks.on_restore(m, pm)
         m.dmap.set_ptes(pm, True)
         checks.on_direct_map_change(m, pm, True)
-        v.private[pm] &= ~np.uint8(1)
+        v.private[pm] &= ~np.uint8(KVM_GMEM_FOLIO_NO_DIRECT_MAP)
         fn = "kvm_gmem_folio_restore_direct_map"
         ev.add(fn, "restore", marked)
         ev.add("set_direct_map_valid_noflush", "dmap_set", marked, lambda i: {"level": "4K"})
@@ -267,7 +268,6 @@ def zap_user_range(m: Machine, vma: Vma) -> bool:
     """``zap_pte()`` for every PTE of ``vma``, in order; False if it cannot stand in."""
     if not usable(m):
         return False
-    from gmemlab.model.mm.memory import zap_pte
 
     quiet = _quiet(vma)
     v = m.mem.views()
