@@ -166,7 +166,7 @@ def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | No
         "pages": pages,
         "per_page_path": per_page,
         "batched_paths": m.gate.mirror is not None,
-        "paths_reason": m.gate.reason,
+        "paths_reason": m.gate.describe(),
         "boot": boot,
         "ops": clock.ops,
         "lifecycle_wall_s": sum(op["wall_s"] for op in clock.ops.values()),

@@ -123,8 +123,7 @@ def paths_line(result: dict[str, Any]) -> str:
     if not done or "paths_reason" not in done[0]:
         return f"design {design}"
     r = done[0]
-    how = "batched where regular" if r["batched_paths"] else "every page per page"
-    return f"design {r.get('design', design)}: {how} ({r['paths_reason']})"
+    return f"design {r.get('design', design)}: kernel paths {r['paths_reason']}"
 
 
 def render(result: dict[str, Any]) -> str:

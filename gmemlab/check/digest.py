@@ -65,7 +65,7 @@ MEM_NOT_STATE = frozenset({"gen", "taint_watch", "_views", "nr_pages"})
 # Machine attributes that are not state: history, observers, fixed at boot, or which code
 # paths run (the batched paths and their gate: judged once, never by the checker's tasks).
 MACHINE_NOT_STATE = frozenset({"trace", "inv", "current", "step_hook", "config", "profile", "ram",
-                               "ranges", "_gate"})
+                               "ranges", "_gate", "_batched"})
 # Machine attributes machine() digests in its own way.
 _MACHINE_SPECIAL = frozenset({"mem", "dmap", "alloc", "tlb", "locks", "kvms", "mappings", "faults",
                               "design"})

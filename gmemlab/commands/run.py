@@ -109,8 +109,9 @@ def as_json(r: LifecycleResult, host: Host, note: str, plot: Path | None) -> dic
         "direct_map": {"before": r.meminfo_before, "after": r.meminfo_after, "splits": r.splits,
                        "not_present_pages": r.not_present_pages},
         "counts": r.counts,
-        "paths": {"batched": m.gate.mirror is not None, "mirror": m.gate.mirror, "why": m.gate.reason,
-                  "differs": list(m.gate.differs)},
+        "paths": {"batched": [p.path for p in m.gate.paths if p.mirror],
+                  "per_page": [p.path for p in m.gate.paths if not p.mirror],
+                  "mirror": m.gate.mirror, "why": m.gate.describe(), "differs": list(m.gate.differs)},
         "invariants": r.verdicts,
         "violations": [
             {"invariant": v.invariant.name, "message": v.message, "pfn": v.pfn, "seq": v.seq,
@@ -132,8 +133,7 @@ def render(r: LifecycleResult, host: Host, note: str, plot: Path | None) -> str:
     if note:
         out.append(f"note: {note}")
     gate = m.gate
-    out.append(f"kernel paths: batched where regular, mirroring {gate.mirror}'s per-page code "
-               f"({gate.reason})" if gate.mirror else f"kernel paths: per page ({gate.reason})")
+    out.append(f"kernel paths: {gate.describe()}")
     out += ["", "What happened"]
     width = max(len(s.name) for s in r.steps)
     for i, s in enumerate(r.steps):

@@ -33,7 +33,7 @@ from gmemlab.model.mm.tlb import Tlbs
 from gmemlab.model.mm.truncate import truncate_inode_pages_final
 from gmemlab.model.ranges import PER_PAGE, PerPage
 from gmemlab.model.ranges.gate import PER_PAGE_ASKED, Gate, judge
-from gmemlab.model.ranges.paths import BATCHED
+from gmemlab.model.ranges.paths import paths_for
 from gmemlab.model.task import KGen, Step, Task, run_sync
 from gmemlab.model.trace import Trace, TraceMode
 
@@ -111,6 +111,7 @@ class Machine:
         # runs a path straight through with nobody watching its steps, and the gate agrees.
         self.ranges: PerPage = PER_PAGE
         self._gate: Gate | None = None
+        self._batched: PerPage = PER_PAGE
 
     def _ram_ranges(self) -> list[tuple[int, int]]:
         """e820 RAM in pfns: [4K, 636K), [1M, low_ram), [4G, 4G + ram)."""
@@ -132,7 +133,7 @@ class Machine:
         if self.step_hook is not None:
             return run_sync(_observed(gen, self.step_hook))
         outer = self.ranges
-        self.ranges = BATCHED if self.gate.mirror else PER_PAGE
+        self.ranges = self._batched if self._gate is not None else self._judge()
         try:
             return run_sync(gen)
         finally:
@@ -142,8 +143,14 @@ class Machine:
     def gate(self) -> Gate:
         """May the batched paths stand in here, and why (judged once, at the first use)?"""
         if self._gate is None:
-            self._gate = judge(self.design) if self.config.range_paths else PER_PAGE_ASKED
+            self._judge()
+        assert self._gate is not None
         return self._gate
+
+    def _judge(self) -> PerPage:
+        self._gate = judge(self.design) if self.config.range_paths else PER_PAGE_ASKED
+        self._batched = paths_for(self._gate)
+        return self._batched
 
     def switch_to(self, task: Task) -> None:
         """Make ``task`` current (the checker calls this before each step it schedules)."""

@@ -56,7 +56,7 @@ def test_baseline_without_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--design", "v13"], "invalid choice: 'v13'"),
+        (["--design", "v13"], "unknown design 'v13'"),
         (["--guest-mib", "0"], "at least 1 MiB"),
         (["--guest-mib", "100000"], "does not fit"),
         (["--cpus", "0"], "ncpus must be"),

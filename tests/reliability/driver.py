@@ -56,6 +56,7 @@ EXPECTED_VIOLATIONS: dict[str, frozenset[str]] = {
                      "zap-only-no-direct-map", "handout-zapped", "zap-before-prepare"}),
     "noflush": frozenset({"handout-flushed", "gadget-blocked"}),
     "pagecache": frozenset({"invalidate-before-restore"}),
+    "filemap": frozenset({"invalidate-before-restore"}),
     "batch": frozenset({"handout-flushed", "gadget-blocked"}),
 }
 

@@ -6,7 +6,10 @@ is the page-cache-level design proposed after v12, and ``base`` is mainline
 without the series (the kernel our machines run).  ``batch``, ``falloc``,
 ``zap2m`` and ``pool`` are the cost strategies discussed around the series
 (flush batching, zap at fallocate, 2 MiB fault-around, an unmapped frame pool);
-none was posted as code.
+none was posted as code.  ``filemap`` and ``unmapped`` are the shape posted after
+v12 (``docs/next-shape.md``): the page cache owns the direct map of
+``AS_NO_DIRECT_MAP`` folios, zapping on insertion (slow path) or allocating them
+unmapped with ALLOC_UNMAPPED and zeroing them through the mermap (fast path).
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from pathlib import Path
 from gmemlab.model.designs.base import Design
 from gmemlab.model.designs.batched import BatchedFlush
 from gmemlab.model.designs.falloc import FallocRange
+from gmemlab.model.designs.filemap_nodm import FilemapZap
 from gmemlab.model.designs.noflush import NoFlush
 from gmemlab.model.designs.pagecache import PageCache
 from gmemlab.model.designs.pool import UnmappedPool
+from gmemlab.model.designs.unmapped_alloc import UnmappedAlloc
 from gmemlab.model.designs.v7 import V7
 from gmemlab.model.designs.v9 import V9
 from gmemlab.model.designs.v12 import V12
@@ -40,6 +45,8 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     "falloc": FallocRange,
     "zap2m": Zap2M,
     "pool": UnmappedPool,
+    "filemap": FilemapZap,
+    "unmapped": UnmappedAlloc,
 }
 SERIES_DESIGNS = ("v12", "v9", "v7", "noflush", "pagecache")
 

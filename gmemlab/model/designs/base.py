@@ -218,6 +218,11 @@ class Design:
         yield from ()
         return False
 
+    def map_unmapped_block(self, m: Machine) -> KGen[bool]:
+        """The mapped free lists ran dry: map back a free unmapped block (True), if the design has one."""
+        yield from ()
+        return False
+
     def filemap_add_undo(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[None]:
         """Undo ``filemap_add_hook`` when the insertion lost a race (-EEXIST)."""
         yield from ()

@@ -221,7 +221,10 @@ def alloc_page(m: Machine, gfp: int, *, kind: str) -> KGen[int]:
     """``alloc_pages(gfp, 0)`` -> ``get_page_from_freelist()``; returns a pfn or -ENOMEM."""
     yield ("alloc", "zone")
     fn = "get_page_from_freelist"
-    pfn = None if m.faults.should_fail("page_alloc") else m.alloc.take()
+    failed = m.faults.should_fail("page_alloc")
+    pfn = None if failed else m.alloc.take()
+    if pfn is None and not failed and (yield from m.design.map_unmapped_block(m)):
+        pfn = m.alloc.take()
     if pfn is None:
         m.trace.emit(fn, "alloc_fail", -1, {"err": "ENOMEM"})
         return -ENOMEM

@@ -76,8 +76,9 @@ def usable(m: Machine) -> bool:
 
 
 def zaps(m: Machine) -> bool:
-    """Does the mirrored design zap NO_DIRECT_MAP folios (v12), or leave the direct map alone?"""
-    return m.gate.zaps
+    """Does the path running now mirror a design that zaps NO_DIRECT_MAP folios (v12), or
+    mainline, which leaves the direct map alone?"""
+    return m.ranges.zaps
 
 
 class PerPage:
@@ -87,7 +88,10 @@ class PerPage:
     so the caller's per-page body takes the next page.
     """
 
-    __slots__ = ()
+    __slots__ = ("zaps",)
+
+    def __init__(self) -> None:
+        self.zaps = False  # the batched path running now mirrors v12 (see paths.Batched)
 
     def guest_access(self, m: Machine, vcpu: Vcpu, op: Touch | Fill | Check) -> bool:
         """``_run_touch()``/``_run_range()``: True when the caller should look at ``vcpu.off`` again."""

@@ -1,11 +1,12 @@
-"""The batched paths behind ``m.ranges``, when :mod:`.gate` lets them stand in."""
+"""The batched paths behind ``m.ranges``, each where :mod:`.gate` lets it stand in."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gmemlab.model.ranges import PerPage, fault, free
+from gmemlab.model.ranges import PER_PAGE, PerPage, fault, free
+from gmemlab.model.ranges.gate import Gate
 
 if TYPE_CHECKING:
     from gmemlab.guest import Check, Fill, Touch
@@ -19,29 +20,83 @@ if TYPE_CHECKING:
 
 
 class Batched(PerPage):
-    """Each loop head tries its batched path (:mod:`.fault`, :mod:`.free`) first."""
+    """Each loop head the gate passed tries its batched path (:mod:`.fault`, :mod:`.free`)
+    first; the others answer as :class:`PerPage` does.
 
-    __slots__ = ()
+    ``zaps`` tells the path running now whether it mirrors v12 (zap NO_DIRECT_MAP
+    folios) or mainline.
+    """
+
+    __slots__ = ("mirrors",)
+
+    def __init__(self, gate: Gate) -> None:
+        self.mirrors = {p.path: p.mirror for p in gate.paths if p.mirror}
+        self.zaps = False
+
+    def _enter(self, path: str) -> bool | None:
+        mirror = self.mirrors.get(path)
+        if mirror is None:
+            return None
+        outer, self.zaps = self.zaps, mirror == "v12"
+        return outer
 
     def guest_access(self, m: Machine, vcpu: Vcpu, op: Touch | Fill | Check) -> bool:
-        return fault.guest_access(m, vcpu, op)
+        outer = self._enter("guest_access")
+        if outer is None:
+            return False
+        try:
+            return fault.guest_access(m, vcpu, op)
+        finally:
+            self.zaps = outer
 
     def user_access(self, m: Machine, proc: Process, addr: int, length: int, done: int, write: bool,
                     op: UserOp, bulk: BulkOp | None) -> tuple[int, bool]:
-        return fault.user_access(m, proc, addr, length, done, write, op, bulk)
+        outer = self._enter("user_access")
+        if outer is None:
+            return 0, False
+        try:
+            return fault.user_access(m, proc, addr, length, done, write, op, bulk)
+        finally:
+            self.zaps = outer
 
     def unmap_gfn_range(self, m: Machine, kvm: Kvm, start: int, end: int, fn: str) -> int | None:
-        return free.unmap_gfn_range(m, kvm, start, end, fn)
+        outer = self._enter("unmap_gfn_range")
+        if outer is None:
+            return None
+        try:
+            return free.unmap_gfn_range(m, kvm, start, end, fn)
+        finally:
+            self.zaps = outer
 
     def truncate(self, m: Machine, mapping: AddressSpace, start: int, end: int | None) -> int | None:
-        return free.truncate(m, mapping, start, end)
+        outer = self._enter("truncate")
+        if outer is None:
+            return None
+        try:
+            return free.truncate(m, mapping, start, end)
+        finally:
+            self.zaps = outer
 
     def zap_user_range(self, m: Machine, vma: Vma) -> bool:
-        return free.zap_user_range(m, vma)
+        outer = self._enter("zap_user_range")
+        if outer is None:
+            return False
+        try:
+            return free.zap_user_range(m, vma)
+        finally:
+            self.zaps = outer
 
     def allocate(self, m: Machine, inode: Inode, start: int, end: int,
                  one: Callable[[int], KGen[int]]) -> int | None:
-        return free.allocate(m, inode, start, end, one)
+        outer = self._enter("allocate")
+        if outer is None:
+            return None
+        try:
+            return free.allocate(m, inode, start, end, one)
+        finally:
+            self.zaps = outer
 
 
-BATCHED = Batched()
+def paths_for(gate: Gate) -> PerPage:
+    """What ``m.ranges`` is while a path runs unobserved: batched where the gate allows."""
+    return Batched(gate) if gate.mirror else PER_PAGE

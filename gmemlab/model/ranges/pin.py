@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         importlib.reload(pins)
     for name in args.design:
         gate = judge(get_design(name))
-        how = f"batched, mirroring {gate.mirror}" if gate.mirror else "per page"
+        on = [p.path for p in gate.paths if p.mirror]
+        how = (f"batched ({len(on)} of {len(gate.paths)} paths), mirroring {gate.mirror}" if on
+               else "per page")
         print(f"{name:10} {how}: {gate.reason}")
     return 0
 
