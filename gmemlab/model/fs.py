@@ -10,10 +10,9 @@ folio through ``->free_folio``.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from errno import EBADF, EINVAL, ESPIPE
+from errno import EBADF, EFBIG, EINVAL, ENODEV, EOPNOTSUPP, ESPIPE
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gmemlab.model.task import KGen
@@ -207,26 +206,26 @@ def vfs_fallocate(m: Machine, file: File, mode: int, offset: int, length: int) -
     """
     mode, offset, length = to_s32(mode), to_s64(offset), to_s64(length)
     if offset < 0 or length <= 0:
-        return -errno.EINVAL
+        return -EINVAL
     if mode & ~(FALLOC_FL_MODE_MASK | FALLOC_FL_KEEP_SIZE):
-        return -errno.EOPNOTSUPP
+        return -EOPNOTSUPP
     # Modes are exclusive; FALLOC_FL_ALLOCATE_RANGE is no bit set.
     kind = mode & FALLOC_FL_MODE_MASK
     if kind == FALLOC_FL_PUNCH_HOLE:
         if not mode & FALLOC_FL_KEEP_SIZE:
-            return -errno.EOPNOTSUPP
+            return -EOPNOTSUPP
     elif kind in (FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE, FALLOC_FL_WRITE_ZEROES):
         if mode & FALLOC_FL_KEEP_SIZE:
-            return -errno.EOPNOTSUPP
+            return -EOPNOTSUPP
     elif kind not in (FALLOC_FL_ALLOCATE_RANGE, FALLOC_FL_UNSHARE_RANGE, FALLOC_FL_ZERO_RANGE):
-        return -errno.EOPNOTSUPP
+        return -EOPNOTSUPP
     if not file.f_mode & FMODE_WRITE:
-        return -errno.EBADF
+        return -EBADF
     if not file.inode.mode & S_IFREG:
-        return -errno.ENODEV
+        return -ENODEV
     # check_add_overflow(offset, len, &sum), then sum > s_maxbytes: both EFBIG.
     if offset + length > MAX_LFS_FILESIZE:
-        return -errno.EFBIG
+        return -EFBIG
     return (yield from file.f_op.fallocate(m, file, mode, offset, length))
 
 

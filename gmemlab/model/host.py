@@ -14,9 +14,8 @@ methods prefixed with nothing special but documented as such:
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
-from errno import EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOMEM
+from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOMEM
 from typing import Self, TypeVar
 
 import numpy as np
@@ -117,7 +116,7 @@ class _Owned:
 
     def fileno(self) -> int:
         if self.closed:
-            raise KernelError(errno.EBADF, f"fd {self._fd} is closed")
+            raise KernelError(EBADF, f"fd {self._fd} is closed")
         return self._fd
 
     @property

@@ -14,10 +14,9 @@ direct map, so it fails on NO_DIRECT_MAP guest_memfd (the v5 FAQ gap).
 
 from __future__ import annotations
 
-import errno
 from collections import Counter
 from dataclasses import dataclass, field
-from errno import EFAULT
+from errno import EFAULT, EINVAL
 from typing import TYPE_CHECKING
 
 from gmemlab.api import IoOut, MmioRead, MmioWrite, VcpuExit
@@ -201,7 +200,7 @@ def kvm_write_system_time(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int]:
     kvm = vcpu.kvm
     if (gpa & (PAGE_SIZE - 1)) + PVCLOCK_SIZE > PAGE_SIZE:
         m.trace.emit("kvm_gpc_refresh", "pfncache_fail", -1, {"gpa": gpa, "err": "EINVAL"})
-        return -errno.EINVAL
+        return -EINVAL
     slot = kvm.gfn_to_memslot(gpa >> PAGE_SHIFT)
     fn = "kvm_gpc_refresh"
     if slot is None:

@@ -18,10 +18,9 @@ a fault it cannot resolve is ``-EFAULT`` instead of a signal.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from errno import EFAULT, EINVAL, ENOMEM
+from errno import EFAULT, EINVAL, ENOMEM, EOVERFLOW
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -140,7 +139,7 @@ def sys_mmap(m: Machine, proc: Process, file: File | None, length: int, offset: 
     """
     length, offset = to_u64(length), to_u64(offset)
     if offset & (PAGE_SIZE - 1):
-        return -errno.EINVAL
+        return -EINVAL
     return (yield from do_mmap(m, proc, file, length, offset >> PAGE_SHIFT, shared=shared))
 
 
@@ -155,21 +154,21 @@ def do_mmap(m: Machine, proc: Process, file: File | None, length: int, pgoff: in
     every check has passed.
     """
     if not length:
-        return -errno.EINVAL
+        return -EINVAL
     length = to_u64(-(-length // PAGE_SIZE) * PAGE_SIZE)
     if not length:
-        return -errno.ENOMEM
+        return -ENOMEM
     if pgoff + (length >> PAGE_SHIFT) > 0xFFFF_FFFF_FFFF_FFFF:
-        return -errno.EOVERFLOW
+        return -EOVERFLOW
     mm = proc.mm
     if len(mm.vmas) > DEFAULT_MAX_MAP_COUNT:
-        return -errno.ENOMEM
+        return -ENOMEM
     addr = get_unmapped_area(mm, length)
     if addr < 0:
         return addr
     if file is not None and (length > MAX_LFS_FILESIZE
                              or pgoff > (MAX_LFS_FILESIZE - length) >> PAGE_SHIFT):
-        return -errno.EOVERFLOW  # file_mmap_ok() of a regular file
+        return -EOVERFLOW  # file_mmap_ok() of a regular file
     flags = VM_READ | VM_WRITE | ((VM_SHARED | VM_MAYSHARE) if shared else 0)
     vma = Vma(mm, addr, addr + length, pgoff, flags, file, None)
     if file is not None:
@@ -192,7 +191,7 @@ def get_unmapped_area(mm: MmStruct, length: int) -> int:
     Unmapped ranges are reused, as in the kernel.
     """
     if length > TASK_SIZE:
-        return -errno.ENOMEM
+        return -ENOMEM
     used = sorted((v.start, v.end) for v in mm.vmas)
     top = mm.mmap_base
     for start, end in reversed(used):
@@ -210,7 +209,7 @@ def get_unmapped_area(mm: MmStruct, length: int) -> int:
         low = max(low, end)
     if TASK_SIZE - low >= length:
         return low
-    return -errno.ENOMEM
+    return -ENOMEM
 
 
 def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
