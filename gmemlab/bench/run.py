@@ -69,10 +69,10 @@ def _real(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     """The real kernel's first-touch and free costs (``gmemlab measure``), if it can be reached."""
     if not cfg.real:
         return {"available": False, "reason": "skipped (--no-real)", "measure": None}
-    from gmemlab.twin import available
+    from gmemlab.twin import guest_memfd_available
     from gmemlab.twin.measure import run_measurement
 
-    ok, reason = available()
+    ok, reason = guest_memfd_available()
     if not ok:
         return {"available": False, "reason": reason, "measure": None}
     mc = cfg.measure

@@ -8,7 +8,7 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from gmemlab.cli import UsageError, design_arg, split_list
+from gmemlab.cli import UsageError, design_list, float_in, int_in, json_object_of, name_list, output_file
 from gmemlab.report import dump_json
 
 
@@ -24,51 +24,45 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "flatness across sizes and the scale targets."
         ),
     )
-    p.add_argument("--sizes", metavar="GIB,...",
-                   help="guest sizes in GiB (default 1,4,16,64; quick 0.25,1)")
+    p.add_argument("--sizes", metavar="GIB,...", type=_sizes,
+                   help=f"guest sizes in GiB, at most {MAX_GIB} (default 1,4,16,64; quick 0.25,1)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes (0.25,1), two rounds and a short real measurement")
-    p.add_argument("--rounds", type=int,
+    p.add_argument("--rounds", type=int_in(1, 1000),
                    help="rounds over every size and kind (default 4, quick 2)")
-    p.add_argument("--work", type=float, metavar="GIB",
+    p.add_argument("--work", type=float_in(0, MAX_GIB, above=True), metavar="GIB",
                    help="GiB of lifecycles per size, kind and round, the same for every size so "
                         "that costs per page compare over the same time (default: the largest size)")
     p.add_argument("--no-real", action="store_true", help="skip the real kernel's measurement")
-    p.add_argument("--design", default="v12", metavar="DESIGN[,DESIGN]", type=_designs,
+    p.add_argument("--design", default=("v12",), metavar="DESIGN[,DESIGN]", type=design_list,
                    help="designs to bench, one bench each: names or design files (default: v12)")
-    p.add_argument("--json", metavar="OUT", nargs="?", const="-",
+    p.add_argument("--json", metavar="OUT", nargs="?", const="-", type=output_file,
                    help="print the results as JSON (or write them to OUT, to --compare later)")
-    p.add_argument("--compare", metavar="OLD.json", help="show the change against an earlier --json")
-    p.add_argument("--merge", metavar="RUN.json", nargs="+",
+    p.add_argument("--compare", metavar="OLD.json", type=_bench_result,
+                   help="show the change against an earlier --json")
+    p.add_argument("--merge", metavar="RUN.json", nargs="+", type=_bench_result,
                    help="run nothing: pool the rounds of earlier --json runs of the same sizes and "
                         "work, and report them as one bench (their commits are listed)")
     p.set_defaults(handler=run)
 
 
+MAX_GIB = 1024
+
+
 def _sizes(text: str) -> tuple[float, ...]:
-    try:
-        sizes = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise UsageError(f"--sizes takes GiB numbers separated by commas, not {text!r}") from None
-    if not sizes or any(s <= 0 or s * 1024 != int(s * 1024) for s in sizes):
-        raise UsageError("--sizes must be positive whole numbers of MiB, in GiB (e.g. 0.25,1,4)")
+    """Guest sizes in GiB, each a positive whole number of MiB up to MAX_GIB."""
+    size = float_in(0, MAX_GIB, above=True)
+    sizes = tuple(size(s) for s in name_list(text))
+    if any(s * 1024 != int(s * 1024) for s in sizes):
+        raise argparse.ArgumentTypeError("sizes must be whole numbers of MiB, in GiB (e.g. 0.25,1,4)")
     return sizes
 
 
-def _designs(text: str) -> tuple[str, ...]:
-    names = split_list(text)
-    if not names:
-        raise argparse.ArgumentTypeError("needs at least one design")
-    return tuple(design_arg(n) for n in names)
+def _bench_result(path: str) -> dict[str, Any]:
+    """An earlier ``bench --json`` result (checked for its schema when read)."""
+    from gmemlab.bench.run import SCHEMA
 
-
-def _load(option: str, path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            result: dict[str, Any] = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{option}: cannot read {path}: {e}") from None
-    return result
+    return json_object_of(SCHEMA)(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,13 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from gmemlab.bench.run import DEFAULT_ROUNDS, QUICK_SIZES, BenchConfig, merge, run_bench
     from gmemlab.twin.measure import MeasureConfig
 
-    sizes = _sizes(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else None)
-    old = _load("--compare", args.compare) if args.compare else None
+    sizes = args.sizes or (QUICK_SIZES if args.quick else None)
     rounds = args.rounds if args.rounds is not None else 2 if args.quick else DEFAULT_ROUNDS
-    if rounds < 1:
-        raise UsageError("--rounds must be at least 1")
-    if args.work is not None and not args.work > 0:
-        raise UsageError("--work must be a positive number of GiB")
     cfg = BenchConfig(rounds=rounds, work_gib=args.work, real=not args.no_real,
                       measure=MeasureConfig.quick() if args.quick else MeasureConfig())
     if sizes:
@@ -93,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.merge:
         try:
-            result = merge([_load("--merge", path) for path in args.merge])
+            result = merge(args.merge)
         except (KeyError, TypeError, ValueError) as e:
             raise UsageError(f"--merge: these runs cannot be pooled: {e}") from None
         results = [result]
     else:
-        if len(args.design) > 1 and (args.json not in (None, "-") or old is not None):
+        if len(args.design) > 1 and (args.json not in (None, "-") or args.compare is not None):
             raise UsageError("--json OUT and --compare take one design at a time")
         results = []
         for design in args.design:
@@ -112,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
             json.dump(results[0], f, indent=1)
             f.write("\n")
     print("\n\n".join(render(r) for r in results))
-    if old is not None:
+    if args.compare is not None:
         print()
-        print(compare(old, results[0]))
+        print(compare(args.compare, results[0]))
     return 1 if any(_failed(r) for r in results) else 0
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from gmemlab.cli import UsageError
+from gmemlab.cli import UsageError, name_list
 
 if TYPE_CHECKING:
     from gmemlab.check.explore import Stats
@@ -31,9 +31,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--design", action="append", metavar="NAME[,NAME]",
+    p.add_argument("--design", action="append", metavar="NAME[,NAME]", type=name_list,
                    help="design(s) to check (default: every design of the series)")
-    p.add_argument("--scenario", action="append", metavar="NAME[,NAME]",
+    p.add_argument("--scenario", action="append", metavar="NAME[,NAME]", type=name_list,
                    help="scenario(s) to run (default: the standard ones)")
     p.add_argument("--replay", metavar="SCHEDULE",
                    help="replay a schedule (comma-separated actor indices) of one design and "
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="bound on preemptions per schedule (default: unbounded)")
     p.add_argument("--max-steps", type=int, default=400,
                    help="longest schedule explored (default 400)")
-    p.add_argument("--ignore", action="append", metavar="INVARIANT[,INVARIANT]",
+    p.add_argument("--ignore", action="append", metavar="INVARIANT[,INVARIANT]", type=name_list,
                    help="do not judge these properties (to look past a bug already found)")
     p.add_argument("--all", action="store_true", dest="all_violations",
                    help="keep exploring after a violation: every broken property, each with its "
@@ -63,8 +63,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=run)
 
 
-def _names(values: list[str] | None) -> list[str]:
-    return [n for v in values or () for n in v.split(",") if n]
+def _names(values: list[tuple[str, ...]] | None) -> list[str]:
+    return [n for v in values or () for n in v]
 
 
 class _Progress:

@@ -7,9 +7,10 @@ import json
 import sys
 from typing import Any
 
-from gmemlab.cli import UsageError
+from gmemlab.cli import UsageError, name_list
 from gmemlab.conformance.cases import CASES, Outcome
-from gmemlab.conformance.runner import CaseResult, Report, compare
+from gmemlab.conformance.recorded import RECORDED_ON
+from gmemlab.conformance.runner import RECORDED_KERNEL, CaseResult, Report, compare
 from gmemlab.report import dump_json, table
 
 WIDTH = 46
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "NO_DIRECT_MAP variants, which the running kernel cannot run, are listed apart."
         ),
     )
-    p.add_argument("--case", action="append", metavar="NAME",
+    p.add_argument("--case", action="append", metavar="NAME[,NAME]", type=name_list,
                    help="run only this case (repeatable; a prefix selects several)")
     p.add_argument("--recorded", action="store_true",
                    help="compare with the recorded outcomes even if /dev/kvm is present")
@@ -37,9 +38,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def main(args: argparse.Namespace) -> int:
     names = None
     if args.case:
-        names = [n for n in CASES if any(n == c or n.startswith(c) for c in args.case)]
+        wanted = [c for cases in args.case for c in cases]
+        names = [n for n in CASES if any(n.startswith(c) for c in wanted)]
         if not names:
-            raise UsageError(f"no case matches {', '.join(args.case)}; see --help or the list in "
+            raise UsageError(f"no case matches {', '.join(wanted)}; see --help or the list in "
                              "gmemlab/conformance/cases.py")
     real = None
     reason = ""
@@ -75,9 +77,15 @@ def short(o: Outcome) -> str:
 def render(r: Report) -> str:
     real = "linux" if r.live else "linux (recorded)"
     out = [f"real:  {r.real_name}" + ("" if r.live else " [recorded]"), f"{r.model_name}", ""]
-    rows = [[c.case.name, short(c.real), short(c.model), "yes" if c.match else "NO"]
-            for c in r.results]
+    rows = [[c.case.name + (" *" if c.recorded else ""), short(c.real), short(c.model),
+             "yes" if c.match else "NO"] for c in r.results]
     out.append(table(["case", real, "model", "match"], rows, align="llll"))
+    recorded = [c for c in r.results if c.recorded]
+    if recorded:
+        out.append(f"\n* {len(recorded)} cases need guest_memfd, which the running kernel lacks: "
+                   f"compared with the outcomes recorded on {RECORDED_ON}, on the model of that "
+                   f"kernel ({RECORDED_KERNEL.profile.name}, design {RECORDED_KERNEL.design}); "
+                   f"{len(r.results) - len(recorded)} ran live.")
     n, bad = len(r.results), len(r.mismatches)
     out.append(f"\n{n - bad} of {n} cases match" + ("." if not bad else f"; {bad} differ:"))
     for c in r.mismatches:
@@ -95,7 +103,8 @@ def render(r: Report) -> str:
 
 def _result_json(c: CaseResult) -> dict[str, Any]:
     return {"case": c.case.name, "real": c.real, "model": c.model, "match": c.match,
-            "flag_dependent": c.case.direct_map_dependent, "note": c.note or None}
+            "flag_dependent": c.case.direct_map_dependent, "note": c.note or None,
+            "recorded": c.recorded}
 
 
 def as_json(r: Report) -> dict[str, Any]:

@@ -8,11 +8,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gmemlab.cli import UsageError, choose
+from gmemlab.cli import (
+    UsageError,
+    float_in,
+    int_in,
+    measurement_file,
+    names_of,
+    ncpus,
+    nonempty,
+    output_dir,
+    output_file,
+)
+
+MAX_GIB = 1 << 16  # 64 TiB: the model runs --model-pages and scales its counts to this
+MAX_MODEL_PAGES = 1 << 16  # twice that must fit in the 3 GiB the cost scenario models
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from gmemlab.cost.strategies import STRATEGIES
+    from gmemlab.cost.strategies import STRATEGIES, parse_designs
     from gmemlab.cost.workloads import COST_WORKLOADS
 
     p = sub.add_parser(
@@ -29,22 +42,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             + "; ".join(f"{w.name}: {w.summary}" for w in COST_WORKLOADS.values())
         ),
     )
-    p.add_argument("--strategies", default=",".join(STRATEGIES),
+    p.add_argument("--strategies", default=",".join(STRATEGIES), type=nonempty(parse_designs),
                    help="comma-separated designs (NAME, batch:N, falloc:N); default: %(default)s")
-    p.add_argument("--workloads", default=",".join(COST_WORKLOADS),
+    p.add_argument("--workloads", default=",".join(COST_WORKLOADS), type=names_of(COST_WORKLOADS, "workload"),
                    help="comma-separated workloads; default: %(default)s")
-    p.add_argument("--gib", type=float, default=1.0, help="guest memory of each workload, GiB (default 1)")
-    p.add_argument("--model-pages", type=int, default=512,
-                   help="pages the model runs (and twice that) before scaling; a multiple of 512 "
-                        "(default 512)")
-    p.add_argument("--cpus", type=int, default=2, help="CPUs the table is priced for (default 2)")
+    p.add_argument("--gib", type=float_in(0, MAX_GIB, above=True), default=1.0,
+                   help=f"guest memory of each workload, GiB, at most {MAX_GIB} (default 1)")
+    p.add_argument("--model-pages", type=int_in(512, MAX_MODEL_PAGES), default=512,
+                   help="pages the model runs (and twice that) before scaling; a multiple of 512, at most "
+                        f"{MAX_MODEL_PAGES} (default 512)")
+    p.add_argument("--cpus", type=ncpus(1), default=2, help="CPUs the table is priced for (default 2)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--calibration", metavar="FILE",
+    src.add_argument("--calibration", metavar="FILE", type=measurement_file,
                      help="a gmemlab measure JSON (default: the one committed for this machine)")
     src.add_argument("--measure", action="store_true",
                      help="measure this machine now (needs /dev/kvm; the quick 8 MiB measurement)")
-    p.add_argument("--save-measurement", metavar="FILE", help="with --measure: keep the measurement")
-    p.add_argument("--plot-dir", metavar="DIR", default="plots", help="where the PNGs go (default ./plots)")
+    p.add_argument("--save-measurement", metavar="FILE", type=output_file,
+                   help="with --measure: keep the measurement")
+    p.add_argument("--plot-dir", metavar="DIR", default="plots", type=output_dir,
+                   help="where the PNGs go (default ./plots)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the plots")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -60,21 +76,16 @@ def _say(quiet: bool) -> Any:
 
 
 def _measurement(args: argparse.Namespace) -> Any:
-    from gmemlab.cost.calibrate import CalibrationError, Measurement, load_measurement, with_provenance
+    from gmemlab.cost.calibrate import Measurement, load_measurement, with_provenance
 
     if not args.measure:
-        if args.save_measurement:
-            raise UsageError("--save-measurement needs --measure")
-        try:
-            return load_measurement(args.calibration)
-        except CalibrationError as e:
-            raise UsageError(str(e)) from None
+        return args.calibration or load_measurement()
     import json
 
-    from gmemlab.twin import available
+    from gmemlab.twin import guest_memfd_available
     from gmemlab.twin.measure import MeasureConfig, run_measurement
 
-    ok, reason = available()
+    ok, reason = guest_memfd_available()
     if not ok:
         raise UsageError(f"--measure needs the real KVM: {reason}")
     _say(args.quiet)("measuring this machine (gmemlab measure --quick)")
@@ -88,18 +99,17 @@ def main(args: argparse.Namespace) -> int:
     from gmemlab.cost.analysis import CostConfig, analyse
     from gmemlab.cost.calibrate import CalibrationError, calibrate
     from gmemlab.cost.plots import plot_exposure_cost, plot_fragmentation, plot_slowdown
-    from gmemlab.cost.strategies import BASELINE, parse_designs
-    from gmemlab.cost.workloads import COST_WORKLOADS
+    from gmemlab.cost.strategies import BASELINE
     from gmemlab.report import dump_json
 
-    strategies, workloads = parse_designs(args.strategies), choose(args.workloads, COST_WORKLOADS, "workload")
+    strategies = args.strategies
     if BASELINE not in strategies:
         strategies = (BASELINE, *strategies)  # slowdowns are against it
-    if args.model_pages < 512 or args.model_pages % 512:
+    if args.model_pages % 512:
         raise UsageError("--model-pages must be a positive multiple of 512 (whole 2 MiB blocks)")
-    if not args.gib > 0 or args.cpus < 1:
-        raise UsageError("--gib must be positive and --cpus at least 1")
-    cfg = CostConfig(strategies=strategies, workloads=workloads, gib=args.gib,
+    if args.save_measurement and not args.measure:
+        raise UsageError("--save-measurement needs --measure")
+    cfg = CostConfig(strategies=strategies, workloads=args.workloads, gib=args.gib,
                      model_pages=args.model_pages, ncpus=args.cpus)
     if cfg.pages < 2 * cfg.model_pages:
         raise UsageError(f"--gib {args.gib:g} is smaller than the model runs ({2 * cfg.model_pages} pages)")
@@ -114,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     plots = []
     if not args.no_plot:
         out = Path(args.plot_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(exist_ok=True)  # its parent exists: the command line checked (cli.output_dir)
         plots = [plot_slowdown(rows, cfg, out / "cost-slowdown-vs-cpus.png"),
                  plot_fragmentation(rows, cfg, out / "cost-fragmentation.png"),
                  plot_exposure_cost(rows, cfg, out / "cost-exposure-vs-cost.png")]

@@ -6,10 +6,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from gmemlab.cli import UsageError, choose
+from gmemlab.cli import (
+    UsageError,
+    int_in,
+    measurement_file,
+    names_of,
+    ncpus,
+    nonempty,
+    output_dir,
+)
+
+# Pages per VM: a workload holds up to two guests and the kernel's allocations in the
+# 2.5 GiB the scenario models (gmemlab.expose.scenario), so 256 MiB each leaves room.
+MAX_PAGES = 1 << 16
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gmemlab.cost.strategies import parse_designs
     from gmemlab.expose.analysis import DEFAULT_DESIGNS
     from gmemlab.expose.workloads import WORKLOADS
 
@@ -25,19 +38,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "per workload. Workloads: " + "; ".join(f"{w.name}: {w.summary}" for w in WORKLOADS.values())
         ),
     )
-    p.add_argument("--designs", default=",".join(DEFAULT_DESIGNS),
+    p.add_argument("--designs", default=",".join(DEFAULT_DESIGNS), type=nonempty(parse_designs),
                    help="comma-separated designs (NAME or batch:N / falloc:N); default: %(default)s")
-    p.add_argument("--workloads", default=",".join(WORKLOADS),
+    p.add_argument("--workloads", default=",".join(WORKLOADS), type=names_of(WORKLOADS, "workload"),
                    help="comma-separated workloads; default: %(default)s")
-    p.add_argument("--pages", type=int, default=512,
-                   help="guest memory per VM in 4 KiB pages (default 512: one 2 MiB block)")
+    p.add_argument("--pages", type=int_in(2, MAX_PAGES), default=512,
+                   help=f"guest memory per VM in 4 KiB pages, at most {MAX_PAGES} (default 512: one 2 MiB "
+                        "block)")
     p.add_argument("--init-on-free", choices=("off", "on", "both"), default="both",
                    help="boot the model with init_on_free off, on, or each (default: both)")
-    p.add_argument("--cpus", type=int, default=2, help="CPUs of the modelled host (default 2)")
-    p.add_argument("--tlb-entries", type=int, default=1536, help="TLB entries per CPU (default 1536)")
-    p.add_argument("--calibration", metavar="FILE",
+    p.add_argument("--cpus", type=ncpus(2), default=2,
+                   help="CPUs of the modelled host, at least 2: the gadget runs on CPU 1 (default 2)")
+    p.add_argument("--tlb-entries", type=int_in(1, 1 << 20), default=1536,
+                   help="TLB entries per CPU (default 1536)")
+    p.add_argument("--calibration", metavar="FILE", type=measurement_file,
                    help="a gmemlab measure JSON to price events with (default: the committed one)")
-    p.add_argument("--plot-dir", metavar="DIR", default="plots",
+    p.add_argument("--plot-dir", metavar="DIR", default="plots", type=output_dir,
                    help="where the timeline PNGs go (default: ./plots)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the timelines")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -48,20 +64,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from gmemlab.cost.calibrate import CalibrationError, calibrate, load_measurement
-    from gmemlab.cost.strategies import parse_designs
     from gmemlab.expose.analysis import ExposeConfig, phase_table, plot_timelines, run_all, summary_table
-    from gmemlab.expose.workloads import WORKLOADS
     from gmemlab.report import dump_json
 
-    designs, workloads = parse_designs(args.designs), choose(args.workloads, WORKLOADS, "workload")
-    if args.pages < 2 or args.cpus < 2 or args.tlb_entries < 1:
-        raise UsageError("--pages and --cpus must be at least 2 (the gadget runs on CPU 1)")
     iof = {"off": (False,), "on": (True,), "both": (False, True)}[args.init_on_free]
     try:
-        calibration = calibrate(load_measurement(args.calibration))
+        calibration = calibrate(args.calibration or load_measurement())
     except CalibrationError as e:
         raise UsageError(str(e)) from None
-    cfg = ExposeConfig(designs=designs, workloads=workloads, pages=args.pages, init_on_free=iof,
+    cfg = ExposeConfig(designs=args.designs, workloads=args.workloads, pages=args.pages, init_on_free=iof,
                        ncpus=args.cpus, tlb_entries=args.tlb_entries)
 
     def progress(msg: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from gmemlab.cli import UsageError
+from gmemlab.cli import host_cpu, int_in, output_file
 from gmemlab.report import dump_json
 
 
@@ -21,12 +21,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "memfd_secret faults. See gmemlab.twin.measure for the JSON schema."
         ),
     )
-    p.add_argument("--size-mib", type=int, help="memory per run in MiB (default 64, quick 8)")
-    p.add_argument("--reps", type=int, help="measured repetitions per kind (default 7, quick 3)")
-    p.add_argument("--iterations", type=int, help="KVM_RUN round trips per repetition")
-    p.add_argument("--cpu", type=int, default=0, help="CPU to pin to (default 0; -1: no pinning)")
+    p.add_argument("--size-mib", type=int_in(1, 1 << 20), help="memory per run in MiB (default 64, quick 8)")
+    p.add_argument("--reps", type=int_in(1, 10_000),
+                   help="measured repetitions per kind (default 7, quick 3)")
+    p.add_argument("--iterations", type=int_in(1, 10**9), help="KVM_RUN round trips per repetition")
+    p.add_argument("--cpu", type=host_cpu, default="0", help="CPU to pin to (default 0; -1: no pinning)")
     p.add_argument("--quick", action="store_true", help="small and fast: 8 MiB, 3 reps")
-    p.add_argument("--out", metavar="FILE", help="write the JSON result to FILE")
+    p.add_argument("--out", metavar="FILE", type=output_file, help="write the JSON result to FILE")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(handler=run)
@@ -40,18 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     config = MeasureConfig.quick() if args.quick else MeasureConfig()
     if args.size_mib is not None:
-        if args.size_mib <= 0:
-            raise UsageError("--size-mib must be positive")
         config = replace(config, size=args.size_mib << 20)
     if args.reps is not None:
-        if args.reps <= 0:
-            raise UsageError("--reps must be positive")
         config = replace(config, reps=args.reps)
     if args.iterations is not None:
-        if args.iterations <= 0:
-            raise UsageError("--iterations must be positive")
         config = replace(config, roundtrip_iterations=args.iterations)
-    config = replace(config, cpu=None if args.cpu < 0 else args.cpu)
+    config = replace(config, cpu=args.cpu)
     ok, reason = available()
     if not ok:
         print(f"gmemlab measure: {reason}", file=sys.stderr)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gmemlab.cli import UsageError, design_arg
+from gmemlab.cli import UsageError, design_arg, ncpus, output_file
 from gmemlab.model import DESIGNS, PROFILES, Host, Machine, MachineConfig
 from gmemlab.report import Cell, dump_json, kib, table
 from gmemlab.scenarios.lifecycle import COLUMNS, LifecycleConfig, LifecycleResult, run_lifecycle
@@ -33,21 +33,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--per-page", action="store_true",
                    help="run every page through the design's per-page kernel paths, never the "
                         "batched ones (slower; the report is the same)")
-    p.add_argument("--profile", default="x86_64", choices=list(PROFILES),
-                   help="architecture profile (default: x86_64)")
+    without = [n for n, pr in PROFILES.items() if not pr.has_guest_memfd]
+    p.add_argument("--profile", default="x86_64", choices=[n for n in PROFILES if n not in without],
+                   help="architecture profile (default: x86_64); those without guest_memfd "
+                        f"({', '.join(without)}) cannot run the lifecycle")
     p.add_argument("--guest-mib", type=int, default=64, help="guest memory in MiB (default: 64)")
     p.add_argument("--vmm-write-mib", type=int, default=16,
                    help="MiB the VMM writes before the guest runs (default: 16)")
     p.add_argument("--punch-mib", type=int, default=8, help="MiB of hole to punch (default: 8)")
     p.add_argument("--ram-gib", type=float, default=4.0,
                    help="modelled RAM above 4 GiB, in GiB (default: 4; 2 GiB more lie below 4 GiB)")
-    p.add_argument("--cpus", type=int, default=2, help="number of CPUs (default: 2)")
+    p.add_argument("--cpus", type=ncpus(1), default=2, help="number of CPUs (default: 2)")
     p.add_argument("--init-on-free", action="store_true", help="boot with init_on_free=1")
     p.add_argument("--without-flag", action="store_true",
                    help="create the guest_memfd without NO_DIRECT_MAP (the baseline)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--trace", metavar="FILE", help="write every kernel step as JSON lines to FILE")
-    p.add_argument("--plot", metavar="FILE.png", help="draw the direct map after the run")
+    p.add_argument("--trace", metavar="FILE", type=output_file,
+                   help="write every kernel step as JSON lines to FILE")
+    p.add_argument("--plot", metavar="FILE.png", type=output_file, help="draw the direct map after the run")
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (default: 0)")
     p.set_defaults(handler=main)
 

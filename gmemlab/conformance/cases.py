@@ -10,6 +10,10 @@ Cases only use the :mod:`gmemlab.api` protocols.  Each :class:`Case` carries
 * ``gmem_flags``: the guest_memfd flags it creates its file with (``None`` if it
   creates none); :func:`run_case` raises :class:`Unsupported` when the host's
   VM-scope ``KVM_CAP_GUEST_MEMFD_FLAGS`` lacks one of them;
+* ``needs_guest_memfd``: the case is about guest_memfd (every case with ``gmem_flags``,
+  and the few that bind or create one otherwise); a kernel without it
+  (``KVM_CAP_GUEST_MEMFD`` = 0) answers them all with ENOTTY or EINVAL, so they are
+  compared with recorded outcomes there while the rest run live;
 * ``direct_map_dependent``: the outcome is expected to change with
   ``GUEST_MEMFD_FLAG_NO_DIRECT_MAP`` (the GUP paths on a gmem mapping succeed on a
   plain guest_memfd and fail with it, as they do on memfd_secret).  Cases
@@ -65,6 +69,7 @@ class Case:
     gmem_flags: int | None
     needs_vcpu: bool
     direct_map_dependent: bool
+    needs_guest_memfd: bool
     fn: CaseFn
 
 
@@ -77,8 +82,10 @@ def case(
     flags: tuple[int, ...] | None = None,
     vcpu: bool = False,
     direct_map_dependent: bool = False,
+    guest_memfd: bool = False,
 ) -> Callable[[CaseFn], CaseFn]:
-    """Register ``fn`` once per guest_memfd flag set, as ``name[FLAGS]``."""
+    """Register ``fn`` once per guest_memfd flag set, as ``name[FLAGS]``; a case with
+    ``flags`` (or ``guest_memfd``) needs guest_memfd."""
 
     def register(fn: CaseFn) -> CaseFn:
         doc = (fn.__doc__ or "").strip()
@@ -86,7 +93,8 @@ def case(
             full = name if f is None else f"{name}[{uapi.gmem_flags_str(f)}]"
             if full in CASES:
                 raise ValueError(f"case {full} registered twice")
-            CASES[full] = Case(full, doc, f, vcpu, direct_map_dependent, fn)
+            CASES[full] = Case(full, doc, f, vcpu, direct_map_dependent,
+                               guest_memfd or flags is not None, fn)
         return fn
 
     return register
@@ -280,7 +288,7 @@ def _create_and_close(vm: api.VmFd, size: int, flags: int) -> None:
     vm.create_guest_memfd(size, flags).close()
 
 
-@case("create.multiple")
+@case("create.multiple", guest_memfd=True)
 def _create_multiple(host: api.Host, _: int) -> Outcome:
     """test_create_guest_memfd_multiple: 1- and 2-page files, own sizes, distinct inodes."""
     with vm_of(host) as vm, vm.create_guest_memfd(PAGE) as a:
@@ -492,14 +500,14 @@ def _bind_ok(host: api.Host, flags: int) -> Outcome:
         return {"bind": attempt(lambda: bind(vm, g, TOTAL)), "delete": attempt(lambda: unbind(vm))}
 
 
-@case("bind.bad_fd")
+@case("bind.bad_fd", guest_memfd=True)
 def _bind_bad_fd(host: api.Host, _: int) -> Outcome:
     """kvm_gmem_bind: an fd number that is not open is EBADF."""
     with vm_of(host) as vm:
         return attempt(lambda: bind(vm, BAD_FD, TOTAL))
 
 
-@case("bind.not_guest_memfd")
+@case("bind.not_guest_memfd", guest_memfd=True)
 def _bind_not_guest_memfd(host: api.Host, _: int) -> Outcome:
     """A memfd passed as guest_memfd is EINVAL."""
     with vm_of(host) as vm, host.memfd_create() as f:
@@ -746,6 +754,49 @@ for _path in ALL_PATHS:
     case(f"access.{_path}.memfd")(_file_path_case(_path, secret=False))
 
 
+# --- mlock and address space: what VMMs do to guest memory besides touching it -----------------
+@case("mlock.memfd_secret")
+def _mlock_memfd_secret(host: api.Host, _: int) -> Outcome:
+    """mlock of a memfd_secret mapping: mlock_fixup() skips it, GUP then refuses to populate
+    it (EFAULT), and __mlock_posix_error_return() makes that ENOMEM, before and after a touch."""
+    with secret_file(host) as f:
+        f.ftruncate(2 * PAGE)
+        with f.mmap(2 * PAGE) as m:
+            untouched = attempt(m.mlock)
+            m.fill(0, 2 * PAGE, 0x42)
+            return {"untouched": untouched, "touched": attempt(m.mlock), "data": runs(m.read(0, 2 * PAGE))}
+
+
+@case("mlock.memfd")
+def _mlock_memfd(host: api.Host, _: int) -> Outcome:
+    """mlock of a shared memfd mapping locks and populates it; the reference for the above."""
+    with host.memfd_create() as f:
+        f.ftruncate(2 * PAGE)
+        with f.mmap(2 * PAGE) as m:
+            return {"mlock": attempt(m.mlock), "data": runs(m.read(0, 2 * PAGE))}
+
+
+@case("mlock.past_eof")
+def _mlock_past_eof(host: api.Host, _: int) -> Outcome:
+    """mlock of a memfd mapping that runs past EOF: the populate's fault there is SIGBUS,
+    so GUP fails with EFAULT, and mlock with ENOMEM."""
+    with host.memfd_create() as f:
+        f.ftruncate(PAGE)
+        with f.mmap(2 * PAGE) as m:
+            return attempt(m.mlock)
+
+
+@case("mmap.anonymous_sizes")
+def _mmap_anonymous_sizes(host: api.Host, _: int) -> Outcome:
+    """Private anonymous mmap: 1 MiB works; 2^46 and 2^50 bytes are more than any RAM
+    (__vm_enough_memory, overcommit heuristic) and 2^47 more than TASK_SIZE: ENOMEM."""
+
+    def size(n: int) -> str:
+        return attempt(lambda: host.mmap_anonymous(n).munmap())
+
+    return {"1M": size(1 << 20), "2^46": size(1 << 46), "2^47": size(1 << 47), "2^50": size(1 << 50)}
+
+
 # --- memfd_secret, the reference design -------------------------------------------------------
 @case("secretmem.create_flags")
 def _secretmem_create_flags(host: api.Host, _: int) -> Outcome:
@@ -759,6 +810,18 @@ def _secretmem_create_flags(host: api.Host, _: int) -> Outcome:
     return {
         name: attempt(partial(create, f)) for name, f in (("0", 0), ("O_CLOEXEC", uapi.O_CLOEXEC), ("0x1", 1))
     }
+
+
+@case("secretmem.flags_beyond_uint")
+def _secretmem_flags_beyond_uint(host: api.Host, _: int) -> Outcome:
+    """memfd_secret(unsigned int flags): all 32 bits set, and values that do not fit, are EINVAL."""
+    secret_file(host).close()
+
+    def create(flags: int) -> None:
+        host.memfd_secret(flags).close()
+
+    return {name: attempt(partial(create, f))
+            for name, f in (("0xffffffff", 0xFFFF_FFFF), ("2^32", 1 << 32), ("2^70", 1 << 70), ("-1", -1))}
 
 
 @case("secretmem.mappings")

@@ -45,6 +45,7 @@ The other independent checks are the memfd fault, the memfd_secret free
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from collections import Counter
 from collections.abc import Mapping
@@ -108,32 +109,56 @@ class Measurement:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any], source: str) -> Measurement:
+    def from_json(cls, d: object, source: str) -> Measurement:
+        """Parse a ``gmemlab measure`` result; CalibrationError names the first field that is
+        missing, not a number, or not positive (times) / negative (counts)."""
+        if not isinstance(d, Mapping):
+            raise CalibrationError(f"{source}: a JSON {type(d).__name__}, not a {SCHEMA} measurement")
         if d.get("schema") != SCHEMA:
             raise CalibrationError(f"{source}: not a {SCHEMA} measurement (schema {d.get('schema')!r})")
-        try:
-            fault, free = d["fault_ns_per_page"], d["free_ns_per_page"]
-            secret = fault["memfd_secret"]
-            ipis = d.get("ipis_per_page") or {}
-            dm = (d.get("direct_map_kB") or {}).get("before")
-            return cls(
-                source=source,
-                kernel=str(d["machine"]["kernel"]),
-                cpus=int(d["machine"]["cpus"]),
-                gmem_fault=fault["guest_memfd"]["median"] / 1000,
-                memfd_fault=fault["memfd"]["median"] / 1000,
-                secretmem_fault=secret["median"] / 1000,
-                secretmem_fault_min=secret["min"] / 1000,
-                secretmem_fault_max=secret["max"] / 1000,
-                guest_fault=d["guest"]["first_touch_ns_per_page"]["median"] / 1000,
-                gmem_free=free["guest_memfd"]["median"] / 1000,
-                secretmem_free=free["memfd_secret"]["median"] / 1000,
-                secretmem_ipis_per_page=ipis.get("memfd_secret"),
-                direct_map_kb=(int(dm["4k"]), int(dm["2M"]), int(dm["1G"])) if dm else None,
-                provenance=dict(d.get("provenance", {})),
-            )
-        except (KeyError, TypeError) as e:
-            raise CalibrationError(f"{source}: missing field {e}") from e
+
+        def number(*path: str, positive: bool = True, required: bool = True) -> float | None:
+            """The number at ``path``: > 0 for times and CPUs, >= 0 for counts."""
+            value: Any = d
+            for key in path:
+                if not isinstance(value, Mapping) or value.get(key) is None:
+                    if required:
+                        raise CalibrationError(f"{source}: missing field {'.'.join(path)}")
+                    return None
+                value = value[key]
+            if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+                    or value < 0 or (positive and value == 0)):
+                raise CalibrationError(f"{source}: {'.'.join(path)} = {value!r} is not a "
+                                       f"{'positive' if positive else 'non-negative'} number")
+            return float(value)
+
+        def us(*path: str) -> float:
+            return (number(*path) or 0.0) / 1000
+
+        machine = d.get("machine")
+        kernel = machine.get("kernel") if isinstance(machine, Mapping) else None
+        if not isinstance(kernel, str):
+            raise CalibrationError(f"{source}: missing field machine.kernel")
+        dm = [number("direct_map_kB", "before", k, positive=False, required=False)
+              for k in ("4k", "2M", "1G")]
+        provenance = d.get("provenance", {})
+        return cls(
+            source=source,
+            kernel=kernel,
+            cpus=int(number("machine", "cpus") or 0),
+            gmem_fault=us("fault_ns_per_page", "guest_memfd", "median"),
+            memfd_fault=us("fault_ns_per_page", "memfd", "median"),
+            secretmem_fault=us("fault_ns_per_page", "memfd_secret", "median"),
+            secretmem_fault_min=us("fault_ns_per_page", "memfd_secret", "min"),
+            secretmem_fault_max=us("fault_ns_per_page", "memfd_secret", "max"),
+            guest_fault=us("guest", "first_touch_ns_per_page", "median"),
+            gmem_free=us("free_ns_per_page", "guest_memfd", "median"),
+            secretmem_free=us("free_ns_per_page", "memfd_secret", "median"),
+            secretmem_ipis_per_page=number("ipis_per_page", "memfd_secret", positive=False, required=False),
+            direct_map_kb=(int(dm[0]), int(dm[1]), int(dm[2])) if dm[0] is not None and dm[1] is not None
+            and dm[2] is not None else None,
+            provenance=dict(provenance) if isinstance(provenance, Mapping) else {},
+        )
 
 
 def load_measurement(path: str | Path | None = None) -> Measurement:
@@ -143,8 +168,8 @@ def load_measurement(path: str | Path | None = None) -> Measurement:
         return Measurement.from_json(json.loads(text), f"gmemlab/cost/data/{DEFAULT_FILE}")
     p = Path(path)
     try:
-        return Measurement.from_json(json.loads(p.read_text()), str(p))
-    except (OSError, json.JSONDecodeError) as e:
+        return Measurement.from_json(json.loads(p.read_text(encoding="utf-8")), str(p))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CalibrationError(f"{p}: {e}") from e
 
 

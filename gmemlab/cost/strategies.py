@@ -7,7 +7,7 @@ makes a fresh design instance: the strategies keep per-machine state.
 
 from __future__ import annotations
 
-from gmemlab.model.designs import DESIGNS, Design, get_design
+from gmemlab.model.designs import DESIGNS, Design, UnknownDesign, get_design
 from gmemlab.model.designs.batched import BatchedFlush
 from gmemlab.model.designs.falloc import FallocRange
 
@@ -47,8 +47,14 @@ def parse_designs(value: str) -> tuple[str, ...]:
 
 
 def make_design(spec: str) -> Design:
-    """A fresh design for ``spec`` (``NAME`` or ``NAME:N``)."""
+    """A fresh design for ``spec``: ``NAME``, ``NAME:N``, or a design file (``file.py[:Class]``,
+    ``package.module:Class``; see ``gmemlab.model.designs.load_design``)."""
     name, _, arg = spec.partition(":")
+    if name.endswith(".py") or "." in name or "/" in name:
+        try:
+            return get_design(spec)
+        except UnknownDesign as e:
+            raise UnknownStrategy(str(e)) from None
     if not arg:
         if name not in DESIGNS:
             raise UnknownStrategy(f"unknown design {name!r}; choose one of: {', '.join(DESIGNS)}")

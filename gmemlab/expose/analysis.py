@@ -169,7 +169,7 @@ def plot_timelines(results: Sequence[CaseResult], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(exist_ok=True)  # its parent exists: the command line checked (cli.output_dir)
     written = []
     colors = {"dmap": "tab:red", "tlb": "tab:orange", "temp": "tab:purple"}
     for workload in dict.fromkeys(r.workload for r in results):

@@ -64,12 +64,12 @@ from gmemlab.model.mm.memory import (
     VM_FAULT_SIGBUS,
     BulkOp,
     UserOp,
-    do_mlock,
     do_munmap,
     fault_name,
     sys_mmap,
     walk_user,
 )
+from gmemlab.model.mm.mlock import do_mlock
 from gmemlab.model.mm.page_alloc import GFP_KERNEL, alloc_page, clear_page
 from gmemlab.model.mm.secretmem import sys_memfd_secret
 from gmemlab.model.mm.shmem import sys_memfd_create
@@ -501,8 +501,7 @@ class Host:
         return Kvm(self, self.install(_KvmFileOps("kvm", None), None))
 
     def memfd_secret(self, flags: int = 0) -> MemFile:
-        """``memfd_secret(unsigned int flags)``: the syscall sees the low 32 bits."""
-        return MemFile(self, _check(self.run(sys_memfd_secret(self.m, self.proc, to_u32(flags))),
+        return MemFile(self, _check(self.run(sys_memfd_secret(self.m, self.proc, flags)),
                                     "memfd_secret"))
 
     def memfd_create(self, name: str = "gmemlab") -> MemFile:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 
-from gmemlab.twin.host import TwinHost, TwinUnavailable
+from gmemlab import uapi
+from gmemlab.twin.host import KVM_PATH, TwinHost, TwinUnavailable
 from gmemlab.twin.kvm import TwinKvm, TwinVcpu, TwinVm
 from gmemlab.twin.memory import TwinFile, TwinGuestMemfd, TwinMapping
 
@@ -30,14 +31,29 @@ __all__ = [
     "TwinVcpu",
     "TwinVm",
     "available",
+    "guest_memfd_available",
 ]
 
 
 @functools.cache
 def available() -> tuple[bool, str]:
-    """Whether ``/dev/kvm`` with guest_memfd can be used here, and if not, why."""
+    """Whether ``/dev/kvm`` can be used here (VMs, vCPUs, memslots), and if not, why."""
     try:
         TwinHost().open_kvm().close()
     except TwinUnavailable as e:
         return False, str(e)
+    return True, "ok"
+
+
+@functools.cache
+def guest_memfd_available() -> tuple[bool, str]:
+    """Whether ``/dev/kvm`` also has guest_memfd (``KVM_CAP_GUEST_MEMFD``), and if not, why."""
+    ok, reason = available()
+    if not ok:
+        return ok, reason
+    with TwinHost().open_kvm() as kvm:
+        for cap, name in ((uapi.KVM_CAP_GUEST_MEMFD, "KVM_CAP_GUEST_MEMFD"),
+                          (uapi.KVM_CAP_USER_MEMORY2, "KVM_CAP_USER_MEMORY2")):
+            if not kvm.has_cap(cap):
+                return False, f"{KVM_PATH} lacks guest_memfd support ({name} = 0)"
     return True, "ok"

@@ -12,15 +12,20 @@ Kinds (host side, MAP_SHARED unless noted): ``anon`` (MAP_PRIVATE anonymous),
 GPA 1 GiB bound with ``userspace_addr=0``, all in one KVM_RUN, so each page is a
 fault through ``kvm_gmem_get_pfn``.
 
+On a kernel whose default VM offers no MMAP|INIT_SHARED guest_memfd (one built
+without guest_memfd, for instance) the two guest_memfd kinds are left out and
+named under ``unavailable``; the rest is measured.
+
 JSON written by ``--out`` (schema ``gmemlab.measure/1``; times in ns)::
 
     {
       "schema": "gmemlab.measure/1",
       "machine": {"kernel": str, "cpus": int, "pinned_cpu": int | null, "python": str},
       "config": {"size_bytes": int, "pages": int, "reps": int, "roundtrip_iterations": int},
+      "unavailable": {KIND: str, ...},             # kinds this kernel cannot run, and why
       "fault_ns_per_page": {KIND: STATS, ...},     # first touch, one byte store per page
       "free_ns_per_page": {KIND: STATS, ...},      # munmap + close (munmap alone for anon)
-      "guest": {
+      "guest": null | {
         "first_touch_ns_per_page": STATS,          # Touch over fresh gmem in one KVM_RUN
         "second_pass_ns_per_page": STATS,          # the same pages again (already mapped)
         "pf_fixed_per_page": float,                # vCPU binary stats, median deltas / pages
@@ -30,7 +35,7 @@ JSON written by ``--out`` (schema ``gmemlab.measure/1``; times in ns)::
         "exit_roundtrip_ns": STATS,                # VcpuFd.run() -> IoOut, decode included
         "raw_ioctl_ns": STATS                      # bare fcntl.ioctl(KVM_RUN) loop
       },
-      "derived": {
+      "derived": {                                 # the guest_memfd ratios only with guest_memfd
         "secretmem_minus_gmem_fault_ns_per_page": float,
         "secretmem_over_gmem_fault": float,
         "secretmem_minus_memfd_fault_ns_per_page": float,
@@ -159,12 +164,17 @@ class _Bench:
     guest_vm: TwinVm
     vcpu: TwinVcpu
     touch_program: GuestProgram
+    unavailable: dict[str, str]
 
     @classmethod
     def open(cls, stack: ExitStack, host: TwinHost, config: MeasureConfig) -> _Bench:
         """Open /dev/kvm and the two VMs; ``stack`` closes them."""
         kvm = stack.enter_context(host.open_kvm())
         guest_vm = stack.enter_context(kvm.create_vm())
+        offered = guest_vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
+        unavailable = {} if offered & SHARED == SHARED else dict.fromkeys(
+            ("guest_memfd", GUEST_KIND),
+            f"the default VM offers guest_memfd flags {uapi.gmem_flags_str(offered)}, not MMAP|INIT_SHARED")
         return cls(
             host=host,
             config=config,
@@ -173,7 +183,12 @@ class _Bench:
             guest_vm=guest_vm,
             vcpu=guest_vm.create_vcpu(0),
             touch_program=GuestProgram().touch(GUEST_GPA, config.size),
+            unavailable=unavailable,
         )
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(k for k in KINDS if k not in self.unavailable)
 
     def run(self, kind: str) -> _Sample:
         if kind == GUEST_KIND:
@@ -256,31 +271,35 @@ def run_measurement(
     """Run every kind ``config.reps`` times (after one warm-up rotation); see the schema above."""
     host = host or TwinHost()
     say = progress or (lambda _: None)
-    samples: dict[str, list[_Sample]] = {k: [] for k in KINDS}
     roundtrips: list[tuple[float, float]] = []
     dm_before = _dm(read_direct_map())
     with ExitStack() as stack, pinned(config.cpu):
         bench = _Bench.open(stack, host, config)
+        kinds = bench.kinds
+        for kind, why in bench.unavailable.items():
+            say(f"{kind}: not measured: {why}")
+        samples: dict[str, list[_Sample]] = {k: [] for k in kinds}
         say("warm-up: memfd_secret first (direct-map splits), then the other kinds")
         bench.run("memfd_secret")
         dm_first = _dm(read_direct_map())
-        for kind in KINDS:
+        for kind in kinds:
             if kind != "memfd_secret":
                 bench.run(kind)
         bench.roundtrip(config.roundtrip_iterations // 10 or 1)
         for rep in range(config.reps):
-            order = KINDS[rep % len(KINDS) :] + KINDS[: rep % len(KINDS)]
+            order = kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]
             for kind in order:
                 say(f"rep {rep + 1}/{config.reps}: {kind}")
                 samples[kind].append(bench.run(kind))
             roundtrips.append(bench.roundtrip(config.roundtrip_iterations))
     dm_after = _dm(read_direct_map())
-    return _report(config, samples, roundtrips, dm_before, dm_first, dm_after)
+    return _report(config, samples, bench.unavailable, roundtrips, dm_before, dm_first, dm_after)
 
 
 def _report(
     config: MeasureConfig,
     samples: dict[str, list[_Sample]],
+    unavailable: dict[str, str],
     roundtrips: list[tuple[float, float]],
     dm_before: dict[str, int],
     dm_first: dict[str, int],
@@ -288,13 +307,23 @@ def _report(
 ) -> dict[str, Any]:
     fault = {k: stats([s.fault_ns for s in v]) for k, v in samples.items()}
     free = {k: stats([s.free_ns for s in v]) for k, v in samples.items()}
-    guest = samples[GUEST_KIND]
+    host_kinds = [k for k in HOST_KINDS if k in samples]
 
     def med(table: dict[str, Any], kind: str) -> float:
         value: float = table[kind]["median"]
         return value
 
-    ipis = {k: statistics.median(s.ipis for s in samples[k]) / config.pages for k in HOST_KINDS}
+    derived = {"secretmem_minus_memfd_fault_ns_per_page": med(fault, "memfd_secret") - med(fault, "memfd")}
+    if "guest_memfd" in samples:
+        derived |= {
+            "secretmem_minus_gmem_fault_ns_per_page": med(fault, "memfd_secret") - med(fault, "guest_memfd"),
+            "secretmem_over_gmem_fault": med(fault, "memfd_secret") / med(fault, "guest_memfd"),
+            "gmem_over_memfd_fault": med(fault, "guest_memfd") / med(fault, "memfd"),
+            "secretmem_minus_gmem_free_ns_per_page": med(free, "memfd_secret") - med(free, "guest_memfd"),
+            "secretmem_over_gmem_free": med(free, "memfd_secret") / med(free, "guest_memfd"),
+        }
+    guest = samples.get(GUEST_KIND)
+    ipis = {k: statistics.median(s.ipis for s in samples[k]) / config.pages for k in host_kinds}
     return {
         "schema": SCHEMA,
         "machine": {
@@ -309,9 +338,10 @@ def _report(
             "reps": config.reps,
             "roundtrip_iterations": config.roundtrip_iterations,
         },
-        "fault_ns_per_page": {k: fault[k] for k in HOST_KINDS},
-        "free_ns_per_page": {k: free[k] for k in HOST_KINDS},
-        "guest": {
+        "unavailable": unavailable,
+        "fault_ns_per_page": {k: fault[k] for k in host_kinds},
+        "free_ns_per_page": {k: free[k] for k in host_kinds},
+        "guest": None if guest is None else {
             "first_touch_ns_per_page": fault[GUEST_KIND],
             "second_pass_ns_per_page": stats([s.extra["second_pass_ns"] for s in guest]),
             "free_ns_per_page": free[GUEST_KIND],
@@ -322,14 +352,7 @@ def _report(
             "exit_roundtrip_ns": stats([r[0] for r in roundtrips]),
             "raw_ioctl_ns": stats([r[1] for r in roundtrips]),
         },
-        "derived": {
-            "secretmem_minus_gmem_fault_ns_per_page": med(fault, "memfd_secret") - med(fault, "guest_memfd"),
-            "secretmem_over_gmem_fault": med(fault, "memfd_secret") / med(fault, "guest_memfd"),
-            "secretmem_minus_memfd_fault_ns_per_page": med(fault, "memfd_secret") - med(fault, "memfd"),
-            "gmem_over_memfd_fault": med(fault, "guest_memfd") / med(fault, "memfd"),
-            "secretmem_minus_gmem_free_ns_per_page": med(free, "memfd_secret") - med(free, "guest_memfd"),
-            "secretmem_over_gmem_free": med(free, "memfd_secret") / med(free, "guest_memfd"),
-        },
+        "derived": derived,
         "ipis_per_page": ipis if os.path.exists(INTERRUPTS) else None,
         "direct_map_kB": {
             "before": dm_before,
@@ -352,29 +375,36 @@ def format_report(r: dict[str, Any]) -> str:
         f"{'kind':<20} {'fault ns/page (min/median/max)':>34} {'free ns/page':>14} {'IPIs/page':>10}",
     ]
     ipis = r["ipis_per_page"] or {}
-    for kind in HOST_KINDS:
-        f, fr = r["fault_ns_per_page"][kind], r["free_ns_per_page"][kind]
+    for kind, f in r["fault_ns_per_page"].items():
+        fr = r["free_ns_per_page"][kind]
         lines.append(f"{kind:<20} {_mmm(f):>34} {fr['median']:>14.0f} {ipis.get(kind, float('nan')):>10.2f}")
     g = r["guest"]
-    lines.append(
-        f"{'guest first touch':<20} {_mmm(g['first_touch_ns_per_page']):>34} "
-        f"{g['free_ns_per_page']['median']:>14.0f}"
-    )
-    lines.append(
-        f"{'guest second pass':<20} {_mmm(g['second_pass_ns_per_page']):>34}   "
-        f"(pf_fixed/page {g['pf_fixed_per_page']:.2f}, "
-        f"insn_emulation/page {g['insn_emulation_per_page']:.4f})"
-    )
+    if g is not None:
+        lines.append(
+            f"{'guest first touch':<20} {_mmm(g['first_touch_ns_per_page']):>34} "
+            f"{g['free_ns_per_page']['median']:>14.0f}"
+        )
+        lines.append(
+            f"{'guest second pass':<20} {_mmm(g['second_pass_ns_per_page']):>34}   "
+            f"(pf_fixed/page {g['pf_fixed_per_page']:.2f}, "
+            f"insn_emulation/page {g['insn_emulation_per_page']:.4f})"
+        )
+    lines.extend(f"{kind:<20} not measured: {why}" for kind, why in r.get("unavailable", {}).items())
     d = r["derived"]
     k = r["kvm_run"]
     dm = r["direct_map_kB"]
+    lines.append("")
+    if "secretmem_over_gmem_fault" in d:
+        lines += [
+            f"secretmem / guest_memfd fault: {d['secretmem_over_gmem_fault']:.2f}x "
+            f"(+{d['secretmem_minus_gmem_fault_ns_per_page']:.0f} ns/page); "
+            f"guest_memfd / memfd: {d['gmem_over_memfd_fault']:.2f}x",
+            f"secretmem / guest_memfd free: {d['secretmem_over_gmem_free']:.2f}x "
+            f"(+{d['secretmem_minus_gmem_free_ns_per_page']:.0f} ns/page)",
+        ]
+    else:
+        lines.append(f"secretmem - memfd fault: +{d['secretmem_minus_memfd_fault_ns_per_page']:.0f} ns/page")
     lines += [
-        "",
-        f"secretmem / guest_memfd fault: {d['secretmem_over_gmem_fault']:.2f}x "
-        f"(+{d['secretmem_minus_gmem_fault_ns_per_page']:.0f} ns/page); "
-        f"guest_memfd / memfd: {d['gmem_over_memfd_fault']:.2f}x",
-        f"secretmem / guest_memfd free: {d['secretmem_over_gmem_free']:.2f}x "
-        f"(+{d['secretmem_minus_gmem_free_ns_per_page']:.0f} ns/page)",
         f"KVM_RUN exit round trip: {_mmm(k['exit_roundtrip_ns'])} ns with run(); "
         f"raw ioctl {k['raw_ioctl_ns']['median']:.0f} ns",
         "DirectMap delta (kB) at the first secretmem fault: "

@@ -78,9 +78,9 @@ def test_a_child_runs_lifecycles_until_the_work_is_done() -> None:
     assert len(result["ops"]["close + free"]["samples_us_per_page"]) == 2
 
 
-@pytest.mark.parametrize(("argv", "says"), [(["--rounds", "0"], "--rounds must be at least 1"),
-                                            (["--work", "0"], "--work must be a positive"),
-                                            (["--sizes", "x"], "--sizes takes GiB numbers")])
+@pytest.mark.parametrize(("argv", "says"), [(["--rounds", "0"], "--rounds: 0 is outside [1, 1,000]"),
+                                            (["--work", "0"], "--work: 0 is outside (0, 1024]"),
+                                            (["--sizes", "x"], "--sizes: 'x' is not a number")])
 def test_bad_options_are_usage_errors(argv: list[str], says: str,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:

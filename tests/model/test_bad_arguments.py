@@ -126,15 +126,17 @@ def test_anonymous_mmap_that_cannot_fit_is_enomem(h: Host) -> None:
 
 def test_munmapped_address_space_is_reused_top_down(h: Host) -> None:
     """get_unmapped_area() searches down from mmap_base: 1,100 map/unmap cycles of 1 GiB
-    reuse the same range, and every mapping stays below TASK_SIZE."""
-    first = h.mmap_anonymous(1 << 30)
+    reuse the same range, and every mapping stays below TASK_SIZE.  (Shared mappings of a
+    memfd: no overcommit charge, so the machine's RAM does not limit their size.)"""
+    memfd = h.memfd_create()
+    first = memfd.mmap(1 << 30)
     assert first.addr == MMAP_BASE - (1 << 30)
     first.munmap()
     for _ in range(1100):
-        a = h.mmap_anonymous(1 << 30)
+        a = memfd.mmap(1 << 30)
         assert a.addr == first.addr
         a.munmap()
-    keep = [h.mmap_anonymous(1 << 30) for _ in range(3)]
+    keep = [memfd.mmap(1 << 30) for _ in range(3)]
     assert [k.addr for k in keep] == [MMAP_BASE - (i << 30) for i in (1, 2, 3)]
     keep[1].munmap()
     small = h.mmap_anonymous(PAGE_SIZE)  # the highest gap that fits: the hole keep[1] left
@@ -143,13 +145,23 @@ def test_munmapped_address_space_is_reused_top_down(h: Host) -> None:
 
 
 def test_address_space_exhaustion_falls_back_bottom_up_then_enomem(h: Host) -> None:
-    huge = h.mmap_anonymous(MMAP_BASE - (1 << 40))
+    memfd = h.memfd_create()
+    huge = memfd.mmap(MMAP_BASE - (1 << 40))
     assert huge.addr == 1 << 40
-    low = h.mmap_anonymous((1 << 40) - PAGE_SIZE)  # [PAGE_SIZE, mmap_base) is now full
+    low = memfd.mmap((1 << 40) - PAGE_SIZE)  # [PAGE_SIZE, mmap_base) is now full
     assert low.addr == PAGE_SIZE
-    top = h.mmap_anonymous(64 << 20)  # fits only above mmap_base: the bottom-up fallback
+    top = memfd.mmap(64 << 20)  # fits only above mmap_base: the bottom-up fallback
     assert top.addr == MMAP_BASE and top.addr + top.length <= TASK_SIZE
-    refused(h, errno.ENOMEM, lambda: h.mmap_anonymous(65 << 20))
+    refused(h, errno.ENOMEM, lambda: memfd.mmap(65 << 20))
+
+
+def test_private_writable_mapping_is_charged_against_ram(h: Host) -> None:
+    """__vm_enough_memory() (OVERCOMMIT_GUESS): a private writable mapping larger than RAM
+    (plus swap: none) is ENOMEM; a shared one of the same size is not charged."""
+    ram = sum(hi - lo for lo, hi in h.machine.ram) * PAGE_SIZE
+    h.mmap_anonymous(ram).munmap()
+    refused(h, errno.ENOMEM, lambda: h.mmap_anonymous(ram + PAGE_SIZE))
+    h.memfd_create().mmap(ram + PAGE_SIZE).munmap()
 
 
 def test_guest_memfd_size_is_the_u64_the_kernel_reads(h: Host) -> None:

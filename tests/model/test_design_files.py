@@ -62,3 +62,14 @@ def test_a_design_file_that_raises_says_so(tmp_path: Path) -> None:
     f.write_text("raise RuntimeError('half-written')\n")
     with pytest.raises(UnknownDesign, match="does not load: RuntimeError: half-written"):
         get_design(str(f))
+
+
+def test_a_design_file_runs_through_expose_and_cost() -> None:
+    """The strategy specs of expose and cost take design files beside NAME and NAME:N."""
+    from gmemlab.cost.strategies import UnknownStrategy, make_design, parse_designs
+
+    assert make_design(str(EXAMPLE)).name == "zap-at-handout"
+    assert make_design("batch:8").name == "batch"
+    assert parse_designs(f"v12,{EXAMPLE}") == ("v12", str(EXAMPLE))
+    with pytest.raises(UnknownStrategy, match="no such file"):
+        make_design("missing/design.py")

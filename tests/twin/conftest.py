@@ -1,4 +1,5 @@
-"""Fixtures for the twin tests: they need /dev/kvm with guest_memfd, else they skip with why."""
+"""Fixtures for the twin tests: they need /dev/kvm (``host``), some guest_memfd too (``gmem_host``,
+``shared_host``), else they skip with why."""
 
 from __future__ import annotations
 
@@ -18,8 +19,18 @@ def host() -> twin.TwinHost:
 
 
 @pytest.fixture(scope="session")
-def shared_host(host: twin.TwinHost) -> twin.TwinHost:
+def gmem_host(host: twin.TwinHost) -> twin.TwinHost:
+    """The host, when its kernel has guest_memfd (``KVM_CAP_GUEST_MEMFD``)."""
+    ok, reason = twin.guest_memfd_available()
+    if not ok:
+        pytest.skip(reason)
+    return host
+
+
+@pytest.fixture(scope="session")
+def shared_host(gmem_host: twin.TwinHost) -> twin.TwinHost:
     """The host, when a default VM offers mappable, shared guest_memfd (MMAP|INIT_SHARED)."""
+    host = gmem_host
     with host.open_kvm() as kvm, kvm.create_vm() as vm:
         offered = vm.check_extension(uapi.KVM_CAP_GUEST_MEMFD_FLAGS)
     if offered & SHARED != SHARED:

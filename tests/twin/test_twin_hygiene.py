@@ -59,11 +59,14 @@ def test_guest_memfd_cycles(shared_host: twin.TwinHost) -> None:
 
 
 def test_failed_calls_leak_nothing(host: twin.TwinHost) -> None:
+    gmem = twin.guest_memfd_available()[0]
     with host.open_kvm() as kvm, kvm.create_vm() as vm:
 
         def body() -> None:
-            with pytest.raises(api.KernelError):
+            with pytest.raises(api.KernelError):  # EINVAL, or ENOTTY without guest_memfd
                 vm.create_guest_memfd(PAGE, 1 << 5)
+            if not gmem:
+                return
             with vm.create_guest_memfd(PAGE) as g, pytest.raises(api.KernelError):
                 g.mmap(PAGE)
 

@@ -150,8 +150,8 @@ def do_mmap(m: Machine, proc: Process, file: File | None, length: int, pgoff: in
     The checks in the kernel's order: a zero length is EINVAL; a length whose page
     alignment wraps is ENOMEM; a page offset range that wraps is EOVERFLOW; then
     ``get_unmapped_area()`` (ENOMEM when nothing fits below ``TASK_SIZE``), then
-    ``file_mmap_ok()`` (EOVERFLOW past ``MAX_LFS_FILESIZE``).  Nothing is mapped before
-    every check has passed.
+    ``file_mmap_ok()`` (EOVERFLOW past ``MAX_LFS_FILESIZE``), then the overcommit charge
+    of ``__mmap_region()`` (ENOMEM).  Nothing is mapped before every check has passed.
     """
     if not length:
         return -EINVAL
@@ -170,6 +170,8 @@ def do_mmap(m: Machine, proc: Process, file: File | None, length: int, pgoff: in
                              or pgoff > (MAX_LFS_FILESIZE - length) >> PAGE_SHIFT):
         return -EOVERFLOW  # file_mmap_ok() of a regular file
     flags = VM_READ | VM_WRITE | ((VM_SHARED | VM_MAYSHARE) if shared else 0)
+    if not vm_enough_memory(m, length, flags):
+        return -ENOMEM
     vma = Vma(mm, addr, addr + length, pgoff, flags, file, None)
     if file is not None:
         r = yield from file.f_op.mmap(m, file, vma)
@@ -181,6 +183,17 @@ def do_mmap(m: Machine, proc: Process, file: File | None, length: int, pgoff: in
     m.trace.emit("do_mmap", "mmap", -1, {"addr": vma.start, "len": length,
                                         "file": file.inode.kind if file else "anon"})
     return vma.start
+
+
+def vm_enough_memory(m: Machine, length: int, vm_flags: int) -> bool:
+    """``__mmap_region()``'s charge of a private writable mapping (``accountable_mapping()``)
+    through ``__vm_enough_memory()`` (6.18, mm/util.c): the default heuristic
+    (``vm.overcommit_memory`` = 0, OVERCOMMIT_GUESS) refuses more pages than RAM plus swap
+    (the model has no swap).  The other overcommit modes and RLIMIT_AS are not modelled.
+    """
+    if vm_flags & (VM_SHARED | VM_WRITE) == VM_WRITE:
+        return length >> PAGE_SHIFT <= sum(hi - lo for lo, hi in m.ram)
+    return True
 
 
 def get_unmapped_area(mm: MmStruct, length: int) -> int:
@@ -224,23 +237,6 @@ def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
     if vma.file is not None:
         vma.file.inode.mapping.i_mmap.remove(vma)
         yield from fput(m, vma.file)
-    return 0
-
-
-def do_mlock(m: Machine, proc: Process, addr: int, length: int) -> KGen[int]:
-    """``mlock()``: ``mlock_fixup()`` skips AS_NO_DIRECT_MAP VMAs; the rest is populated."""
-    end = addr + length
-    for vma in list(proc.mm.vmas):
-        if vma.end <= addr or vma.start >= end:
-            continue
-        if vma_has_no_direct_map(m, vma):
-            m.trace.emit("mlock_fixup", "mlock_skip", -1, {"addr": vma.start})
-            continue
-        vma.flags |= VM_LOCKED
-        for a in range(max(addr, vma.start), min(end, vma.end), PAGE_SIZE):
-            pfn = yield from get_pte_or_fault(m, vma, a, write=False)
-            if pfn < 0:
-                break  # __mm_populate() ignores errors
     return 0
 
 
