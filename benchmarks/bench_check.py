@@ -17,7 +17,7 @@ import sys
 import time
 
 from gmemlab.check.explore import explore, random_search
-from gmemlab.check.known import KNOWN_BUGS
+from gmemlab.check.known import KNOWN_BUGS, judge
 from gmemlab.check.report import table
 from gmemlab.check.scenarios import STANDARD, get_scenario
 
@@ -37,7 +37,7 @@ def main() -> int:
     start = time.perf_counter()
     results = [explore(s, "v12") for s in STANDARD]
     suite_s = time.perf_counter() - start
-    print(table(results))
+    print(table(results, [judge(r) for r in results]))
     ok = all(r.passed and r.complete for r in results) and suite_s < SUITE_BUDGET_S
     print(f"suite: {suite_s:.1f} s (budget {SUITE_BUDGET_S:.0f} s): {'OK' if ok else 'OVER'}")
     print()

@@ -29,17 +29,29 @@ only the checker can judge:
 * ``end-refcount-balanced``: once every actor has finished, each page-cache
   folio's refcount is the page cache's reference plus one per user PTE, and no
   file folio is left allocated outside a page cache;
-* ``model-error``: a kernel path raised something other than an oops (a bug in
-  the model, or a state the model's code does not expect).
+* ``no-warn``: no ``WARN_ON_ONCE`` fires (a ``warn_on_once`` trace event, counted
+  whatever the trace mode): v12 turns its "cannot happen" cases into WARNs
+  (zap of a file without the flag, restore failure), so one firing is a bug;
+* ``plain-fault-succeeds``: a fault or GUP that reaches an open guest_memfd
+  without NO_DIRECT_MAP succeeds (the operation's ``judge``);
+* ``kernel-crash``: a kernel path raised an exception (a NULL ``folio->mapping``
+  dereferenced as a ``KeyError``, a ``BUG_ON`` as an ``AssertionError``...): the
+  kernel under check oopsed, reported with the kernel functions of the traceback;
+* ``checker-error``: the checker itself raised (its setup, an actor's entry code,
+  a judge): a bug in gmemlab, not in the code under check.
 """
 
 from __future__ import annotations
 
+import os
+import sysconfig
+import traceback
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import GeneratorType
 from typing import Any, cast
 
+from gmemlab.api import KernelError
 from gmemlab.check.digest import Namer
 from gmemlab.check.scenarios import Scenario
 from gmemlab.check.world import Op, World
@@ -69,11 +81,31 @@ CHECKER_PROPERTIES: dict[str, tuple[str, str]] = {
         "cache and one per user PTE, and no file folio is left outside a page cache",
         "refcount and lifetime sanity (checker)",
     ),
-    "model-error": (
-        "a kernel path of the model raised an exception other than an oops",
-        "model sanity (checker)",
+    "no-warn": (
+        "no WARN_ON_ONCE fires in the kernel under check",
+        "v12 10/16 kvm_gmem_folio_zap_direct_map(): WARN_ON_ONCE(!NO_DIRECT_MAP) -> -EINVAL; "
+        "v12 02/16 folio_restore_direct_map() WARNs on failure; §8 bugs 2, 6, 17",
+    ),
+    "plain-fault-succeeds": (
+        "a fault or GUP that reaches an open guest_memfd without NO_DIRECT_MAP succeeds",
+        "§8 bug 2 (v7 zapped every guest_memfd): the flag is opt-in, a file without it "
+        "behaves as before the series",
+    ),
+    "kernel-crash": (
+        "the kernel under check never crashes (an exception raised in a kernel path is an oops, "
+        "reported with its kernel functions)",
+        "kernel sanity (checker)",
+    ),
+    "checker-error": (
+        "the checker's own code (scenario setup, actors' entry code, judges) raises nothing",
+        "checker sanity: a bug in gmemlab, not in the code under check",
     ),
 }
+WARN_EVENT = "warn_on_once"
+_CHECK_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE_DIR = os.path.dirname(_CHECK_DIR.rstrip(os.sep)) + os.sep
+_LIBRARY_DIRS = tuple({os.path.abspath(p) + os.sep for k, p in sysconfig.get_paths().items()
+                       if k in ("stdlib", "platstdlib", "purelib", "platlib")})
 
 
 def describe(name: str) -> tuple[str, str]:
@@ -118,6 +150,7 @@ class ActorRun:
     task: Task
     gen: Generator[Step, None, None]
     results: list[Any]
+    ops: tuple[Op, ...]
     pending: Step | None = None
     done: bool = False
     digest: int | None = None  # hash of the actor's part of the fingerprint; None once it moved
@@ -156,22 +189,31 @@ class Execution:
             self.world = scenario.setup(m)
         except KernelOops:
             self.crashed = True
-        except Exception as e:
-            # e.g. a design that does not offer GUEST_MEMFD_FLAG_NO_DIRECT_MAP (EINVAL)
+        except KernelError as e:
+            # A call of the setup the kernel refused: the scenario cannot run here.
             self.crashed = True
-            failed.append(Broken("model-error", f"setup failed: {type(e).__name__}: {e}"))
+            failed.append(Broken("checker-error", f"setup failed: {e}"))
+        except Exception as e:
+            self.crashed = True
+            failed.append(crash_report(e, "setup"))
         self.setup_broken = self._new_broken(0) + failed
         if self.crashed:
             return
         for a in scenario.actors:
             task = m.task(a.name, a.cpu)
             results: list[Any] = []
-            run = ActorRun(a.name, task, _actor_body(self.world, task, a.ops, results), results)
+            run = ActorRun(a.name, task, _actor_body(self.world, task, a.ops, results), results,
+                           a.ops)
+            self.actors.append(run)
             try:
                 run.pending = next(run.gen)
             except StopIteration:
                 run.done = True
-            self.actors.append(run)
+            except Exception as e:  # an operation that raised before its first yield
+                run.done = True
+                self.crashed = True
+                self.setup_broken.append(crash_report(e, f"actor {a.name}, before its first step"))
+                return
         self.namer.name_world(self.world, ((r.task, a.ops) for r, a in zip(self.actors, scenario.actors,
                                                                            strict=True)))
 
@@ -208,6 +250,9 @@ class Execution:
             seq = m.trace.seq
         error: Broken | None = None
         a.digest = None
+        counts = m.trace.counts
+        warns = counts[WARN_EVENT]
+        ops_done = len(a.results)
         try:
             a.pending = a.gen.send(None)
         except StopIteration:
@@ -219,12 +264,24 @@ class Execution:
         except Exception as e:
             a.done = True
             self.crashed = True
-            error = Broken("model-error", f"{type(e).__name__}: {e} (in actor {a.name})")
+            error = crash_report(e, f"actor {a.name}")
         broken = self._new_broken(seen)
         if error is not None:
-            broken.append(error)
-        elif judge and not self.crashed and "zapped-frame-flushed" not in self.ignore:
-            broken += self._stale_after_zap()
+            if error.invariant not in self.ignore:
+                broken.append(error)
+        elif judge and not self.crashed:
+            ignore = self.ignore
+            if counts[WARN_EVENT] > warns and "no-warn" not in ignore:
+                where = " > ".join(call_stack(a.gen)) or "its last operation"
+                broken.append(Broken("no-warn", f"WARN_ON_ONCE fired in actor {a.name} "
+                                                f"(which then stopped in {where})"))
+            if len(a.results) > ops_done and "plain-fault-succeeds" not in ignore:
+                op = a.ops[ops_done]
+                msg = op.judge(self.world, op.args, a.results[-1]) if op.judge else None
+                if msg is not None:
+                    broken.append(Broken("plain-fault-succeeds", f"{op.label} ({a.name}) {msg}"))
+            if "zapped-frame-flushed" not in ignore:
+                broken += self._stale_after_zap()
         if record is not None:
             record.events = [e for e in m.trace.events() if e.seq > seq]
             record.broken = broken
@@ -326,6 +383,26 @@ class Execution:
                 a.digest = hash((a.done, namer.canon(a.results), namer.generator(a.gen)))
             actors.append(a.digest)
         return hash((self.crashed, namer.machine(self.m), *actors))
+
+
+def crash_report(e: BaseException, where: str) -> Broken:
+    """An exception out of a kernel path (``kernel-crash``, an oops) or the checker's own code.
+
+    The traceback's frames past the checker's last one are the kernel path (the
+    model's code, or a design under test wherever it lives; the standard library
+    left out).  None: the checker raised it itself.
+    """
+    frames = traceback.extract_tb(e.__traceback__)
+    last_checker = max((i for i, f in enumerate(frames) if f.filename.startswith(_CHECK_DIR)),
+                       default=-1)
+    kernel = [f.name for f in frames[last_checker + 1:]
+              if f.filename.startswith(_PACKAGE_DIR) or not f.filename.startswith(_LIBRARY_DIRS)]
+    what = f"{type(e).__name__}: {e}"
+    if not kernel:
+        site = frames[-1] if frames else None
+        at = f" at {os.path.basename(site.filename)}:{site.lineno} ({site.name})" if site else ""
+        return Broken("checker-error", f"{what} in the checker{at} ({where})")
+    return Broken("kernel-crash", f"oops: {what} in {where}: {' > '.join(kernel)}", oops=True)
 
 
 def call_stack(gen: Generator[Any, Any, Any]) -> tuple[str, ...]:

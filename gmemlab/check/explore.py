@@ -93,12 +93,16 @@ class Result:
     unknown: set[str] = field(default_factory=set)  # local types the digest could not name
     seed: int | None = None
     runs: int = 0
+    profile: str = "x86_64"
+    skipped: str | None = None  # why the cell did not run (the design x profile lacks the flag)
 
     @property
     def passed(self) -> bool:
         return not self.found
 
     def verdict(self) -> str:
+        if self.skipped is not None:
+            return "skip"
         if self.found:
             first = self.found[0]
             where = "in setup" if first.in_setup else f"{len(first.schedule)} steps"
@@ -135,7 +139,7 @@ class _Search:
         self.stop_at_first = stop_at_first
         self.progress = progress
         self.start = time.perf_counter()
-        self.result = Result(scenario.name, design_name, mode, bounds)
+        self.result = Result(scenario.name, design_name, mode, bounds, profile=scenario.profile)
         self.seen: dict[str, int] = {}  # invariant -> index in result.found
 
     def fresh(self) -> Execution:

@@ -1,4 +1,9 @@
-"""The bugs review found in the series, as the checker finds them.
+"""The bugs review found in the series, as the checker finds them, and the catalogue of verdicts.
+
+``KNOWN_BUGS``: each bug review found, as the checker reports it.
+``EXPECTED``: for each design and scenario, every property the design is
+expected to break there; ``gmemlab check`` exits 0 when every verdict is as
+catalogued and names what is new (:func:`judge`).
 
 Each entry names a design, a standard scenario and the invariant the
 checker reports first, with the length of the shortest schedule that breaks
@@ -12,6 +17,9 @@ through, for a reader to check it is the bug named.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+from gmemlab.check.explore import Result
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,4 +70,161 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
              "removal, before ->free_folio's invalidate",
              "pagecache", "fault-punch", (), "invalidate-before-restore", 24,
              ("filemap_free_folio",)),
+)
+
+
+# --- what each design is expected to break, cell by cell ------------------------------------------
+ALL_PROFILES = ("*",)
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """Every property ``design`` breaks in ``scenario`` (explored with ``--all``), and why.
+
+    ``profiles``: where this holds (``*``: every profile the design offers the
+    flag on).  A cell not listed is expected to pass.
+    """
+
+    design: str
+    scenario: str
+    breaks: frozenset[str]
+    why: str
+    profiles: tuple[str, ...] = ALL_PROFILES
+
+
+Status = Literal["ok", "new", "gone", "skip"]
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """A cell's verdict held against the catalogue."""
+
+    status: Status
+    expected: frozenset[str]  # what the catalogue says breaks here (ignored properties left out)
+    new: tuple[str, ...] = ()  # broken, not catalogued
+    gone: tuple[str, ...] = ()  # catalogued, no longer broken
+    note: str = ""  # catalogued properties a bounded or random search did not reach
+
+    def describe(self) -> str:
+        if self.status == "skip":
+            return "skipped"
+        parts = []
+        if self.new:
+            parts.append("NEW " + ", ".join(self.new))
+        if self.gone:
+            parts.append("GONE " + ", ".join(self.gone))
+        if not parts:
+            parts.append("as catalogued" if self.expected else "as expected")
+        if self.note:
+            parts.append(self.note)
+        return "; ".join(parts)
+
+
+def expected(design: str, scenario: str, profile: str) -> Expected | None:
+    for e in EXPECTED:
+        if e.design == design and e.scenario == scenario and (
+                e.profiles == ALL_PROFILES or profile in e.profiles):
+            return e
+    return None
+
+
+def judge(result: Result, ignore: frozenset[str] = frozenset(), *,
+          all_violations: bool = False) -> Judgement:
+    """Hold ``result`` to the catalogue.
+
+    New: a property broken that the catalogue does not list for the cell.  Gone:
+    a catalogued property an exhaustive, unbounded search no longer finds (all
+    of them with ``--all``; stopping at the first, the cell no longer fails).  A
+    bounded or random search that misses one says so but is not a failure: it
+    may not have reached it.
+    """
+    if result.skipped is not None:
+        return Judgement("skip", frozenset())
+    entry = expected(result.design, result.scenario, result.profile)
+    want = (entry.breaks if entry else frozenset()) - ignore
+    found = [c.invariant for c in result.found]
+    new = tuple(p for p in found if p not in want)
+    missing = sorted(want - set(found)) if all_violations else (
+        sorted(want) if want and not found else [])
+    exhaustive = (result.mode == "exhaustive" and not result.bound_hits
+                  and result.bounds.preemptions is None)
+    gone = tuple(missing) if exhaustive else ()
+    note = "" if exhaustive or not missing else (
+        f"catalogued {', '.join(missing)} not reached by this "
+        f"{'random' if result.mode == 'random' else 'bounded'} search")
+    return Judgement("new" if new else "gone" if gone else "ok", want, new, gone, note)
+
+X86 = ("x86_64", "x86_64-kvm_pvm-6.18")  # arm64's set_memory_valid() flushes by itself (TLBI IS)
+WHY = {
+    "v9": "<= v11 order: arch prepare before the zap, restore before the invalidate (§8 bug 13); "
+          "v9 also ignores the zap's error on guest faults and sets the marker before the zap "
+          "(§8 bugs 3, 4), which the ENOMEM scenarios show",
+    "v7": "v7: the marker set with '&' is never set, so ->free_folio never restores and the "
+          "frame's next kernel user oopses (§8 bug 1); the zap ignores the creation flag, so "
+          "files without NO_DIRECT_MAP leave the direct map too (§8 bug 2); <= v11 order (§8 bug 13)",
+    "noflush": "no kernel TLB flush after the zap (§8 bug 10, Firecracker's opt-out): a stale "
+               "translation outlives the handout; on arm64 set_memory_valid() flushes anyway",
+    "pagecache": "the page-cache-level proposal restores the direct map on removal, before "
+                 "->free_folio's arch invalidate (the order v12 fixed, §8 bug 13)",
+    "batch": "flushes batched until later: a folio is handed out (or unlocked) while another "
+             "CPU still translates to it; on arm64 set_memory_valid() flushes anyway",
+}
+
+
+def _e(design: str, scenario: str, breaks: str, profiles: tuple[str, ...] = ALL_PROFILES) -> Expected:
+    return Expected(design, scenario, frozenset(breaks.split()), WHY[design], profiles)
+
+
+# Found by ``gmemlab check --all`` on every design, scenario and profile that offers the flag
+# (x86_64, x86_64-kvm_pvm-6.18, arm64); falloc, zap2m and pool break nothing.  The cells of
+# free-reuse that fail do so in its setup (the guest's first fault), before any actor runs.
+EXPECTED: tuple[Expected, ...] = (
+    _e("v9", "fault-punch", "invalidate-before-restore zap-before-prepare"),
+    _e("v9", "ufault-release", "invalidate-before-restore zap-before-prepare"),
+    _e("v9", "two-vms", "invalidate-before-restore zap-before-prepare"),
+    _e("v9", "zap-gadget", "zap-before-prepare"),
+    _e("v9", "free-reuse", "zap-before-prepare"),
+    _e("v9", "enomem-split", "handout-zapped marker-matches-direct-map zap-before-prepare"),
+    _e("v9", "enomem-guest", "handout-zapped marker-matches-direct-map zap-before-prepare"),
+    _e("v9", "fallocate-fault", "zap-before-prepare"),
+    _e("v9", "lifecycle", "invalidate-before-restore zap-before-prepare"),
+    _e("v9", "teardown", "invalidate-before-restore zap-before-prepare"),
+    _e("v7", "fault-punch",
+       "free-frame-in-direct-map kernel-oops marker-matches-direct-map zap-before-prepare"),
+    _e("v7", "ufault-release", "free-frame-in-direct-map marker-matches-direct-map zap-before-prepare"),
+    _e("v7", "two-vms", "free-frame-in-direct-map kernel-oops marker-matches-direct-map zap-before-prepare"),
+    _e("v7", "zap-gadget", "marker-matches-direct-map zap-before-prepare"),
+    _e("v7", "free-reuse", "marker-matches-direct-map zap-before-prepare"),
+    _e("v7", "enomem-split", "handout-zapped marker-matches-direct-map zap-before-prepare"),
+    _e("v7", "enomem-guest", "handout-zapped marker-matches-direct-map zap-before-prepare"),
+    _e("v7", "fallocate-fault", "marker-matches-direct-map zap-before-prepare"),
+    _e("v7", "lifecycle",
+       "free-frame-in-direct-map kernel-oops marker-matches-direct-map zap-before-prepare"),
+    _e("v7", "teardown", "free-frame-in-direct-map marker-matches-direct-map zap-before-prepare"),
+    _e("v7", "plain-beside", "zap-only-no-direct-map"),
+    _e("v7", "plain-populate", "zap-only-no-direct-map"),
+    _e("v7", "gup-pfncache", "kernel-oops zap-only-no-direct-map"),
+    _e("noflush", "fault-punch", "handout-flushed", X86),
+    _e("noflush", "ufault-release", "handout-flushed", X86),
+    _e("noflush", "two-vms", "handout-flushed", X86),
+    _e("noflush", "zap-gadget", "gadget-blocked handout-flushed", X86),
+    _e("noflush", "free-reuse", "handout-flushed", X86),
+    _e("noflush", "fallocate-fault", "handout-flushed", X86),
+    _e("noflush", "lifecycle", "handout-flushed", X86),
+    _e("noflush", "teardown", "handout-flushed", X86),
+    _e("noflush", "mlock-secretmem", "handout-flushed", X86),
+    _e("pagecache", "fault-punch", "invalidate-before-restore"),
+    _e("pagecache", "ufault-release", "invalidate-before-restore"),
+    _e("pagecache", "two-vms", "invalidate-before-restore"),
+    _e("pagecache", "free-reuse", "invalidate-before-restore"),
+    _e("pagecache", "lifecycle", "invalidate-before-restore"),
+    _e("pagecache", "teardown", "invalidate-before-restore"),
+    _e("batch", "fault-punch", "handout-flushed zapped-frame-flushed", X86),
+    _e("batch", "ufault-release", "handout-flushed zapped-frame-flushed", X86),
+    _e("batch", "two-vms", "handout-flushed zapped-frame-flushed", X86),
+    _e("batch", "zap-gadget", "gadget-blocked handout-flushed zapped-frame-flushed", X86),
+    _e("batch", "free-reuse", "handout-flushed", X86),
+    _e("batch", "fallocate-fault", "handout-flushed zapped-frame-flushed", X86),
+    _e("batch", "lifecycle", "handout-flushed zapped-frame-flushed", X86),
+    _e("batch", "teardown", "handout-flushed zapped-frame-flushed", X86),
 )

@@ -16,11 +16,13 @@ from typing import Any
 
 from gmemlab.check.execution import Broken, DesignSpec, Execution, StepRecord, describe
 from gmemlab.check.explore import Counterexample, Result
-from gmemlab.check.scenarios import Scenario
+from gmemlab.check.known import Judgement
+from gmemlab.check.scenarios import Scenario, get_scenario
 from gmemlab.model.task import Step
 from gmemlab.model.trace import TraceEvent
 
 WIDTH = 110  # of a timeline, lanes included
+DEFAULT_PROFILE = "x86_64"
 
 
 @dataclass(slots=True)
@@ -65,9 +67,11 @@ def replay(scenario: Scenario, design: DesignSpec, schedule: tuple[int, ...], *,
 
 
 def replay_command(design: str, scenario: str, schedule: tuple[int, ...],
-                   ignore: frozenset[str]) -> str:
+                   ignore: frozenset[str], profile: str = DEFAULT_PROFILE) -> str:
     steps = ",".join(map(str, schedule)) or "''"  # the empty schedule: setup alone
     cmd = f"gmemlab check --design {design} --scenario {scenario} --replay {steps}"
+    if profile != DEFAULT_PROFILE:
+        cmd += f" --profile {profile}"
     if ignore:
         cmd += " --ignore " + ",".join(sorted(ignore))
     return cmd
@@ -157,14 +161,31 @@ def timeline(rep: Replayed) -> list[str]:
     return lines
 
 
+def break_path(rep: Replayed, cx: Counterexample) -> tuple[str, ...]:
+    """The kernel functions a counterexample breaks in (what tells two violations apart).
+
+    An oops's own message names its path; a violation judged at the end or in
+    setup has none of its own.
+    """
+    if cx.in_setup:
+        return ("(setup)",)
+    if cx.at_end or not rep.records:
+        return ("(end state)",)
+    return rep.records[-1].chain
+
+
 def render_counterexample(scenario: Scenario, design: DesignSpec, design_name: str,
-                          cx: Counterexample, *, ignore: frozenset[str] = frozenset()) -> str:
-    rep = replay(scenario, design, cx.schedule, ignore=ignore)
+                          cx: Counterexample, *, ignore: frozenset[str] = frozenset(),
+                          rep: Replayed | None = None) -> str:
+    """The timeline of ``cx`` (``rep``: its replay, if already made)."""
+    if rep is None:
+        rep = replay(scenario, design, cx.schedule, ignore=ignore)
     summary, source = describe(cx.invariant)
     where = ("during setup" if cx.in_setup else
              f"at the end of a {len(cx.schedule)}-step schedule" if cx.at_end else
              f"after {len(cx.schedule)} steps")
-    lines = [f"{design_name} x {scenario.name}: invariant '{cx.invariant}' broken {where}",
+    on = f" on {scenario.profile}" if scenario.profile != DEFAULT_PROFILE else ""
+    lines = [f"{design_name} x {scenario.name}{on}: property '{cx.invariant}' broken {where}",
              f"  {summary}",
              f"  ({source})",
              f"  {cx.message}"]
@@ -180,8 +201,41 @@ def render_counterexample(scenario: Scenario, design: DesignSpec, design_name: s
         if last is not None and not cx.at_end:
             chain = " > ".join((rep.execution.actors[last.actor].name, *last.chain))
             lines += ["", f"  kernel functions at the break: {chain}"]
-    lines += ["", "  replay: " + replay_command(design_name, scenario.name, cx.schedule, ignore)]
+    lines += ["", "  replay: " + replay_command(design_name, scenario.name, cx.schedule, ignore,
+                                                scenario.profile)]
     return "\n".join(lines)
+
+
+def explain(results: list[Result], ignore: frozenset[str]) -> str:
+    """One timeline per distinct violation: same property, same kernel path at the break.
+
+    The shortest counterexample of each is drawn; the other cells that break it
+    the same way are listed under it with their replay commands.
+    """
+    Member = tuple[Result, Counterexample, Replayed]
+    groups: dict[tuple[str, tuple[str, ...]], list[Member]] = {}
+    for r in results:
+        if r.skipped is not None:
+            continue
+        scenario = get_scenario(r.scenario).on(r.profile)
+        for cx in r.found:
+            rep = replay(scenario, r.design, cx.schedule, ignore=ignore)
+            groups.setdefault((cx.invariant, break_path(rep, cx)), []).append((r, cx, rep))
+    if not groups:
+        return "nothing to explain: no cell broke a property"
+    out = [f"{len(groups)} distinct violation(s) (property and kernel path at the break):", ""]
+    for members in groups.values():
+        members.sort(key=lambda m: len(m[1].schedule))
+        r, cx, rep = members[0]
+        out.append(render_counterexample(rep.scenario, r.design, r.design, cx, ignore=ignore,
+                                         rep=rep))
+        if len(members) > 1:
+            out.append(f"  the same violation in {len(members) - 1} more cell(s):")
+            out += [f"    {m.design} x {m.scenario}: {len(c.schedule)} steps; replay: "
+                    + replay_command(m.design, m.scenario, c.schedule, ignore, m.profile)
+                    for m, c, _ in members[1:]]
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def render_replay(rep: Replayed, design_name: str) -> str:
@@ -204,43 +258,53 @@ def render_replay(rep: Replayed, design_name: str) -> str:
 
 
 # --- tables and JSON --------------------------------------------------------------------------------
-TABLE_HEAD = ("design", "scenario", "verdict", "execs", "states", "time s", "execs/s", "states/s")
+TABLE_HEAD = ("design", "profile", "scenario", "verdict", "catalogue", "states", "time s",
+              "states/s")
 
 
-def table(results: list[Result]) -> str:
+def table(results: list[Result], judgements: list[Judgement]) -> str:
+    """One row per cell; the profile column only when a cell runs off the default profile."""
+    show_profile = any(r.profile != DEFAULT_PROFILE for r in results)
     rows = [TABLE_HEAD]
-    for r in results:
+    for r, j in zip(results, judgements, strict=True):
         st = r.stats
         secs = max(st.seconds, 1e-9)
-        rows.append((r.design, r.scenario, r.verdict(), str(st.executions), str(st.states),
-                     f"{st.seconds:.2f}", f"{st.executions / secs:.0f}", f"{st.states / secs:.0f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEAD))]
-    right = {3, 4, 5, 6, 7}
+        if r.skipped is not None:
+            rows.append((r.design, r.profile, r.scenario, "skip", r.skipped, "", "", ""))
+            continue
+        rows.append((r.design, r.profile, r.scenario, r.verdict(), j.describe(), str(st.states),
+                     f"{st.seconds:.2f}", f"{st.states / secs:.0f}"))
+    cols = [i for i in range(len(TABLE_HEAD)) if show_profile or TABLE_HEAD[i] != "profile"]
+    widths = {i: max(len(row[i]) for row in rows) for i in cols}
+    widths[4] = min(widths[4], 60)  # a skip's reason may run past the other columns
+    right = {5, 6, 7}
     out = []
     for n, row in enumerate(rows):
-        cells = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [row[i].rjust(widths[i]) if i in right else row[i].ljust(widths[i]) for i in cols]
         out.append("  ".join(cells).rstrip())
         if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    total_s = sum(r.stats.seconds for r in results)
-    execs = sum(r.stats.executions for r in results)
-    states = sum(r.stats.states for r in results)
-    out.append(f"total: {len(results)} runs, {execs} executions, {states} distinct states, "
-               f"{total_s:.1f} s ({execs / max(total_s, 1e-9):.0f} execs/s, "
-               f"{states / max(total_s, 1e-9):.0f} states/s)")
+            out.append("  ".join("-" * widths[i] for i in cols))
+    ran = [r for r in results if r.skipped is None]
+    total_s = sum(r.stats.seconds for r in ran)
+    states = sum(r.stats.states for r in ran)
+    out.append(f"total: {len(ran)} cells run, {states} distinct states, {total_s:.1f} s "
+               f"({states / max(total_s, 1e-9):.0f} states/s)")
     return "\n".join(out)
 
 
-def result_json(r: Result, ignore: frozenset[str]) -> dict[str, Any]:
+def result_json(r: Result, ignore: frozenset[str], j: Judgement) -> dict[str, Any]:
     st = r.stats
     secs = max(st.seconds, 1e-9)
     out: dict[str, Any] = {
         "design": r.design,
         "scenario": r.scenario,
+        "profile": r.profile,
         "mode": r.mode,
         "verdict": r.verdict(),
+        "skipped": r.skipped,
         "passed": r.passed,
+        "catalogue": {"status": j.status, "expected": sorted(j.expected), "new": list(j.new),
+                      "gone": list(j.gone), "note": j.note},
         "complete": r.complete,
         "bounds": {"preemptions": r.bounds.preemptions, "max_steps": r.bounds.max_steps,
                    "cut_at_max_steps": r.bound_hits},
@@ -256,7 +320,7 @@ def result_json(r: Result, ignore: frozenset[str]) -> dict[str, Any]:
             {"invariant": c.invariant, "summary": describe(c.invariant)[0], "message": c.message,
              "pfn": c.pfn, "length": len(c.schedule), "schedule": list(c.schedule),
              "in_setup": c.in_setup, "at_end": c.at_end, "oops": c.oops,
-             "replay": replay_command(r.design, r.scenario, c.schedule, ignore)}
+             "replay": replay_command(r.design, r.scenario, c.schedule, ignore, r.profile)}
             for c in r.found
         ],
     }

@@ -2,8 +2,9 @@
 
 Each scenario sets up one VMM process on a 2 MiB (4 MiB when it needs a 2M
 direct-map leaf), 2-CPU machine with a
-``MMAP | INIT_SHARED | NO_DIRECT_MAP`` guest_memfd bound to a memslot, then
-names its actors.  They come from the review history (``series-spec.md`` §8)
+``MMAP | INIT_SHARED | NO_DIRECT_MAP`` guest_memfd bound to a memslot (some
+add a guest_memfd *without* NO_DIRECT_MAP beside it, or a ``memfd_secret``
+mapping), then names its actors.  They come from the review history (``series-spec.md`` §8)
 and the concurrency list of ``anchors.md`` §F.9; none of them names a bug, the
 invariants judge what happens.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gmemlab.check.world import (
     Actor,
@@ -25,14 +26,18 @@ from gmemlab.check.world import (
     fallocate,
     gadget,
     guest_fault,
+    gup_read,
     inject_enomem,
     kernel_alloc,
+    kvm_clock,
+    mlock,
     munmap,
     punch_hole,
     tlb_evict,
     user_fault,
 )
-from gmemlab.model.host import GuestMemfd, Host, Kvm
+from gmemlab.model.host import GuestMemfd, Host, Kvm, VmFd
+from gmemlab.model.kvm.arch import PROFILES, ArchProfile
 from gmemlab.model.kvm.mmu import kvm_mmu_page_fault
 from gmemlab.model.machine import Machine, MachineConfig
 from gmemlab.model.mm.direct_map import LEVEL_4K
@@ -46,8 +51,10 @@ from gmemlab.uapi import (
     PAGE_SIZE,
 )
 
-GMEM_FLAGS = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+PLAIN_FLAGS = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+GMEM_FLAGS = PLAIN_FLAGS | GUEST_MEMFD_FLAG_NO_DIRECT_MAP
 GMEM_SIZE = 2 * PAGE_SIZE
+PLAIN_GFN = GMEM_SIZE // PAGE_SIZE  # where the guest_memfd without the flag is bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +66,8 @@ class Scenario:
     low_ram_mib: int = 2  # 1-2 MiB: 256 frames, all 4K-mapped (the machine boots faster)
     ncpus: int = 2
     profile: str = "x86_64"
+    # Why the scenario cannot run on a profile (None: it can).
+    requires: Callable[[ArchProfile], str | None] | None = None
 
     def machine_config(self, trace: TraceMode) -> MachineConfig:
         # Invariants are recorded rather than raised so a violation inside a step never
@@ -70,6 +79,16 @@ class Scenario:
     @property
     def nops(self) -> int:
         return max(len(a.ops) for a in self.actors)
+
+    def on(self, profile: str) -> Scenario:
+        """The same scenario on another architecture profile."""
+        if profile not in PROFILES:
+            raise KeyError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+        return self if profile == self.profile else replace(self, profile=profile)
+
+    def cannot_run(self) -> str | None:
+        """Why the scenario cannot run on its profile, whatever the design (None: it can)."""
+        return None if self.requires is None else self.requires(PROFILES[self.profile])
 
 
 # --- setup pieces ----------------------------------------------------------------------------------
@@ -103,36 +122,56 @@ def use_up_small_frames(m: Machine) -> None:
     mem.refcount[first:end] = array("i", [1]) * n
 
 
-def vmm(m: Machine, *, mmap: bool = True, second_vm: bool = False) -> World:
+def vmm(m: Machine, *, mmap: bool = True, second_vm: bool = False, plain: bool = False,
+        secret: bool = False) -> World:
     """A VMM with one VM, one vCPU and a NO_DIRECT_MAP guest_memfd bound at gpa 0.
 
+    ``mmap``: the file is mapped (``maps[0]``) and that mapping is the memslot's
+    userspace address, as VMMs set it (kvm-clock's pfncache goes through it).
     ``second_vm``: a second VM with its own file on the same inode
     (``link_guest_memfd``), bound at gpa 0 too, and its own vCPU on CPU 1.
+    ``plain``: a second guest_memfd, *without* NO_DIRECT_MAP, mapped (``maps[1]``)
+    and bound in the same VM at gfn ``PLAIN_GFN`` (``gmem_fds[1]``).
+    ``secret``: a one-page ``memfd_secret`` file, mapped (the last of ``maps``).
     """
     host = Host(m)
     kvm = host.open_kvm()
     w = World(m, host.proc)
-    gmem = _add_vm(w, kvm, 0, None)
+    vm, gmem = _add_vm(w, kvm, 0, None, mmap)
     w.gmem_mapping = gmem.file.inode.mapping
-    if mmap:
-        w.maps.append(gmem.mmap(GMEM_SIZE).addr)
+    if plain:
+        _add_gmem(w, vm, 1, PLAIN_GFN, vm.create_guest_memfd(GMEM_SIZE, PLAIN_FLAGS), mmap=True)
     if second_vm:
-        _add_vm(w, kvm, 1, gmem)
+        _add_vm(w, kvm, 1, gmem, False)
+    if secret:
+        secretmem = host.memfd_secret()
+        secretmem.ftruncate(PAGE_SIZE)
+        w.maps.append(secretmem.mmap(PAGE_SIZE).addr)
     w.target = next_frame(m)
     return w
 
 
-def _add_vm(w: World, kvm: Kvm, cpu: int, share: GuestMemfd | None) -> GuestMemfd:
+def _add_gmem(w: World, vm: VmFd, slot: int, gfn: int, gmem: GuestMemfd, *, mmap: bool) -> None:
+    """Map ``gmem`` (if asked) and bind it as memslot ``slot`` at ``gfn``."""
+    addr = 0
+    if mmap:
+        addr = gmem.mmap(GMEM_SIZE).addr
+        w.maps.append(addr)
+    vm.set_user_memory_region2(slot, KVM_MEM_GUEST_MEMFD, gfn * PAGE_SIZE, GMEM_SIZE, addr, gmem, 0)
+    w.gmem_fds.append(gmem.fileno())
+
+
+def _add_vm(w: World, kvm: Kvm, cpu: int, share: GuestMemfd | None,
+            mmap: bool) -> tuple[VmFd, GuestMemfd]:
     """A VM with a vCPU on ``cpu`` and a guest_memfd (new, or a file on ``share``'s inode)."""
     vm = kvm.create_vm(0)
     gmem = vm.create_guest_memfd(GMEM_SIZE, GMEM_FLAGS) if share is None else vm.link_guest_memfd(share)
-    vm.set_user_memory_region2(0, KVM_MEM_GUEST_MEMFD, 0, GMEM_SIZE, 0, gmem, 0)
+    _add_gmem(w, vm, 0, 0, gmem, mmap=mmap)
     vcpu = vm.create_vcpu(0, cpu=cpu)
     w.vm_fds.append(vm.fileno())
     w.vcpus.append(vcpu.vcpu)
     w.vcpu_fds.append(vcpu.fileno())
-    w.gmem_fds.append(gmem.fileno())
-    return gmem
+    return vm, gmem
 
 
 def guest_prefault(w: World) -> None:
@@ -165,6 +204,26 @@ def _setup_large_leaf(m: Machine) -> World:
     use_up_small_frames(m)
     w.target = next_frame(m)
     return w
+
+
+def _setup_beside(m: Machine) -> World:
+    return vmm(m, plain=True)
+
+
+def _setup_secret(m: Machine) -> World:
+    return vmm(m, secret=True)
+
+
+def _needs_split(p: ArchProfile) -> str | None:
+    if p.direct_map_granularity == "x86":
+        return None
+    return f"the direct map of {p.name} is page-granular: no zap splits a leaf, none can fail"
+
+
+def _needs_secretmem(p: ArchProfile) -> str | None:
+    if p.secretmem_enable and p.can_set_direct_map:
+        return None
+    return f"memfd_secret() is ENOSYS on {p.name} (can_set_direct_map() false or disabled)"
 
 
 STANDARD: tuple[Scenario, ...] = (
@@ -217,6 +276,7 @@ STANDARD: tuple[Scenario, ...] = (
          Actor("user", 1, (user_fault(),)),
          Actor("enomem", 1, (inject_enomem(),))),
         low_ram_mib=4,  # a 2M leaf at 2-4 MiB
+        requires=_needs_split,
     ),
     Scenario(
         "enomem-guest",
@@ -226,6 +286,7 @@ STANDARD: tuple[Scenario, ...] = (
         (Actor("vcpu0", 0, (guest_fault(),)),
          Actor("enomem", 1, (inject_enomem(),))),
         low_ram_mib=4,
+        requires=_needs_split,
     ),
     Scenario(
         "fallocate-fault",
@@ -248,6 +309,39 @@ STANDARD: tuple[Scenario, ...] = (
         _setup_unmapped,
         (Actor("vcpu0", 0, (guest_fault(),)),
          Actor("teardown", 1, (close("vcpu"), close("vm"), close("gmem")))),
+    ),
+    Scenario(
+        "plain-beside",
+        "a guest_memfd without NO_DIRECT_MAP beside one with it, in one VM: user fault on "
+        "the plain file || guest fault on the same page of it",
+        _setup_beside,
+        (Actor("user", 1, (user_fault(1),)),
+         Actor("vcpu0", 0, (guest_fault(0, PLAIN_GFN),))),
+    ),
+    Scenario(
+        "plain-populate",
+        "fallocate (populate) of the guest_memfd without NO_DIRECT_MAP || a guest fault on it",
+        _setup_beside,
+        (Actor("falloc", 1, (fallocate(1),)),
+         Actor("vcpu0", 0, (guest_fault(0, PLAIN_GFN),))),
+    ),
+    Scenario(
+        "gup-pfncache",
+        "process_vm_readv through the NO_DIRECT_MAP mapping, then through the plain one || "
+        "kvm-clock's pfncache mapping a page of each (hva_to_pfn through the memslots)",
+        _setup_beside,
+        (Actor("reader", 1, (gup_read(0), gup_read(1))),
+         Actor("vcpu0", 0, (kvm_clock(0, 0), kvm_clock(0, PLAIN_GFN)))),
+    ),
+    Scenario(
+        "mlock-secretmem",
+        "mlock of the guest_memfd mapping and of a memfd_secret mapping || user fault on "
+        "the secretmem page, then process_vm_readv of it || a gadget on the other CPU",
+        _setup_secret,
+        (Actor("mlock", 1, (mlock(0), mlock(1))),
+         Actor("secret", 0, (user_fault(1), gup_read(1))),
+         Actor("gadget1", 1, (gadget(),))),
+        requires=_needs_secretmem,
     ),
 )
 

@@ -24,7 +24,17 @@ take them, so the checker does not explore races the kernel excludes):
 * ``tlb_evict``: the CPU drops its translation of the target frame;
 * ``kernel_alloc``: the page allocator hands a zeroed page to the kernel
   (``get_page_from_freelist`` -> ``clear_page_erms``, the v7 crash site);
-* ``inject_enomem``: the next direct-map split fails to allocate its page table.
+* ``inject_enomem``: the next direct-map split fails to allocate its page table;
+* ``gup_read``: ``process_vm_readv()`` through a mapping (``pin_user_pages_remote``
+  under ``mmap_lock``, then the copy through the page's kernel address);
+* ``kvm_clock``: the guest writes ``MSR_KVM_SYSTEM_TIME_NEW`` and KVM maps the page
+  with its pfncache (``hva_to_pfn`` through the memslot's userspace address);
+* ``mlock``: ``mlock()`` of a mapping (``mlock_fixup`` skips AS_NO_DIRECT_MAP VMAs);
+* ``fallocate`` is also the populate path: the model has no ``KVM_PRE_FAULT_MEMORY``.
+
+Faults and GUP reads of a guest_memfd *without* NO_DIRECT_MAP are judged by
+their result too (:func:`plain_access_failed`): the flag is opt-in, and a file
+without it must work as it did before the series.
 """
 
 from __future__ import annotations
@@ -35,18 +45,20 @@ from errno import EBADF, EFAULT
 from typing import Any
 
 from gmemlab.model.fs import File, fput, get_file
-from gmemlab.model.kvm.guest_memfd import kvm_gmem_fallocate
+from gmemlab.model.kvm.guest_memfd import kvm_gmem_fallocate, kvm_gmem_no_direct_map
 from gmemlab.model.kvm.mmu import kvm_mmu_page_fault
-from gmemlab.model.kvm.vcpu import Vcpu
+from gmemlab.model.kvm.vcpu import Vcpu, kvm_write_system_time
 from gmemlab.model.machine import Machine
 from gmemlab.model.mm.filemap import AddressSpace
+from gmemlab.model.mm.gup import FOLL_PIN, get_user_pages, put_pages
 from gmemlab.model.mm.locks import down_read, down_write, up_read, up_write
 from gmemlab.model.mm.memory import Process, do_munmap, get_pte_or_fault
+from gmemlab.model.mm.mlock import do_mlock
 from gmemlab.model.mm.page_alloc import __GFP_ZERO, GFP_KERNEL, alloc_page
-from gmemlab.model.mm.tlb import speculative_read
+from gmemlab.model.mm.tlb import kernel_access, speculative_read
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.task import KGen, Task
-from gmemlab.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, PAGE_SHIFT
+from gmemlab.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, PAGE_SHIFT, PAGE_SIZE
 
 
 @dataclass(eq=False, slots=True)
@@ -81,15 +93,22 @@ class World:
 
 
 OpFn = Callable[..., KGen[Any]]
+# Judges an operation's result: the message of the violation, or None.
+OpJudge = Callable[["World", tuple[int | str, ...], Any], str | None]
 
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One operation of an actor: ``fn(world, task, *args)``, shown as ``label``."""
+    """One operation of an actor: ``fn(world, task, *args)``, shown as ``label``.
+
+    ``judge``, if set, is called with the operation's result when it returns
+    (property ``plain-fault-succeeds``).
+    """
 
     label: str
     fn: OpFn
     args: tuple[int | str, ...] = ()
+    judge: OpJudge | None = None
 
     def run(self, world: World, task: Task) -> KGen[Any]:
         return self.fn(world, task, *self.args)
@@ -176,6 +195,46 @@ def _munmap(w: World, task: Task, mapping: int) -> KGen[int]:
     return r
 
 
+def _gup_read(w: World, task: Task, mapping: int, page: int) -> KGen[int]:
+    """``process_vm_readv()`` of one page: pin it, copy it through its kernel address, unpin."""
+    m = w.m
+    addr = w.maps[mapping] + (page << PAGE_SHIFT)
+    yield from down_read(m, mmap_lock_key(w.proc))
+    pages = yield from get_user_pages(m, w.proc, addr, 1, FOLL_PIN, "pin_user_pages_remote")
+    yield from up_read(m, mmap_lock_key(w.proc))
+    if isinstance(pages, int):
+        return pages
+    for pfn in pages:  # copy_page_to_iter(): kmap_local_page() is the direct map
+        yield from kernel_access(m, pfn, "copy_page_to_iter", write=False)
+    yield from put_pages(m, pages)
+    return len(pages)
+
+
+def _kvm_clock(w: World, task: Task, vcpu: int, gfn: int) -> KGen[int]:
+    """The guest enables kvm-clock at ``gfn``: KVM maps it with its pfncache.
+
+    ``hva_to_pfn()``'s slow GUP takes ``mmap_lock``; held here around the whole
+    refresh (a little more serialisation than the kernel's, never less).
+    """
+    file = yield from fdget(w, w.vcpu_fds[vcpu])
+    if file is None:
+        return -EBADF
+    owner = w.vcpus[vcpu].kvm.owner
+    yield from down_read(w.m, mmap_lock_key(owner))
+    r = yield from kvm_write_system_time(w.m, w.vcpus[vcpu], gfn << PAGE_SHIFT)
+    yield from up_read(w.m, mmap_lock_key(owner))
+    yield from fput(w.m, file)
+    return r
+
+
+def _mlock(w: World, task: Task, mapping: int) -> KGen[int]:
+    m = w.m
+    yield from down_write(m, mmap_lock_key(w.proc))
+    r = yield from do_mlock(m, w.proc, w.maps[mapping], PAGE_SIZE)
+    yield from up_write(m, mmap_lock_key(w.proc))
+    return r
+
+
 def _gadget(w: World, task: Task) -> KGen[bool]:
     yield ("xa", "target")  # the attacker picks its address, then reads it
     return (yield from speculative_read(w.m, task.cpu, w.target_frame()))
@@ -198,12 +257,72 @@ def _inject_enomem(w: World, task: Task) -> KGen[int]:
     return 0
 
 
+# --- judging results -------------------------------------------------------------------------------
+def _open_file_flags(file: File | None) -> int | None:
+    """The guest_memfd flags of ``file`` while it is open; None if it is gone or not one."""
+    if file is None or file.released or file.f_count == 0 or file.f_op.name != "kvm_gmem_fops":
+        return None
+    return int(file.inode.private)
+
+
+def _mapped_file(w: World, mapping: int, page: int) -> File | None:
+    vma = w.proc.mm.find_vma(w.maps[mapping] + (page << PAGE_SHIFT))
+    return None if vma is None else vma.file
+
+
+def _slot_file(w: World, vcpu: int, gfn: int) -> File | None:
+    slot = w.vcpus[vcpu].kvm.gfn_to_memslot(gfn)
+    return None if slot is None else slot.gmem_file
+
+
+def plain_access_failed(file: File | None, result: int) -> str | None:
+    """A fault or GUP that reached an open guest_memfd without NO_DIRECT_MAP and failed.
+
+    -EBADF never reached the file (the entry's fd was closed).
+    """
+    flags = _open_file_flags(file)
+    if flags is None or result >= 0 or result == -EBADF:
+        return None
+    if kvm_gmem_no_direct_map(file.inode):  # type: ignore[union-attr]
+        return None
+    return (f"failed with {result} on a guest_memfd without NO_DIRECT_MAP "
+            f"(flags {flags:#x}), which must behave as before the series")
+
+
+def _judge_user(w: World, args: tuple[int | str, ...], result: Any) -> str | None:
+    mapping, page = int(args[0]), int(args[1])
+    return plain_access_failed(_mapped_file(w, mapping, page), int(result))
+
+
+def _judge_guest(w: World, args: tuple[int | str, ...], result: Any) -> str | None:
+    vcpu, gfn = int(args[0]), int(args[1])
+    return plain_access_failed(_slot_file(w, vcpu, gfn), int(result))
+
+
+def _map_suffix(mapping: int) -> str:
+    return f" of map {mapping}" if mapping else ""
+
+
 def guest_fault(vcpu: int = 0, gfn: int = 0) -> Op:
-    return Op(f"guest fault gfn {gfn}", _guest_fault, (vcpu, gfn))
+    return Op(f"guest fault gfn {gfn}", _guest_fault, (vcpu, gfn), _judge_guest)
 
 
 def user_fault(mapping: int = 0, page: int = 0) -> Op:
-    return Op(f"user fault page {page}", _user_fault, (mapping, page))
+    return Op(f"user fault page {page}{_map_suffix(mapping)}", _user_fault, (mapping, page),
+              _judge_user)
+
+
+def gup_read(mapping: int = 0, page: int = 0) -> Op:
+    return Op(f"process_vm_readv page {page}{_map_suffix(mapping)}", _gup_read, (mapping, page),
+              _judge_user)
+
+
+def kvm_clock(vcpu: int = 0, gfn: int = 0) -> Op:
+    return Op(f"kvm-clock at gfn {gfn} (pfncache)", _kvm_clock, (vcpu, gfn), _judge_guest)
+
+
+def mlock(mapping: int = 0) -> Op:
+    return Op(f"mlock{_map_suffix(mapping)}", _mlock, (mapping,))
 
 
 def punch_hole(gmem: int = 0, index: int = 0) -> Op:
@@ -211,7 +330,7 @@ def punch_hole(gmem: int = 0, index: int = 0) -> Op:
 
 
 def fallocate(gmem: int = 0) -> Op:
-    return Op("fallocate whole file", _fallocate, (gmem,))
+    return Op(f"fallocate whole file{f' {gmem}' if gmem else ''}", _fallocate, (gmem,))
 
 
 def close(kind: str, index: int = 0) -> Op:

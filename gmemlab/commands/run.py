@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gmemlab.cli import UsageError, design_arg, ncpus, output_file
+from gmemlab.cli import UsageError, design_arg, float_in, ncpus, output_file
 from gmemlab.model import DESIGNS, PROFILES, Host, Machine, MachineConfig
 from gmemlab.report import Cell, dump_json, kib, table
 from gmemlab.scenarios.lifecycle import COLUMNS, LifecycleConfig, LifecycleResult, run_lifecycle
@@ -41,8 +41,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--vmm-write-mib", type=int, default=16,
                    help="MiB the VMM writes before the guest runs (default: 16)")
     p.add_argument("--punch-mib", type=int, default=8, help="MiB of hole to punch (default: 8)")
-    p.add_argument("--ram-gib", type=float, default=4.0,
-                   help="modelled RAM above 4 GiB, in GiB (default: 4; 2 GiB more lie below 4 GiB)")
+    p.add_argument("--ram-gib", type=float_in(0, 4096), default=None,
+                   help="modelled RAM above 4 GiB, in GiB (default: 4, or twice the guest if that is "
+                        "more; 2 GiB more lie below 4 GiB)")
     p.add_argument("--cpus", type=ncpus(1), default=2, help="number of CPUs (default: 2)")
     p.add_argument("--init-on-free", action="store_true", help="boot with init_on_free=1")
     p.add_argument("--without-flag", action="store_true",
@@ -57,7 +58,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        config = MachineConfig(ram_gib=args.ram_gib, ncpus=args.cpus, init_on_free=args.init_on_free,
+        # The lifecycle wants twice the guest (see LifecycleConfig.validate).
+        ram_gib = (args.ram_gib if args.ram_gib is not None
+                   else min(4096.0, max(4.0, 2 * max(args.guest_mib, 0) / 1024)))
+        config = MachineConfig(ram_gib=ram_gib, ncpus=args.cpus, init_on_free=args.init_on_free,
                                trace="full" if args.trace else "ring", invariants="record",
                                seed=args.seed, range_paths=not args.per_page)
         machine = Machine(config, profile=args.profile, design=args.design)

@@ -103,6 +103,13 @@ INVARIANTS: dict[str, Invariant] = {
             "§7.1 threat model; §3.7 stale TLB window",
         ),
         Invariant(
+            "free-frame-unmarked",
+            "a frame returned to the page allocator carries no KVM_GMEM_FOLIO_NO_DIRECT_MAP "
+            "marker in folio->private (judged before the allocator's reset clears it)",
+            "§8 bug 5 (v8: restore did not clear the marker); v12 10/16 "
+            "kvm_gmem_folio_restore_direct_map() clears it",
+        ),
+        Invariant(
             "no-mapping-of-free-frame",
             "user PTEs and stage-2 mappings point only at allocated frames, and no frame is "
             "freed while mapped",
@@ -223,6 +230,13 @@ class Invariants:
                 pfn,
             )
         mem = m.mem
+        if mem.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP:
+            self.fail(
+                "free-frame-unmarked",
+                f"pfn {pfn:#x} returned to the page allocator with KVM_GMEM_FOLIO_NO_DIRECT_MAP "
+                "still set in folio->private",
+                pfn,
+            )
         if mem.mapcount[pfn] or mem.s2count[pfn]:
             self.fail(
                 "no-mapping-of-free-frame",

@@ -48,7 +48,7 @@ def test_the_counterexample_shows_lanes_the_break_and_the_command() -> None:
     s = get_scenario("lifecycle")
     cx = explore(s, "v7").found[0]
     text = render_counterexample(s, "v7", "v7", cx)
-    assert "invariant 'marker-matches-direct-map' broken after 16 steps" in text
+    assert "property 'marker-matches-direct-map' broken after 16 steps" in text
     assert "vmm (cpu0)" in text and "kalloc (cpu1)" in text
     assert ">> user fault page 0" in text
     assert "kernel functions at the break: vmm > _user_fault" in text
@@ -85,14 +85,19 @@ def test_shrinking_a_random_schedule_keeps_the_violation() -> None:
 def test_command_passes_v12_and_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--design", "v12", "--scenario", "fault-punch,two-vms", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "bounds: actors <= 2, ops per actor <= 1, preemptions unbounded" in out
-    assert "execs/s" in out and "states/s" in out
+    assert out.startswith("gmemlab check: 1 design(s) x 2 scenario(s) x 1 profile(s) = 2 cells")
+    assert "bounds: preemptions unbounded" in out and "states/s" in out
     assert out.count("pass (exhaustive)") == 2
+    assert out.rstrip().splitlines()[-1] == ("summary: 2 cells run (2 pass, 0 fail), 0 skipped; "
+                                             "every verdict as catalogued (exit 0)")
 
 
-def test_command_fails_with_a_timeline_and_replays_it(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", "--design", "v7", "--scenario", "lifecycle", "--quiet"]) == 1
+def test_command_fails_as_catalogued_with_a_timeline_and_replays_it(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """v7 breaks lifecycle by design: the catalogue says so, so the run exits 0."""
+    assert main(["check", "--design", "v7", "--scenario", "lifecycle", "--quiet"]) == 0
     out = capsys.readouterr().out
+    assert "as catalogued" in out and "every verdict as catalogued (exit 0)" in out
     line = next(x for x in out.splitlines() if x.strip().startswith("replay: gmemlab check"))
     argv = line.split("replay: gmemlab ")[1].split()
     assert main(argv) == 1
@@ -100,11 +105,47 @@ def test_command_fails_with_a_timeline_and_replays_it(capsys: pytest.CaptureFixt
     assert "BROKEN marker-matches-direct-map" in again
 
 
+def test_command_exits_1_and_names_a_catalogued_bug_that_no_longer_shows(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from gmemlab.model.designs import DESIGNS
+    from gmemlab.model.designs.v12 import V12
+
+    monkeypatch.setitem(DESIGNS, "v7", V12)  # "v7" fixed: its catalogued bugs are gone
+    assert main(["check", "--design", "v7", "--scenario", "lifecycle", "--quiet"]) == 1
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert "1 not as catalogued: v7 x lifecycle (GONE " in last and last.endswith("(exit 1)")
+
+
+def test_command_exits_1_and_names_a_new_violation(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from gmemlab.model.designs import DESIGNS
+    from tests.check.test_check_coverage import ZapEveryGuestMemfd
+
+    monkeypatch.setitem(DESIGNS, "v12", ZapEveryGuestMemfd)
+    assert main(["check", "--design", "v12", "--scenario", "plain-beside,fault-punch,two-vms",
+                 "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "not as catalogued:" in out and "NEW no-warn" in out
+    assert "replay: gmemlab check --design v12 --scenario plain-beside --replay" in out
+    assert out.rstrip().splitlines()[-1].endswith("v12 x plain-beside (NEW no-warn) (exit 1)")
+
+
+def test_command_skips_a_profile_without_the_flag_and_says_why(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--design", "v12", "--scenario", "fault-punch", "--profile",
+                 "arm64-rodata-off,riscv64", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "can_set_direct_map() is false" in out and "builds no guest_memfd" in out
+    assert "0 cells run (0 pass, 0 fail), 2 skipped" in out
+
+
 def test_command_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", "--design", "v9", "--scenario", "fault-punch", "--json", "--quiet"]) == 1
+    assert main(["check", "--design", "v9", "--scenario", "fault-punch", "--json", "--quiet"]) == 0
     data = json.loads(capsys.readouterr().out)
+    assert data["as_catalogued"]
     (res,) = data["results"]
     assert res["verdict"].startswith("FAIL zap-before-prepare")
+    assert res["catalogue"]["status"] == "ok" and "zap-before-prepare" in res["catalogue"]["expected"]
     assert res["counterexamples"][0]["length"] == 9
     assert res["executions"] > 0 and res["states_per_second"] > 0
     sched = ",".join(map(str, res["counterexamples"][0]["schedule"]))
@@ -113,6 +154,17 @@ def test_command_json(capsys: pytest.CaptureFixture[str]) -> None:
     rep = json.loads(capsys.readouterr().out)
     assert rep["broken"][0]["invariant"] == "zap-before-prepare"
     assert rep["steps"][0]["actor"] == "vcpu0"
+
+
+def test_explain_draws_one_timeline_per_distinct_violation() -> None:
+    from gmemlab.check.report import explain
+
+    results = [explore(get_scenario(n), "noflush") for n in ("fault-punch", "two-vms", "teardown")]
+    assert {r.found[0].invariant for r in results} == {"handout-flushed"}
+    text = explain(results, frozenset())
+    assert text.startswith("1 distinct violation(s)")
+    assert text.count("property 'handout-flushed' broken") == 1
+    assert "the same violation in 2 more cell(s):" in text
 
 
 def test_command_random_mode_prints_its_seed(capsys: pytest.CaptureFixture[str]) -> None:
@@ -127,6 +179,7 @@ def test_command_random_mode_prints_its_seed(capsys: pytest.CaptureFixture[str])
     ["check", "--scenario", "nope"],
     ["check", "--ignore", "nope"],
     ["check", "--replay", "0,1"],
+    ["check", "--profile", "nope"],
     ["check", "--design", "v12", "--scenario", "fault-punch", "--replay", "x"],
 ])
 def test_command_rejects_bad_input(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,6 +192,7 @@ def test_command_lists_what_it_can_check(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["check", "--list"]) == 0
     out = capsys.readouterr().out
     assert "fault-punch" in out and "handout-flushed" in out and "v12" in out
+    assert "arm64-rodata-off" in out and "free-frame-unmarked" in out and "§8 bug 5" in out
 
 
 def test_the_pool_race_the_checker_found_stays_fixed() -> None:

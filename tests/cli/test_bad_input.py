@@ -37,7 +37,7 @@ BAD: list[tuple[str, list[str], str]] = [
     ("run: plot into a missing directory", ["run", "--plot", "{d}/no/x.png"], "does not exist"),
     ("run: plot onto a directory", ["run", "--plot", "{d}"], "is a directory"),
     ("run: 2^70 CPUs", ["run", "--cpus", HUGE], "ncpus must be within"),
-    ("run: infinite RAM", ["run", "--ram-gib", "inf"], "ram_gib must be within"),
+    ("run: infinite RAM", ["run", "--ram-gib", "inf"], "inf is outside [0, 4096]"),
     ("check: empty design list", ["check", "--design", ""], "--design: an empty list"),
     ("check: empty scenario list", ["check", "--scenario", ","], "--scenario: an empty list"),
     ("check: empty ignore list", ["check", "--ignore", ""], "--ignore: an empty list"),

@@ -168,5 +168,6 @@ def on_free_to_allocator(m: Machine, pfns: Pfns) -> None:
     if not m.inv.enabled or not len(pfns):
         return
     v = m.mem.views()
-    bad = ~m.dmap.present_many(pfns) | (v.mapcount[pfns] != 0) | (v.s2count[pfns] != 0)
+    bad = (~m.dmap.present_many(pfns) | ((v.private[pfns] & 1) != 0) | (v.mapcount[pfns] != 0)
+           | (v.s2count[pfns] != 0))
     _report(pfns, bad, m.inv.on_free_to_allocator)
