@@ -24,6 +24,32 @@ PAGES_PER_PUD = 1 << (PUD_SHIFT - PAGE_SHIFT)  # 262144
 # Linux errno values Python's errno module does not name (include/uapi/asm-generic/errno.h).
 EHWPOISON = 133  # memory page has hardware error
 
+
+# --- C integer types: what the kernel sees of a Python int passed as an argument ---------
+# A syscall argument or a uAPI struct field has a C type; a caller's value is converted to
+# it (modulo 2^N, as a C caller's cast would do) before any kernel check runs.
+def to_u32(v: int) -> int:
+    """``(__u32)v``."""
+    return v & 0xFFFF_FFFF
+
+
+def to_s32(v: int) -> int:
+    """``(int)v``."""
+    v &= 0xFFFF_FFFF
+    return v - (1 << 32) if v >> 31 else v
+
+
+def to_u64(v: int) -> int:
+    """``(__u64)v`` (also ``unsigned long``/``size_t`` on 64-bit)."""
+    return v & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def to_s64(v: int) -> int:
+    """``(loff_t)v`` (``long long``)."""
+    v &= 0xFFFF_FFFF_FFFF_FFFF
+    return v - (1 << 64) if v >> 63 else v
+
+
 # --- ioctl encoding (include/uapi/asm-generic/ioctl.h) -----------------------
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
 _IOC_NRSHIFT = 0
@@ -415,6 +441,13 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_COLLAPSE_RANGE = 0x08
 FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+FALLOC_FL_UNSHARE_RANGE = 0x40
+FALLOC_FL_WRITE_ZEROES = 0x80  # since 6.17
+FALLOC_FL_ALLOCATE_RANGE = 0x00
+FALLOC_FL_MODE_MASK = (FALLOC_FL_ALLOCATE_RANGE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_COLLAPSE_RANGE
+                       | FALLOC_FL_ZERO_RANGE | FALLOC_FL_INSERT_RANGE | FALLOC_FL_UNSHARE_RANGE
+                       | FALLOC_FL_WRITE_ZEROES)
 
 # --- memfd_secret (include/uapi/linux/secretmem.h has none; O_CLOEXEC only) -------------------
 O_CLOEXEC = 0o2000000

@@ -137,3 +137,9 @@ def skip_to_large_leaf(h: ModelHost) -> None:
             m.alloc.give(pfn)
             return
         m.mem.reset_for_alloc(pfn, 3)  # KIND_KERNEL: the kernel keeps it
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--reliability-long", action="store_true", default=False,
+                     help="run the reliability suite's long random sequences (also "
+                          "GMEMLAB_RELIABILITY_LONG=1)")

@@ -12,10 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from errno import EBADF, EINVAL, ESPIPE
+from errno import EBADF, EFBIG, EINVAL, ENODEV, EOPNOTSUPP, ESPIPE
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gmemlab.model.task import KGen
+from gmemlab.uapi import (
+    FALLOC_FL_ALLOCATE_RANGE,
+    FALLOC_FL_COLLAPSE_RANGE,
+    FALLOC_FL_INSERT_RANGE,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_MODE_MASK,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_UNSHARE_RANGE,
+    FALLOC_FL_WRITE_ZEROES,
+    FALLOC_FL_ZERO_RANGE,
+    to_s32,
+    to_s64,
+)
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
@@ -31,6 +44,9 @@ FMODE_PWRITE = 0x10
 FMODE_CAN_READ = 0x20000
 FMODE_CAN_WRITE = 0x40000
 
+# MAX_LFS_FILESIZE: the s_maxbytes of every pseudo filesystem a modelled file lives on
+# (guest_memfd's kvm_gmem_fs and the anon inode fs via init_pseudo(), shmem for memfd).
+MAX_LFS_FILESIZE = (1 << 63) - 1
 
 
 class FileOps(Protocol):
@@ -179,6 +195,38 @@ def vfs_llseek(m: Machine, file: File, offset: int, whence: int) -> KGen[int]:
         return -EINVAL
     file.pos = base + offset
     return file.pos
+
+
+def vfs_fallocate(m: Machine, file: File, mode: int, offset: int, length: int) -> KGen[int]:
+    """``ksys_fallocate()`` -> ``vfs_fallocate()`` (fs/open.c, 6.18): the generic checks, in
+    their order, then ``->fallocate``.
+
+    ``mode`` is an ``int`` and ``offset``/``len`` are ``loff_t``: the caller's values are
+    converted to those types first.  Nothing is allocated or freed before every check passed.
+    """
+    mode, offset, length = to_s32(mode), to_s64(offset), to_s64(length)
+    if offset < 0 or length <= 0:
+        return -EINVAL
+    if mode & ~(FALLOC_FL_MODE_MASK | FALLOC_FL_KEEP_SIZE):
+        return -EOPNOTSUPP
+    # Modes are exclusive; FALLOC_FL_ALLOCATE_RANGE is no bit set.
+    kind = mode & FALLOC_FL_MODE_MASK
+    if kind == FALLOC_FL_PUNCH_HOLE:
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            return -EOPNOTSUPP
+    elif kind in (FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE, FALLOC_FL_WRITE_ZEROES):
+        if mode & FALLOC_FL_KEEP_SIZE:
+            return -EOPNOTSUPP
+    elif kind not in (FALLOC_FL_ALLOCATE_RANGE, FALLOC_FL_UNSHARE_RANGE, FALLOC_FL_ZERO_RANGE):
+        return -EOPNOTSUPP
+    if not file.f_mode & FMODE_WRITE:
+        return -EBADF
+    if not file.inode.mode & S_IFREG:
+        return -ENODEV
+    # check_add_overflow(offset, len, &sum), then sum > s_maxbytes: both EFBIG.
+    if offset + length > MAX_LFS_FILESIZE:
+        return -EFBIG
+    return (yield from file.f_op.fallocate(m, file, mode, offset, length))
 
 
 def do_sys_ftruncate(m: Machine, file: File, length: int) -> KGen[int]:

@@ -15,7 +15,7 @@ methods prefixed with nothing special but documented as such:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from errno import EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOMEM
+from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOMEM
 from typing import Self, TypeVar
 
 import numpy as np
@@ -31,6 +31,7 @@ from gmemlab.model.fs import (
     fput,
     ksys_pread64,
     ksys_pwrite64,
+    vfs_fallocate,
     vfs_llseek,
     vfs_read,
     vfs_write,
@@ -63,9 +64,9 @@ from gmemlab.model.mm.memory import (
     VM_FAULT_SIGBUS,
     BulkOp,
     UserOp,
-    do_mmap,
     do_munmap,
     fault_name,
+    sys_mmap,
     walk_user,
 )
 from gmemlab.model.mm.mlock import do_mlock
@@ -74,7 +75,7 @@ from gmemlab.model.mm.secretmem import sys_memfd_secret
 from gmemlab.model.mm.shmem import sys_memfd_create
 from gmemlab.model.mm.tlb import speculative_read
 from gmemlab.model.task import KGen
-from gmemlab.uapi import KVM_API_VERSION, PAGE_SHIFT, PAGE_SIZE
+from gmemlab.uapi import KVM_API_VERSION, PAGE_SHIFT, PAGE_SIZE, to_u32, to_u64
 
 T = TypeVar("T")
 KVM_MAX_VCPU_IDS = 4096
@@ -102,7 +103,11 @@ class StatResult:
 
 
 class _Owned:
-    """Something the VMM holds by a file descriptor; closing twice is harmless."""
+    """Something the VMM holds by a file descriptor; closing twice is harmless.
+
+    Every call on it after ``close()`` is EBADF and changes nothing: the syscall's
+    ``fdget()`` finds no file (the object never reuses its fd number for another file).
+    """
 
     def __init__(self, host: Host, fd: int) -> None:
         self.host = host
@@ -111,11 +116,12 @@ class _Owned:
 
     def fileno(self) -> int:
         if self.closed:
-            raise ValueError("I/O operation on closed file")
+            raise KernelError(EBADF, f"fd {self._fd} is closed")
         return self._fd
 
     @property
     def file(self) -> File:
+        """``fdget()``: the open file, or EBADF once closed."""
         f = self.host.proc.fds.get(self.fileno())
         assert f is not None
         return f
@@ -235,8 +241,9 @@ class MemFile(_Owned):
 
     def mmap(self, length: int, offset: int = 0, *, shared: bool = True) -> Mapping:
         h = self.host
-        addr = _check(h.run(do_mmap(h.m, h.proc, self.file, length, offset, shared=shared)), "mmap")
-        return Mapping(h, addr, length)
+        addr = _check(h.run(sys_mmap(h.m, h.proc, self.file, length, offset, shared=shared)),
+                      "mmap")
+        return Mapping(h, addr, to_u64(length))
 
     def fstat(self) -> StatResult:
         inode = self.file.inode
@@ -253,8 +260,7 @@ class GuestMemfd(MemFile):
         self.flags = flags
 
     def fallocate(self, mode: int, offset: int, length: int) -> None:
-        file = self.file
-        _check(self.host.run(file.f_op.fallocate(self.host.m, file, mode, offset, length)),
+        _check(self.host.run(vfs_fallocate(self.host.m, self.file, mode, offset, length)),
                "fallocate")
 
     def read(self, length: int) -> bytes:
@@ -295,10 +301,12 @@ class VcpuFd(_Owned):
         return self.vcpu.vcpu_id
 
     def load_program(self, program: GuestProgram) -> None:
+        self.fileno()
         self.vcpu.load(program)
 
     def run(self) -> VcpuExit:
         """``KVM_RUN``; EFAULT with ``KVM_EXIT_MEMORY_FAULT`` comes back as :class:`MemoryFault`."""
+        self.fileno()
         if self.vcpu.program is None:
             raise RuntimeError("no guest program loaded (load_program first)")
         h = self.host
@@ -311,10 +319,12 @@ class VcpuFd(_Owned):
         return r
 
     def stats(self) -> dict[str, int]:
+        self.fileno()
         return dict(self.vcpu.stats)
 
     def kvm_clock(self, gpa: int) -> None:
         """Model only: the guest writes ``MSR_KVM_SYSTEM_TIME_NEW`` (kvm-clock's pfncache)."""
+        self.fileno()
         h = self.host
         _check(h.m.run(self.vcpu.task, kvm_write_system_time(h.m, self.vcpu, gpa)),
                "kvm_gpc_refresh")
@@ -330,15 +340,20 @@ class VmFd(_Owned):
         return self.kvm.vm_type
 
     def check_extension(self, cap: int) -> int:
+        self.fileno()
         return kvm_check_extension(self.host.m, self.kvm, cap)
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """``KVM_CREATE_GUEST_MEMFD``: ``struct kvm_create_guest_memfd`` has ``__u64`` fields."""
+        self.fileno()
         h = self.host
+        size, flags = to_u64(size), to_u64(flags)
         fd = _check(h.run(kvm_gmem_create(h.m, self.kvm, size, flags)), "KVM_CREATE_GUEST_MEMFD")
         return GuestMemfd(h, fd, size, flags)
 
     def link_guest_memfd(self, other: GuestMemfd) -> GuestMemfd:
         """Model only: a file of this VM on ``other``'s inode (see ``kvm_gmem_link``)."""
+        self.fileno()
         h = self.host
         fd = _check(h.run(kvm_gmem_link(h.m, self.kvm, other.file)), "link")
         return GuestMemfd(h, fd, other.size, other.flags)
@@ -347,6 +362,10 @@ class VmFd(_Owned):
                                 memory_size: int, userspace_addr: int = 0,
                                 guest_memfd: api.GuestMemfd | int | None = None,
                                 guest_memfd_offset: int = 0) -> None:
+        """``KVM_SET_USER_MEMORY_REGION2``; each value as its field of
+        ``struct kvm_userspace_memory_region2`` holds it (``__u32`` slot, flags and fd,
+        ``__u64`` addresses, size and offset)."""
+        self.fileno()
         h = self.host
         if guest_memfd is None:
             gfd = 0
@@ -354,13 +373,15 @@ class VmFd(_Owned):
             gfd = guest_memfd
         else:
             gfd = guest_memfd.fileno()
-        _check(h.run(kvm_set_memory_region(h.m, self.kvm, slot, flags, guest_phys_addr,
-                                           memory_size, userspace_addr, gfd,
-                                           guest_memfd_offset)),
+        _check(h.run(kvm_set_memory_region(h.m, self.kvm, to_u32(slot), to_u32(flags),
+                                           to_u64(guest_phys_addr), to_u64(memory_size),
+                                           to_u64(userspace_addr), to_u32(gfd),
+                                           to_u64(guest_memfd_offset))),
                "KVM_SET_USER_MEMORY_REGION2")
 
     def read_guest(self, gpa: int, length: int) -> bytes:
         """Model only: ``kvm_read_guest()``, KVM's copy_from_user through ``userspace_addr``."""
+        self.fileno()
         h = self.host
         r = h.run(kvm_read_guest(h.m, self.kvm, gpa, length))
         if isinstance(r, int):
@@ -368,12 +389,16 @@ class VmFd(_Owned):
         return r
 
     def set_memory_attributes(self, address: int, size: int, attributes: int) -> None:
+        """``KVM_SET_MEMORY_ATTRIBUTES``: ``struct kvm_memory_attributes`` has ``__u64`` fields."""
+        self.fileno()
         h = self.host
-        _check(h.run(kvm_set_memory_attributes(h.m, self.kvm, address, size, attributes, 0)),
+        _check(h.run(kvm_set_memory_attributes(h.m, self.kvm, to_u64(address), to_u64(size),
+                                               to_u64(attributes), 0)),
                "KVM_SET_MEMORY_ATTRIBUTES")
 
     def create_vcpu(self, vcpu_id: int, *, cpu: int | None = None) -> VcpuFd:
         """``KVM_CREATE_VCPU``; the vCPU thread runs on ``cpu`` (default: vcpu_id mod ncpus)."""
+        self.fileno()
         h = self.host
         kvm = self.kvm
         if not 0 <= vcpu_id < KVM_MAX_VCPU_IDS:
@@ -421,19 +446,23 @@ class _KvmFileOps:
 
 class Kvm(_Owned):
     def get_api_version(self) -> int:
+        self.fileno()
         return KVM_API_VERSION
 
     def check_extension(self, cap: int) -> int:
+        self.fileno()
         return kvm_check_extension(self.host.m, None, cap)
 
     def has_cap(self, cap: int) -> bool:
         return self.check_extension(cap) > 0
 
     def get_vcpu_mmap_size(self) -> int:
+        self.fileno()
         return VCPU_MMAP_SIZE
 
     def create_vm(self, vm_type: int = 0) -> VmFd:
         """``KVM_CREATE_VM``: EINVAL for a type the host does not support."""
+        self.fileno()
         h = self.host
         r = h.run(kvm_dev_ioctl_create_vm(h.m, h.proc, vm_type))
         if isinstance(r, int):
@@ -480,8 +509,8 @@ class Host:
                                     "memfd_create"))
 
     def mmap_anonymous(self, length: int) -> Mapping:
-        addr = _check(self.run(do_mmap(self.m, self.proc, None, length, 0, shared=False)), "mmap")
-        return Mapping(self, addr, length)
+        addr = _check(self.run(sys_mmap(self.m, self.proc, None, length, 0, shared=False)), "mmap")
+        return Mapping(self, addr, to_u64(length))
 
     def meminfo(self) -> DirectMapCounters:
         return self.m.meminfo()

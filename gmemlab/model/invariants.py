@@ -17,9 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+
 from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
-from gmemlab.model.mm.memmap import PG_locked
+from gmemlab.model.mm.memmap import KIND_NAMES, PG_locked
 from gmemlab.model.ranges import checks
 from gmemlab.model.trace import TraceEvent
 
@@ -117,6 +119,12 @@ INVARIANTS: dict[str, Invariant] = {
             "refcount-sane",
             "folio refcounts never go negative and a frame is freed only at refcount zero",
             "lifetime sanity",
+        ),
+        Invariant(
+            "frame-has-owner",
+            "every allocated frame is held by a page cache, a user page table, a design's "
+            "pool, or the kernel (an allocation or a direct-map page table): none leaks",
+            "lifetime sanity; issue 12 (fallocate at negative offsets leaked its folios)",
         ),
     )
 }
@@ -344,6 +352,16 @@ class Invariants:
         if ref < 0:
             self.fail("refcount-sane", f"refcount of pfn {pfn:#x} went to {ref}", pfn)
 
+    def on_unowned(self, pfn: int) -> None:
+        """``check_all()`` found ``pfn`` allocated but held by nothing that will free it."""
+        mem = self.m.mem
+        self.fail(
+            "frame-has-owner",
+            f"pfn {pfn:#x} ({KIND_NAMES[mem.kind[pfn]]}, refcount {mem.refcount[pfn]}) is "
+            "allocated but in no page cache or page table: leaked",
+            pfn,
+        )
+
     # --- a sweep of the whole machine -------------------------------------------------------
     def check_all(self) -> None:
         """Judge every state invariant over the whole machine, between kernel paths.
@@ -374,8 +392,12 @@ class Invariants:
                               f"pfn {pfn:#x} is out of the direct map but not a folio of an "
                               "AS_NO_DIRECT_MAP mapping", pfn)
         flags = mem.views().flags
+        # Frames some page cache or user page table holds; what is left over and allocated
+        # to neither the kernel nor a design's pool has leaked.
+        owned = np.zeros(mem.nr_pages, np.bool_)
         for mapping in list(m.mappings.values()):
             for _index, pfns in mapping.i_pages.blocks(nodes_per_block=BLOCK_NODES):
+                owned[pfns] = True
                 pfns = pfns[(flags[pfns] & PG_locked) == 0]
                 for pfn in pfns[checks.unlock_suspects(m, pfns)].tolist():
                     self.on_folio_unlock(pfn)
@@ -383,6 +405,11 @@ class Invariants:
         tables += [(kvm.spte, "stage-2 mapping") for kvm in m.kvms.values()]
         for table, how in tables:
             for _index, pfns in table.blocks(nodes_per_block=BLOCK_NODES):
+                if how == "user PTE":
+                    owned[pfns] = True  # stage-2 entries hold no reference
                 for pfn in pfns[checks.handout_suspects(m, pfns)].tolist():
                     self.on_handout(pfn, how)
+        for pfn in checks.unowned_frames(m, owned).tolist():
+            if not m.design.holds_unmapped(m, pfn):
+                self.on_unowned(pfn)
 

@@ -49,7 +49,7 @@ class MachineConfig:
     tlb_entries: int = 1536
     init_on_alloc: bool = False
     init_on_free: bool = False
-    trace: TraceMode = "full"
+    trace: TraceMode = "ring"  # "full" only when asked (gmemlab run --trace): memory stays flat
     trace_ring: int = 4096
     invariants: InvariantMode = "stop"
     seed: int = 0

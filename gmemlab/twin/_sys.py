@@ -9,6 +9,7 @@ syscall or ioctl that returned it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -194,8 +195,10 @@ class FdOwner:
     _fd: int
 
     def fileno(self) -> int:
+        """The fd; EBADF once closed, as the syscall on a closed fd gives (the number is
+        never passed on: it may name another file by now)."""
         if self._fd < 0:
-            raise ValueError(f"{type(self).__name__}: already closed")
+            raise KernelError(errno.EBADF, f"{type(self).__name__}: already closed")
         return self._fd
 
     def close(self) -> None:

@@ -219,8 +219,9 @@ class TwinVm(_sys.FdOwner):
 
     def stats(self) -> dict[str, int]:
         """VM-scope binary statistics (``KVM_GET_STATS_FD`` on the VM fd)."""
+        fd = self.fileno()
         if self._stats is None:
-            self._stats = BinaryStats.open(self.fileno(), "vm")
+            self._stats = BinaryStats.open(fd, "vm")
         return self._stats.read()
 
     def close(self) -> None:
@@ -292,6 +293,7 @@ class TwinVcpu(_sys.FdOwner):
         ``KVM_RUN`` with ``immediate_exit`` set finishes it without entering the
         guest, so the ``KVM_SET_REGS`` that follows is not overridden.
         """
+        self.fileno()  # EBADF once closed, before touching the (then unmapped) code area
         code = compile_program(program, guestenv.TARGET)
         if len(code) > self._area.code_size:
             raise ValueError(f"program needs {len(code)} bytes of code, at most {self._area.code_size}")
@@ -369,8 +371,9 @@ class TwinVcpu(_sys.FdOwner):
 
     def stats(self) -> dict[str, int]:
         """vCPU binary statistics (``KVM_GET_STATS_FD``): pf_fixed, pf_taken, exits, ..."""
+        fd = self.fileno()
         if self._stats is None:
-            self._stats = BinaryStats.open(self.fileno(), f"vcpu {self._vcpu_id}")
+            self._stats = BinaryStats.open(fd, f"vcpu {self._vcpu_id}")
         return self._stats.read()
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ SMALL = ["--guest-mib", "4", "--vmm-write-mib", "1", "--punch-mib", "1", "--ram-
 def test_default_lifecycle_holds_every_invariant(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", *SMALL]) == 0
     out = capsys.readouterr().out
-    assert "Invariants: all 15 held" in out
+    assert "Invariants: all 16 held" in out
     assert "gadget on cpu1 reads a guest page" in out and "blocked" in out
     assert "DirectMap4k" in out
 
@@ -32,6 +32,9 @@ def test_json_report(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None
     assert report["counts"]["zaps"] == report["counts"]["restores"] > 0
     assert report["direct_map"]["splits"]["2M"] > 0
     events = [json.loads(line) for line in trace.read_text().splitlines()]
+    # --trace asks for the full trace: every event from the first, not the default ring.
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert len(events) > 4096
     assert any(e["event"] == "dmap_clear" and e["fn"] == "set_direct_map_valid_noflush" for e in events)
     assert plot.stat().st_size > 1000
 

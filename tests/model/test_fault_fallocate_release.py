@@ -170,5 +170,6 @@ def test_double_close_is_harmless() -> None:
     _h, g = setup()
     g.close()
     g.close()
-    with pytest.raises(ValueError):
+    with pytest.raises(KernelError) as e:
         g.fileno()
+    assert e.value.errno == errno.EBADF

@@ -255,7 +255,7 @@ def test_gmemlab_run_holds_every_invariant_on_the_fast_path(capsys: pytest.Captu
     small = ["--guest-mib", "4", "--vmm-write-mib", "1", "--punch-mib", "1", "--ram-gib", "1"]
     assert main(["run", *small, "--design", "unmapped"]) == 0
     out = capsys.readouterr().out
-    assert "Invariants: all 14 held" in out
+    assert "Invariants: all 16 held" in out
     assert main(["run", *small, "--design", "filemap"]) == 1
     assert "invalidate-before-restore" in capsys.readouterr().out
 

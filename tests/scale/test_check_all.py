@@ -7,8 +7,9 @@ from gmemlab.api import run_program
 from gmemlab.guest import GuestProgram
 from gmemlab.model import Host, MachineConfig
 from gmemlab.model.invariants import Invariants
-from gmemlab.model.mm.direct_map import PTE_NOT_PRESENT
+from gmemlab.model.mm.direct_map import E_LEAF, E_LEAF_NP, PTE_NOT_PRESENT
 from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
+from gmemlab.model.mm.memmap import KIND_KERNEL, KIND_PGTABLE
 from gmemlab.uapi import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
@@ -25,20 +26,23 @@ def frame_by_frame(inv: Invariants) -> None:
     """The sweep as it is defined: every not-present PTE, folio, PTE and stage-2 entry."""
     m = inv.m
     mem = m.mem
-    for r2, ptes in m.dmap.pte.items():
-        for i, e in enumerate(ptes):
-            pfn = (r2 << 9) + i
-            if e != PTE_NOT_PRESENT or m.design.holds_unmapped(m, pfn):
-                continue
-            if not mem.allocated(pfn):
-                inv.fail("free-frame-in-direct-map",
-                         f"free pfn {pfn:#x} is not present in the direct map", pfn)
-                continue
-            mapping = m.folio_mapping(pfn)
-            if mapping is None or not (mapping.test(AS_NO_DIRECT_MAP) or mapping.kind == "secretmem"):
-                inv.fail("zap-only-no-direct-map",
-                         f"pfn {pfn:#x} is out of the direct map but not a folio of an "
-                         "AS_NO_DIRECT_MAP mapping", pfn)
+    not_present = [(r2 << 9) + i for r2, ptes in m.dmap.pte.items()
+                   for i, e in enumerate(ptes) if e == PTE_NOT_PRESENT]
+    for table, n in ((m.dmap.pmd, 512), (m.dmap.pud, 1 << 18)):
+        not_present += [pfn for leaf, e in enumerate(table) if e == E_LEAF_NP
+                        for pfn in range(leaf * n, (leaf + 1) * n)]
+    for pfn in not_present:
+        if m.design.holds_unmapped(m, pfn):
+            continue
+        if not mem.allocated(pfn):
+            inv.fail("free-frame-in-direct-map",
+                     f"free pfn {pfn:#x} is not present in the direct map", pfn)
+            continue
+        mapping = m.folio_mapping(pfn)
+        if mapping is None or not (mapping.test(AS_NO_DIRECT_MAP) or mapping.kind == "secretmem"):
+            inv.fail("zap-only-no-direct-map",
+                     f"pfn {pfn:#x} is out of the direct map but not a folio of an "
+                     "AS_NO_DIRECT_MAP mapping", pfn)
     for mapping in list(m.mappings.values()):
         for _index, pfn in mapping.i_pages.items():
             if not mem.test_locked(pfn):
@@ -50,6 +54,12 @@ def frame_by_frame(inv: Invariants) -> None:
     for kvm in m.kvms.values():
         for _gfn, pfn in kvm.spte.items():
             inv.on_handout(pfn, "stage-2 mapping")
+    held = {pfn for mapping in m.mappings.values() for _index, pfn in mapping.i_pages.items()}
+    held |= {pfn for proc in m.processes for vma in proc.mm.vmas for _p, pfn in vma.ptes.items()}
+    for pfn in range(mem.nr_pages):
+        if (mem.allocated(pfn) and pfn not in held and mem.kind[pfn] not in (KIND_KERNEL, KIND_PGTABLE)
+                and not m.design.holds_unmapped(m, pfn)):
+            inv.on_unowned(pfn)
 
 
 def broken_machine() -> Host:
@@ -69,6 +79,8 @@ def broken_machine() -> Host:
         m.dmap.set_pte(pfn, False)
     m.tlb.fill(1, 1, gmem.pfn(400 << 12))  # a stale translation of a mapped folio
     m.mem.mapping[gmem.pfn(500 << 12)] = 0  # out of the direct map, in no page cache
+    for page in (600, 601):  # off the page cache, never freed: leaked
+        gmem.file.inode.mapping.i_pages.erase(page)
     return h
 
 
@@ -83,5 +95,17 @@ def test_check_all_reports_what_a_frame_by_frame_sweep_reports() -> None:
     assert len(fast) >= 8
     assert {name for name, _, _ in fast} >= {
         "free-frame-in-direct-map", "zap-only-no-direct-map", "marker-matches-direct-map",
-        "handout-zapped", "handout-flushed"}
+        "handout-zapped", "handout-flushed", "frame-has-owner"}
     assert fast == slow
+
+
+def test_check_all_sweeps_not_present_large_leaves() -> None:
+    """A 2M leaf whose present bit is clear hides its 512 frames from a 4K-only sweep."""
+    h = Host(config=MachineConfig(ram_gib=0, low_ram_mib=64, trace="ring", invariants="record"))
+    m = h.machine
+    leaf = next(r2 for r2, e in enumerate(m.dmap.pmd)
+                if e == E_LEAF and not any(m.mem.allocated(p) for p in range(r2 << 9, (r2 + 1) << 9)))
+    m.dmap.pmd[leaf] = E_LEAF_NP
+    m.inv.check_all()
+    assert m.inv.counts["free-frame-in-direct-map"] == 512
+    assert m.inv.violations[0].pfn == leaf << 9

@@ -21,8 +21,9 @@ def test_system_ioctls(host: twin.TwinHost) -> None:
         assert kvm.has_cap(uapi.KVM_CAP_GUEST_MEMFD) is twin.guest_memfd_available()[0]
         assert kvm.check_extension(uapi.KVM_CAP_NR_MEMSLOTS) > 1
         assert len(kvm.get_supported_cpuid()) > 0
-    with pytest.raises(ValueError):
+    with pytest.raises(api.KernelError) as closed:
         kvm.fileno()
+    assert closed.value.errno == errno.EBADF
 
 
 def test_vm_outlives_the_kvm_object(host: twin.TwinHost) -> None:
@@ -151,8 +152,9 @@ def test_private_slot_is_guarded(host: twin.TwinHost) -> None:
         with pytest.raises(api.KernelError) as e:  # its GPA range is taken
             vm.set_user_memory_region2(2, 0, guestenv.PRIVATE_GPA, PAGE, 0)
         assert e.value.errno == errno.EEXIST
-    with pytest.raises(ValueError):  # closing the VM closed its vCPUs
-        vcpu.fileno()
+    with pytest.raises(api.KernelError) as closed:  # closing the VM closed its vCPUs
+        vcpu.run()
+    assert closed.value.errno == errno.EBADF
 
 
 def test_set_memory_attributes_reaches_the_kernel(host: twin.TwinHost) -> None:

@@ -141,6 +141,10 @@ class UnmappedPool(V12):
     kvm_gmem_zap_for_handout = Design.kvm_gmem_zap_for_handout
     kvm_gmem_restore_on_free = Design.kvm_gmem_restore_on_free
 
+    def holds_unmapped(self, m: Machine, pfn: int) -> bool:
+        """Every frame the pool took stays out of the direct map, in use or not."""
+        return pfn in self.owned
+
     def free_unmapped_frame(self, m: Machine, pfn: int) -> KGen[bool]:
         """A pool frame's last reference went (truncation, or a lost insertion race):
         back to the pool, still unmapped, never to the page allocator."""

@@ -10,7 +10,7 @@ vCPUs and guest_memfd files pin it).  ``KVM_SET_USER_MEMORY_REGION2`` follows
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from errno import EEXIST, EFAULT, EINVAL, EIO, ENOTTY
+from errno import EEXIST, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY
 from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import File
@@ -37,6 +37,7 @@ from gmemlab.uapi import (
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    to_u64,
 )
 
 if TYPE_CHECKING:
@@ -353,34 +354,69 @@ def kvm_set_memory_attributes(m: Machine, kvm: Kvm, address: int, size: int,
     supported = KVM_MEMORY_ATTRIBUTE_PRIVATE if prof.has_private_mem(kvm.vm_type) else 0
     if flags or attributes & ~supported:
         return -EINVAL
-    if size == 0 or address + size < address:
+    if size == 0 or to_u64(address + size) < address:  # the u64 sum wraps
         return -EINVAL
     if address % PAGE_SIZE or size % PAGE_SIZE:
         return -EINVAL
     start, end = address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT
+    return (yield from kvm_vm_set_mem_attributes(m, kvm, start, end, attributes))
+
+
+XA_NODE_BYTES, XA_CHUNK = 576, 64  # sizeof(struct xa_node) on 64-bit; slots per node
+
+
+def kvm_vm_set_mem_attributes(m: Machine, kvm: Kvm, start: int, end: int,
+                              attributes: int) -> KGen[int]:
+    """``kvm_vm_set_mem_attributes()`` (virt/kvm/kvm_main.c, 6.18).
+
+    Nothing to do if the whole range already has ``attributes`` (so clearing a huge
+    empty range is cheap, as in the kernel).  Otherwise every index is reserved in
+    ``mem_attr_array`` first (``xa_reserve()``, GFP_KERNEL_ACCOUNT): a range whose
+    xarray nodes do not fit in free memory fails there with -ENOMEM, before any
+    attribute or mapping changed.  Then invalidate, store, and end the invalidation.
+    """
+    yield from mutex_lock(m, kvm.slots_lock)
+    if _range_has_attributes(kvm, start, end, attributes):
+        yield from mutex_unlock(m, kvm.slots_lock)
+        return 0
+    if -(-(end - start) // XA_CHUNK) * XA_NODE_BYTES > m.alloc.nr_free * PAGE_SIZE:
+        yield from mutex_unlock(m, kvm.slots_lock)
+        return -ENOMEM
     yield from kvm.mmu_lock(m)
     kvm.mmu_invalidate_begin()
     kvm.mmu_invalidate_range_add(start, end)
     if (yield from kvm.unmap_gfn_range(m, start, end, "kvm_vm_set_mem_attributes")):
         kvm.flush_remote_tlbs(m)
-    for gfn in range(start, end):
-        if attributes:
+    if attributes:
+        for gfn in range(start, end):
             kvm.attributes[gfn] = attributes
-        else:
-            kvm.attributes.pop(gfn, None)
+    else:
+        for gfn in [g for g in kvm.attributes if start <= g < end]:
+            del kvm.attributes[gfn]
     kvm.mmu_invalidate_end()
     yield from kvm.mmu_unlock(m)
+    yield from mutex_unlock(m, kvm.slots_lock)
     return 0
 
 
+def _range_has_attributes(kvm: Kvm, start: int, end: int, attributes: int) -> bool:
+    """``kvm_range_has_memory_attributes(kvm, start, end, ~0, attributes)``."""
+    if not attributes:
+        return not any(start <= g < end for g in kvm.attributes)
+    return (end - start <= len(kvm.attributes)
+            and all(kvm.attributes.get(g) == attributes for g in range(start, end)))
+
+
 def kvm_destroy_vm(m: Machine, kvm: Kvm) -> KGen[None]:
-    """``kvm_destroy_vm()``: zap everything, free the memslots (unbinding guest_memfd)."""
+    """``kvm_destroy_vm()``: zap everything, free the memslots (unbinding guest_memfd),
+    and take the VM off ``vm_list`` (``Machine.kvms``) so nothing keeps it alive."""
     kvm.destroyed = True
     m.trace.emit("kvm_destroy_vm", "vm_destroy", -1, {"vm": kvm.id})
     for slot in list(kvm.memslots.values()):
         yield from kvm_delete_memslot(m, kvm, slot)
     if kvm in kvm.owner.mm.notifiers:
         kvm.owner.mm.notifiers.remove(kvm)
+    m.kvms.pop(kvm.id, None)
 
 
 def kvm_read_guest(m: Machine, kvm: Kvm, gpa: int, length: int) -> KGen[bytes | int]:

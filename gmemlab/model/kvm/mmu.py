@@ -25,7 +25,7 @@ from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.gup import FOLL_WRITE, get_user_pages
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.task import WAIT, KGen
-from gmemlab.uapi import KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SHIFT
+from gmemlab.uapi import KVM_MEM_READONLY, KVM_MEMORY_EXIT_FLAG_PRIVATE, PAGE_SHIFT
 
 if TYPE_CHECKING:
     from gmemlab.model.kvm.vcpu import Vcpu
@@ -86,9 +86,21 @@ def kvm_mmu_page_fault(m: Machine, vcpu: Vcpu, gpa: int, write: bool) -> KGen[in
 
 
 def guest_translate(m: Machine, vcpu: Vcpu, gpa: int, write: bool) -> KGen[int]:
-    """The guest's access to ``gpa``: the stage-2 entry, or a fault to make one."""
+    """The guest's access to ``gpa``: the stage-2 entry, or a fault to make one.
+
+    A write to a ``KVM_MEM_READONLY`` slot is emulated MMIO, whether or not the page is
+    mapped: its stage-2 entries are never writable, and the write fault finds
+    ``KVM_PFN_ERR_RO_FAULT`` (``__gfn_to_hva_many()`` refuses writes to a read-only
+    slot), which ``kvm_handle_error_pfn()`` turns into ``RET_PF_EMULATE``; the emulator
+    exits to userspace with ``KVM_EXIT_MMIO``, ``is_write`` set, memory unchanged.
+    """
     kvm = vcpu.kvm
     gfn = gpa >> PAGE_SHIFT
+    if write:
+        slot = kvm.gfn_to_memslot(gfn)
+        if slot is not None and slot.flags & KVM_MEM_READONLY:
+            vcpu.stats["pf_emulate"] += 1
+            return MMIO
     yield ("spte", (kvm.id, gfn))
     pfn = kvm.spte.load(gfn)
     if pfn != EMPTY:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from errno import EFAULT
+from errno import EFAULT, EINVAL
 from typing import TYPE_CHECKING
 
 from gmemlab.api import IoOut, MmioRead, MmioWrite, VcpuExit
@@ -36,7 +36,7 @@ from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.gup import FOLL_WRITE, get_user_pages
 from gmemlab.model.mm.tlb import kernel_access
 from gmemlab.model.task import KGen, Task
-from gmemlab.uapi import PAGE_SHIFT, PAGE_SIZE
+from gmemlab.uapi import KVM_MEM_READONLY, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
@@ -190,11 +190,24 @@ def _run_touch(m: Machine, vcpu: Vcpu, op: Touch) -> KGen[VcpuExit | int | None]
 
 
 def kvm_write_system_time(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int]:
-    """``MSR_KVM_SYSTEM_TIME_NEW``: ``kvm_gpc_activate()`` + refresh, then write pvclock."""
+    """``MSR_KVM_SYSTEM_TIME_NEW``: ``kvm_gpc_activate()`` + refresh, then write pvclock.
+
+    ``__kvm_gpc_refresh()`` (virt/kvm/pfncache.c) refuses a ``len`` that does not fit in
+    the page at ``gpa``'s offset with -EINVAL before mapping anything, and
+    ``kvm_gpc_check()`` then stays false, so ``kvm_setup_guest_pvclock()`` writes nothing:
+    a pvclock at an in-page offset above ``PAGE_SIZE - 32`` is never written.
+    """
     kvm = vcpu.kvm
+    if (gpa & (PAGE_SIZE - 1)) + PVCLOCK_SIZE > PAGE_SIZE:
+        m.trace.emit("kvm_gpc_refresh", "pfncache_fail", -1, {"gpa": gpa, "err": "EINVAL"})
+        return -EINVAL
     slot = kvm.gfn_to_memslot(gpa >> PAGE_SHIFT)
     fn = "kvm_gpc_refresh"
     if slot is None:
+        return -EFAULT
+    if slot.flags & KVM_MEM_READONLY:
+        # gfn_to_hva_memslot() asks for a writable hva: KVM_HVA_ERR_RO_BAD, -EFAULT.
+        m.trace.emit(fn, "pfncache_fail", -1, {"gpa": gpa, "err": "EFAULT"})
         return -EFAULT
     hva = slot.userspace_addr + (((gpa >> PAGE_SHIFT) - slot.base_gfn) << PAGE_SHIFT)
     pages = yield from get_user_pages(m, kvm.owner, hva, 1, FOLL_WRITE, "hva_to_pfn")

@@ -30,7 +30,8 @@ class Locks:
         if mode == "folio":
             return m.mem.test_locked(key)
         if mode == "mmu_invalidate":
-            return bool(m.kvms[key].mmu_invalidate_in_progress)
+            kvm = m.kvms.get(key)  # a destroyed VM has no invalidation left to wait for
+            return kvm is not None and bool(kvm.mmu_invalidate_in_progress)
         if mode == "read":
             return key in self.held
         if mode == "write":

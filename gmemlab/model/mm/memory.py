@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from errno import EFAULT, EINVAL, ENOMEM
+from errno import EFAULT, EINVAL, ENOMEM, EOVERFLOW
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,7 +32,7 @@ from gmemlab.model.mm.memmap import KIND_ANON
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page
 from gmemlab.model.mm.xarray import EMPTY, XArray
 from gmemlab.model.task import KGen
-from gmemlab.uapi import EHWPOISON, PAGE_SHIFT, PAGE_SIZE
+from gmemlab.uapi import EHWPOISON, PAGE_SHIFT, PAGE_SIZE, to_u64
 
 if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
@@ -54,7 +54,18 @@ VM_FAULT_LOCKED = 0x200
 VM_FAULT_RETRY = 0x400
 VM_FAULT_ERROR = VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_HWPOISON
 
-MMAP_BASE = 0x7F00_0000_0000
+# x86_64 with 4-level paging: user space is [0, TASK_SIZE), TASK_SIZE = (1 << 47) - PAGE_SIZE.
+TASK_SIZE = (1 << 47) - PAGE_SIZE
+# mmap_base() without randomization: TASK_SIZE minus the stack gap, which is clamped to at
+# least 128 MiB (an 8 MiB stack rlimit plus the guard gap is less).  Top-down mappings
+# start below it.
+MMAP_BASE = TASK_SIZE - (128 << 20)
+# TASK_UNMAPPED_BASE (mmap_legacy_base() without randomization): where the bottom-up
+# fallback of a failed top-down search starts.
+TASK_UNMAPPED_BASE = -(-(TASK_SIZE // 3) // PAGE_SIZE) * PAGE_SIZE
+# MAX_LFS_FILESIZE, file_mmap_size_max() of a regular file.
+MAX_LFS_FILESIZE = (1 << 63) - 1
+DEFAULT_MAX_MAP_COUNT = 65530  # sysctl vm.max_map_count
 # How many times a user access retries a fault that returned VM_FAULT_OOM before the
 # model gives up; the real task would retry forever (pagefault_out_of_memory()).
 OOM_RETRIES = 8
@@ -94,7 +105,7 @@ class Vma:
 @dataclass(eq=False, slots=True)
 class MmStruct:
     vmas: list[Vma] = field(default_factory=list)
-    next_addr: int = MMAP_BASE
+    mmap_base: int = MMAP_BASE
     # KVM instances whose memslots point into this mm (mmu_notifier subscribers).
     notifiers: list[Kvm] = field(default_factory=list)
 
@@ -119,50 +130,99 @@ def vma_has_no_direct_map(m: Machine, vma: Vma) -> bool:
 
 
 # --- mmap / munmap / mlock ------------------------------------------------------------------------
-# x86-64 with 4-level paging: the top of user space, one guard page below 2^47.
-TASK_SIZE = 0x7FFF_FFFF_F000
+def sys_mmap(m: Machine, proc: Process, file: File | None, length: int, offset: int, *,
+             shared: bool) -> KGen[int]:
+    """x86 ``sys_mmap()`` -> ``ksys_mmap_pgoff()`` -> ``do_mmap()`` (6.18), no address hint.
 
-
-def mmap_room(m: Machine, length: int, vm_flags: int) -> bool:
-    """Whether ``do_mmap()`` may map ``length`` bytes: its -ENOMEM checks (6.18, mm/mmap.c).
-
-    ``__get_unmapped_area()`` refuses ``len > TASK_SIZE``; ``__mmap_region()`` charges
-    a private writable mapping (``accountable_mapping()``) through
-    ``__vm_enough_memory()``, whose default heuristic (``vm.overcommit_memory`` = 0,
-    OVERCOMMIT_GUESS) refuses more pages than RAM plus swap (the model has no swap).
-    Running out of gaps is not judged here: the model places mappings one after the
-    other (``MmStruct.next_addr``), not in the kernel's gaps.  The other overcommit
-    modes and RLIMIT_AS are not modelled.
+    ``len`` and ``off`` are ``unsigned long``: a caller's value is converted first, so a
+    negative offset is a huge page offset, which ``file_mmap_ok()`` refuses.
     """
-    if length > TASK_SIZE:
-        return False
-    if vm_flags & (VM_SHARED | VM_WRITE) == VM_WRITE:
-        return length >> PAGE_SHIFT <= sum(hi - lo for lo, hi in m.ram)
-    return True
-
-
-def do_mmap(m: Machine, proc: Process, file: File | None, length: int, offset: int, *,
-            shared: bool, fault: FaultHandler | None = None) -> KGen[int]:
-    """``do_mmap()`` + ``->mmap``: returns the address or -errno."""
-    if length <= 0 or offset & (PAGE_SIZE - 1):
+    length, offset = to_u64(length), to_u64(offset)
+    if offset & (PAGE_SIZE - 1):
         return -EINVAL
-    length = -(-length // PAGE_SIZE) * PAGE_SIZE
-    mm = proc.mm
-    flags = VM_READ | VM_WRITE | ((VM_SHARED | VM_MAYSHARE) if shared else 0)
-    if not mmap_room(m, length, flags):
+    return (yield from do_mmap(m, proc, file, length, offset >> PAGE_SHIFT, shared=shared))
+
+
+def do_mmap(m: Machine, proc: Process, file: File | None, length: int, pgoff: int, *,
+            shared: bool) -> KGen[int]:
+    """``do_mmap()`` + ``mmap_region()`` + ``->mmap``: returns the address or -errno.
+
+    The checks in the kernel's order: a zero length is EINVAL; a length whose page
+    alignment wraps is ENOMEM; a page offset range that wraps is EOVERFLOW; then
+    ``get_unmapped_area()`` (ENOMEM when nothing fits below ``TASK_SIZE``), then
+    ``file_mmap_ok()`` (EOVERFLOW past ``MAX_LFS_FILESIZE``), then the overcommit charge
+    of ``__mmap_region()`` (ENOMEM).  Nothing is mapped before every check has passed.
+    """
+    if not length:
+        return -EINVAL
+    length = to_u64(-(-length // PAGE_SIZE) * PAGE_SIZE)
+    if not length:
         return -ENOMEM
-    vma = Vma(mm, mm.next_addr, mm.next_addr + length, offset >> PAGE_SHIFT, flags, file, fault)
+    if pgoff + (length >> PAGE_SHIFT) > 0xFFFF_FFFF_FFFF_FFFF:
+        return -EOVERFLOW
+    mm = proc.mm
+    if len(mm.vmas) > DEFAULT_MAX_MAP_COUNT:
+        return -ENOMEM
+    addr = get_unmapped_area(mm, length)
+    if addr < 0:
+        return addr
+    if file is not None and (length > MAX_LFS_FILESIZE
+                             or pgoff > (MAX_LFS_FILESIZE - length) >> PAGE_SHIFT):
+        return -EOVERFLOW  # file_mmap_ok() of a regular file
+    flags = VM_READ | VM_WRITE | ((VM_SHARED | VM_MAYSHARE) if shared else 0)
+    if not vm_enough_memory(m, length, flags):
+        return -ENOMEM
+    vma = Vma(mm, addr, addr + length, pgoff, flags, file, None)
     if file is not None:
         r = yield from file.f_op.mmap(m, file, vma)
         if r:
             return r
         get_file(file)
         file.inode.mapping.i_mmap.append(vma)
-    mm.next_addr += length + PAGE_SIZE  # leave a guard gap between mappings
     mm.vmas.append(vma)
     m.trace.emit("do_mmap", "mmap", -1, {"addr": vma.start, "len": length,
                                         "file": file.inode.kind if file else "anon"})
     return vma.start
+
+
+def vm_enough_memory(m: Machine, length: int, vm_flags: int) -> bool:
+    """``__mmap_region()``'s charge of a private writable mapping (``accountable_mapping()``)
+    through ``__vm_enough_memory()`` (6.18, mm/util.c): the default heuristic
+    (``vm.overcommit_memory`` = 0, OVERCOMMIT_GUESS) refuses more pages than RAM plus swap
+    (the model has no swap).  The other overcommit modes and RLIMIT_AS are not modelled.
+    """
+    if vm_flags & (VM_SHARED | VM_WRITE) == VM_WRITE:
+        return length >> PAGE_SHIFT <= sum(hi - lo for lo, hi in m.ram)
+    return True
+
+
+def get_unmapped_area(mm: MmStruct, length: int) -> int:
+    """x86 ``arch_get_unmapped_area_topdown()`` -> ``vm_unmapped_area()`` (no hint, no
+    alignment): the highest gap below ``mmap_base`` that fits, else bottom-up from
+    ``TASK_UNMAPPED_BASE`` to ``TASK_SIZE``; -ENOMEM if neither has room.
+
+    Unmapped ranges are reused, as in the kernel.
+    """
+    if length > TASK_SIZE:
+        return -ENOMEM
+    used = sorted((v.start, v.end) for v in mm.vmas)
+    top = mm.mmap_base
+    for start, end in reversed(used):
+        if end <= top and top - end >= length:
+            return top - length
+        top = min(top, start)
+    if top - PAGE_SIZE >= length:
+        return top - length
+    low = TASK_UNMAPPED_BASE
+    for start, end in used:
+        if end <= low:
+            continue
+        if start - low >= length:
+            return low
+        low = max(low, end)
+    if TASK_SIZE - low >= length:
+        return low
+    return -ENOMEM
 
 
 def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:

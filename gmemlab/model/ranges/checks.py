@@ -17,9 +17,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
-from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K, PTE_NOT_PRESENT, DirectMap
+from gmemlab.model.mm.direct_map import (
+    E_LEAF_NP,
+    LEVEL_1G,
+    LEVEL_2M,
+    LEVEL_4K,
+    PTE_NOT_PRESENT,
+    DirectMap,
+)
 from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
-from gmemlab.model.mm.memmap import FRAME_ALLOCATED, PG_locked
+from gmemlab.model.mm.memmap import FRAME_ALLOCATED, KIND_KERNEL, KIND_PGTABLE, PG_locked
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
@@ -89,7 +96,8 @@ def on_folio_unlock(m: Machine, pfns: Pfns) -> None:
 
 def not_present_blocks(dmap: DirectMap, block: int = 1 << 18) -> Iterator[Pfns]:
     """The frames with a not-present 4K entry, region by region as ``dmap.pte`` lists them,
-    ascending within each, in arrays of about ``block``."""
+    ascending within each, then those under not-present 2M and 1G leaves, in arrays of
+    about ``block``."""
     parts: list[Pfns] = []
     size = 0
     for r2, ptes in dmap.pte.items():
@@ -100,6 +108,15 @@ def not_present_blocks(dmap: DirectMap, block: int = 1 << 18) -> Iterator[Pfns]:
         if size >= block:
             yield np.concatenate(parts)
             parts, size = [], 0
+    # Large leaves with the present bit clear (2M zaps, a pool's pageblocks): every frame.
+    for level, table in ((LEVEL_2M, dmap.pmd), (LEVEL_1G, dmap.pud)):
+        for leaf in np.flatnonzero(np.frombuffer(table, np.uint8) == E_LEAF_NP).tolist():
+            n = 512 if level == LEVEL_2M else 1 << 18
+            parts.append(np.arange(leaf * n, (leaf + 1) * n, dtype=np.int64))
+            size += n
+            if size >= block:
+                yield np.concatenate(parts)
+                parts, size = [], 0
     if parts:
         yield np.concatenate(parts)
 
@@ -112,6 +129,15 @@ def out_of_direct_map_suspects(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
                            if a.test(AS_NO_DIRECT_MAP) or a.kind == "secretmem"), np.int64)
     bad: NDArray[np.bool_] = (v.state[pfns] != FRAME_ALLOCATED) | ~np.isin(v.mapping[pfns], allowed)
     return bad
+
+
+def unowned_frames(m: Machine, owned: NDArray[np.bool_]) -> Pfns:
+    """The allocated frames ``check_all()`` found in no page cache or page table (``owned``
+    false), other than the kernel's own (its allocations and direct-map page tables, which
+    the model never frees): the suspects of a leak, ascending."""
+    v = m.mem.views()
+    return np.flatnonzero((v.state == FRAME_ALLOCATED) & ~owned & (v.kind != KIND_KERNEL)
+                          & (v.kind != KIND_PGTABLE)).astype(np.int64)
 
 
 def on_direct_map_change(m: Machine, pfns: Pfns, valid: bool) -> None:
