@@ -58,7 +58,7 @@ def test_baseline_without_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["--design", "v13"], "unknown design 'v13'"),
         (["--guest-mib", "0"], "at least 1 MiB"),
-        (["--guest-mib", "100000"], "does not fit"),
+        (["--guest-mib", "100000", "--ram-gib", "4"], "does not fit"),
         (["--cpus", "0"], "ncpus must be"),
         (["--punch-mib", "1000"], "--punch-mib"),
         (["--profile", "sparc"], "invalid choice: 'sparc'"),
