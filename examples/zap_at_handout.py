@@ -4,9 +4,10 @@ Run it through any tool: ``gmemlab run --design-file examples/zap_at_handout.py`
 ``gmemlab bench --design examples/zap_at_handout.py``, or
 ``gmemlab.model.Host(design="examples/zap_at_handout.py")``.
 
-It starts from :class:`~gmemlab.model.designs.base.Design` (mainline) and
-overrides four hooks: the capability, the zap when a folio is handed out (the
-user fault, and ``kvm_gmem_get_pfn()`` before the folio is prepared), and the
+It starts from :class:`~gmemlab.model.designs.base.Design` (mainline), says it
+has the series' flag (``series``: offered as v12 offers it, minus the VM types
+it excludes), and overrides two hooks: the zap when a folio is handed out (the
+user fault, and ``kvm_gmem_get_pfn()`` before the folio is prepared) and the
 restore when it is freed.  The marker in ``folio->private`` says which folios
 to restore.  Unlike v12 it restores *before* it clears the marker and it keeps
 no ``kvm_gmem_folio_*`` wrappers: the hooks are the whole change.
@@ -16,16 +17,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from gmemlab.model.designs.base import (
-    Design,
-    arch_supports_no_direct_map,
-    clear_marker,
-    has_marker,
-    inode_no_direct_map,
-    set_marker,
-)
+from gmemlab.model.designs.base import Design, clear_marker, has_marker, inode_no_direct_map, set_marker
 from gmemlab.model.task import KGen
-from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_X86_SNP_VM, KVM_X86_TDX_VM
+from gmemlab.uapi import KVM_X86_SNP_VM, KVM_X86_TDX_VM
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
@@ -34,17 +28,9 @@ if TYPE_CHECKING:
 class ZapAtHandout(Design):
     name: ClassVar[str] = "zap-at-handout"
     title: ClassVar[str] = "NO_DIRECT_MAP from mainline: zap at handout, restore at free"
-    series: ClassVar[bool] = True  # AS_NO_DIRECT_MAP exists; GUP refuses such mappings
+    series: ClassVar[bool] = True  # the flag is offered, AS_NO_DIRECT_MAP set, GUP refuses
     uses_marker: ClassVar[bool] = True
-
-    def kvm_arch_gmem_supports_no_direct_map(self, m: Machine, vm_type: int | None) -> bool:
-        return arch_supports_no_direct_map(m, vm_type, exclude=(KVM_X86_TDX_VM, KVM_X86_SNP_VM))
-
-    def kvm_gmem_get_supported_flags(self, m: Machine, vm_type: int | None) -> int:
-        flags = super().kvm_gmem_get_supported_flags(m, vm_type)
-        if vm_type is None or self.kvm_arch_gmem_supports_no_direct_map(m, vm_type):
-            flags |= GUEST_MEMFD_FLAG_NO_DIRECT_MAP
-        return flags
+    excluded_vm_types: ClassVar[tuple[int, ...]] = (KVM_X86_TDX_VM, KVM_X86_SNP_VM)
 
     def kvm_gmem_zap_for_handout(self, m: Machine, folio: int) -> KGen[int]:
         yield ("folio", folio)

@@ -70,7 +70,12 @@ from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page, clear_pag
 from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
-from gmemlab.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, PAGE_SHIFT
+from gmemlab.uapi import (
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
+    GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    PAGE_SHIFT,
+)
 
 if TYPE_CHECKING:
     from gmemlab.model.fs import File, Inode
@@ -95,15 +100,23 @@ class Design:
     filemap_add_hook: Hook | None = None
     filemap_remove_hook: Callable[[Machine, AddressSpace, int], KGen[None]] | None = None
 
+    excluded_vm_types: ClassVar[tuple[int, ...]] = ()  # VM types a version refuses the flag
+
     # --- capability --------------------------------------------------------------------
     def kvm_arch_gmem_supports_no_direct_map(self, m: Machine, vm_type: int | None) -> bool:
-        return False
+        """``kvm_arch_gmem_supports_no_direct_map()`` (v12 08-10/16): per arch, minus the VM
+        types the version excludes; mainline has no such flag."""
+        return self.series and arch_supports_no_direct_map(m, vm_type, exclude=self.excluded_vm_types)
 
     def kvm_gmem_get_supported_flags(self, m: Machine, vm_type: int | None) -> int:
-        """``kvm_gmem_get_supported_flags(kvm)``; ``vm_type=None`` is the system-wide query."""
-        flags = GUEST_MEMFD_FLAG_MMAP
-        if vm_type is None or m.profile.supports_gmem_init_shared(vm_type):
-            flags |= GUEST_MEMFD_FLAG_INIT_SHARED
+        """``kvm_gmem_get_supported_flags(kvm)``; ``vm_type=None`` is the system-wide query.
+
+        v12 10/16 adds ``if (!kvm || kvm_arch_gmem_supports_no_direct_map(kvm))``:
+        the system-wide answer offers the flag wherever the series is.
+        """
+        flags = gmem_mainline_flags(m, vm_type)
+        if self.series and (vm_type is None or self.kvm_arch_gmem_supports_no_direct_map(m, vm_type)):
+            flags |= GUEST_MEMFD_FLAG_NO_DIRECT_MAP
         return flags
 
     # --- mm --------------------------------------------------------------------------------
@@ -277,6 +290,15 @@ def secretmem_fault_common(m: Machine, vma: Vma, page: int,
         break
     yield from up_read(m, mapping.invalidate_lock)
     return ret
+
+
+def gmem_mainline_flags(m: Machine, vm_type: int | None) -> int:
+    """Mainline's ``kvm_gmem_get_supported_flags()``: MMAP, and INIT_SHARED where the VM type
+    has no private memory of its own (every type in the system-wide answer)."""
+    flags = GUEST_MEMFD_FLAG_MMAP
+    if vm_type is None or m.profile.supports_gmem_init_shared(vm_type):
+        flags |= GUEST_MEMFD_FLAG_INIT_SHARED
+    return flags
 
 
 def zero_if_not_uptodate(m: Machine, folio: int, fn: str) -> KGen[None]:

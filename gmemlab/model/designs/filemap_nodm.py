@@ -29,9 +29,8 @@ from __future__ import annotations
 from errno import EINVAL
 from typing import TYPE_CHECKING, ClassVar
 
-from gmemlab.model.designs.base import Design, FaultResult, arch_supports_no_direct_map
+from gmemlab.model.designs.base import Design, FaultResult
 from gmemlab.model.mm.filemap import (
-    AS_NO_DIRECT_MAP,
     FGP_ACCESSED,
     FGP_CREAT,
     FGP_LOCK,
@@ -46,7 +45,7 @@ from gmemlab.model.mm.page_alloc import clear_page
 from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
-from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_X86_SNP_VM, KVM_X86_TDX_VM, PAGE_SHIFT
+from gmemlab.uapi import KVM_X86_SNP_VM, KVM_X86_TDX_VM, PAGE_SHIFT
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
@@ -128,19 +127,8 @@ class FilemapZap(Design):
         """
         yield from folio_mark_uptodate(m, folio)
 
-    # --- capability and UAPI (v12 10/16, unchanged by the rework as announced) --------------
-    def kvm_arch_gmem_supports_no_direct_map(self, m: Machine, vm_type: int | None) -> bool:
-        return arch_supports_no_direct_map(m, vm_type, exclude=self.excluded_vm_types)
-
-    def kvm_gmem_get_supported_flags(self, m: Machine, vm_type: int | None) -> int:
-        flags = super().kvm_gmem_get_supported_flags(m, vm_type)
-        if vm_type is None or self.kvm_arch_gmem_supports_no_direct_map(m, vm_type):
-            flags |= GUEST_MEMFD_FLAG_NO_DIRECT_MAP
-        return flags
-
-    def mapping_refuses_gup(self, m: Machine, mapping: AddressSpace) -> bool:
-        """``mapping_no_direct_map()`` in ``gup_fast_folio_allowed()`` (ALLOC_UNMAPPED v4 3/26)."""
-        return mapping.test(AS_NO_DIRECT_MAP)
+    # Capability, UAPI and GUP's refusal: base's with the series (v12 10/16, unchanged by the
+    # rework as announced; mapping_no_direct_map() in gup_fast_folio_allowed(), v4 3/26).
 
     # guest_memfd: the user fault, kvm_gmem_get_pfn() and ->free_folio are mainline's
     # (Design's): "the existence of the folio in the mapping is itself the state".

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, ClassVar
 from gmemlab.model.designs.base import (
     Design,
     FaultResult,
-    arch_supports_no_direct_map,
     clear_marker,
     has_marker,
     inode_no_direct_map,
@@ -37,7 +36,7 @@ from gmemlab.model.mm.folio import folio_mark_uptodate
 from gmemlab.model.mm.memory import Vma
 from gmemlab.model.mm.page_alloc import clear_page
 from gmemlab.model.task import KGen
-from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_X86_SNP_VM, KVM_X86_TDX_VM
+from gmemlab.uapi import KVM_X86_SNP_VM, KVM_X86_TDX_VM
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
@@ -53,18 +52,9 @@ class V12(Design):
     series: ClassVar[bool] = True
     uses_marker: ClassVar[bool] = True
     secretmem_sets_no_direct_map: ClassVar[bool] = True
-    # TDX excluded since v10, SNP since v12 (both use kvm_gmem_populate()).
+    # The capability is base's with the series (v12 10/16): TDX excluded since v10, SNP since
+    # v12 (both use kvm_gmem_populate()).
     excluded_vm_types: ClassVar[tuple[int, ...]] = (KVM_X86_TDX_VM, KVM_X86_SNP_VM)
-
-    # --- capability (v12 10/16, include/linux/kvm_host.h) ---------------------------------
-    def kvm_arch_gmem_supports_no_direct_map(self, m: Machine, vm_type: int | None) -> bool:
-        return arch_supports_no_direct_map(m, vm_type, exclude=self.excluded_vm_types)
-
-    def kvm_gmem_get_supported_flags(self, m: Machine, vm_type: int | None) -> int:
-        flags = super().kvm_gmem_get_supported_flags(m, vm_type)
-        if vm_type is None or self.kvm_arch_gmem_supports_no_direct_map(m, vm_type):
-            flags |= GUEST_MEMFD_FLAG_NO_DIRECT_MAP
-        return flags
 
     # --- guest_memfd (v12 10/16) ------------------------------------------------------------
     def kvm_gmem_folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:

@@ -41,7 +41,6 @@ class V7(Design):
 
     # What v7 shares with v9, line for line: the capability, the handout in the user fault,
     # the guest fault (prepare, then zap with the error ignored), restore-then-invalidate.
-    kvm_arch_gmem_supports_no_direct_map = V9.kvm_arch_gmem_supports_no_direct_map
     kvm_gmem_get_supported_flags = V9.kvm_gmem_get_supported_flags
     kvm_gmem_zap_for_handout = V9.kvm_gmem_zap_for_handout
     kvm_gmem_get_pfn = V9.kvm_gmem_get_pfn

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, ClassVar
 from gmemlab.model.designs.base import (
     Design,
     GetPfnResult,
-    arch_supports_no_direct_map,
     clear_marker,
+    gmem_mainline_flags,
     has_marker,
     inode_no_direct_map,
     kvm_gmem_get_pfn_done,
@@ -68,13 +68,12 @@ class V9(Design):
 
     def kvm_gmem_get_supported_flags(self, m: Machine, vm_type: int | None) -> int:
         """No ``!kvm ||``: the system-wide answer is the arch hook's too."""
-        flags = Design.kvm_gmem_get_supported_flags(self, m, vm_type)
+        flags = gmem_mainline_flags(m, vm_type)
         if self.kvm_arch_gmem_supports_no_direct_map(m, vm_type):
             flags |= GUEST_MEMFD_FLAG_NO_DIRECT_MAP
         return flags
 
-    def kvm_arch_gmem_supports_no_direct_map(self, m: Machine, vm_type: int | None) -> bool:
-        return arch_supports_no_direct_map(m, vm_type, exclude=())
+    # kvm_arch_gmem_supports_no_direct_map(): base's with no VM type excluded (TDX from v10).
 
     def folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:
         """Per-arch ``folio_zap_direct_map()`` (v9 01/13)."""
