@@ -47,6 +47,7 @@ from gmemlab.uapi import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    KVM_CAP_GUEST_MEMFD_FLAGS,
     KVM_MEM_GUEST_MEMFD,
     PAGE_SHIFT,
 )
@@ -112,7 +113,8 @@ def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | No
     total = 2 * pages
     kvm = host.open_kvm()
     vm = kvm.create_vm()
-    gmem = vm.create_guest_memfd(size, FLAGS)
+    # A design without the series (base) runs the same lifecycle without the flag.
+    gmem = vm.create_guest_memfd(size, FLAGS & vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS))
     mapping = gmem.mmap(size) if kind == "host" else None
     vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, GPA, size, mapping.addr if mapping else 0,
                                gmem, 0)
