@@ -90,7 +90,9 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
                 ok = False
                 continue
             parts.append(f"{r['kind']}: {r['lifecycle_wall_s']:.0f} s, {r['peak_rss_mib']:,.0f} MiB, "
-                         f"{r['violations']} violations")
+                         f"{r['violations']} violations"
+                         + (f" ({', '.join(f'{k} {v:,}' for k, v in r['broken'].items())})"
+                            if r.get("broken") else ""))
             ok &= (r["lifecycle_wall_s"] <= LIFECYCLE_SECONDS and r["peak_rss_mib"] <= PEAK_RSS_MIB
                    and not r["violations"])
         out.append((f"{LIFECYCLE_SIZE_GIB} GiB lifecycle <= {LIFECYCLE_SECONDS:.0f} s, "
