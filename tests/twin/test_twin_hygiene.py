@@ -29,8 +29,11 @@ def _maps() -> tuple[int, int]:
     return lines, total
 
 
-# The interpreter's own heap may take a mapping or a few MiB more while cycling.
-SLACK_LINES = 4
+# The interpreter's own heap may take a few mappings or a few MiB more while cycling: after
+# the rest of the suite has run in the same process, up to 9 lines were seen for 300 VM cycles
+# (never alone). A mapping left behind per cycle would add at least one line per cycle unless
+# it merged with a neighbour, which the byte count catches.
+SLACK_LINES = 16
 SLACK_BYTES = 16 << 20
 
 
