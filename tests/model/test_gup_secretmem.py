@@ -174,3 +174,39 @@ def test_secretmem_flush_is_lost_with_the_noflush_patch() -> None:
     f.ftruncate(PAGE)
     f.mmap(PAGE).fill(0, PAGE, 1)
     assert h.machine.inv.verdicts()["handout-flushed"] == 1
+
+
+def test_memfd_secret_says_enosys_before_it_looks_at_the_flags() -> None:
+    """mm/secretmem.c: ``if (!secretmem_enable || !can_set_direct_map()) return -ENOSYS;`` comes
+    before the flags check, so bad flags on a host without secretmem are ENOSYS, not EINVAL."""
+    import errno
+
+    from gmemlab.api import KernelError
+    from gmemlab.model import Host
+
+    for profile, want in (("arm64-rodata-off", errno.ENOSYS), ("x86_64", errno.EINVAL)):
+        with pytest.raises(KernelError) as e:
+            Host(profile=profile).memfd_secret(0x80)
+        assert e.value.errno == want, profile
+
+
+def test_check_vma_flags_honours_foll_force() -> None:
+    """mm/gup.c: a forced write to a VMA without VM_WRITE needs a COW mapping, a forced read
+    of one without VM_READ needs VM_MAYREAD; unforced, both are refused."""
+    from gmemlab.model import Host
+    from gmemlab.model.mm.gup import FOLL_FORCE, FOLL_WRITE, check_vma_flags
+    from gmemlab.model.mm.memory import VM_MAYWRITE, VM_READ, VM_SHARED, VM_WRITE
+
+    h = Host()
+    m = h.machine
+    private = m.processes[0].mm.find_vma(h.mmap_anonymous(1 << 16).addr)
+    assert private is not None and not private.flags & VM_SHARED
+    assert check_vma_flags(m, private, FOLL_WRITE) == 0
+    private.flags &= ~VM_WRITE  # as mprotect(PROT_READ) would leave it
+    assert check_vma_flags(m, private, FOLL_WRITE) == -errno.EFAULT
+    assert check_vma_flags(m, private, FOLL_WRITE | FOLL_FORCE) == 0  # ptrace's COW write
+    private.flags &= ~VM_MAYWRITE
+    assert check_vma_flags(m, private, FOLL_WRITE | FOLL_FORCE) == -errno.EFAULT
+    private.flags &= ~VM_READ  # PROT_NONE
+    assert check_vma_flags(m, private, 0) == -errno.EFAULT
+    assert check_vma_flags(m, private, FOLL_FORCE) == 0  # VM_MAYREAD is still there

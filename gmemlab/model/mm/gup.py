@@ -20,7 +20,17 @@ from typing import TYPE_CHECKING
 
 from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.memmap import KIND_ANON
-from gmemlab.model.mm.memory import Process, Vma, get_pte_or_fault, vma_has_no_direct_map
+from gmemlab.model.mm.memory import (
+    VM_MAYREAD,
+    VM_MAYWRITE,
+    VM_READ,
+    VM_SHARED,
+    VM_WRITE,
+    Process,
+    Vma,
+    get_pte_or_fault,
+    vma_has_no_direct_map,
+)
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.task import KGen
 from gmemlab.uapi import PAGE_SIZE
@@ -51,12 +61,27 @@ def gup_fast_folio_allowed(m: Machine, pfn: int, gup_flags: int) -> bool:
 
 
 def check_vma_flags(m: Machine, vma: Vma, gup_flags: int) -> int:
-    """``check_vma_flags()``: the slow path's per-VMA refusal."""
-    if gup_flags & FOLL_WRITE and not vma.flags & 0x2:
-        return -EFAULT
+    """``check_vma_flags()`` (mm/gup.c; v12 05/16 turns ``vma_is_secretmem()`` into
+    ``vma_has_no_direct_map()``): the slow path's per-VMA refusal.
+
+    A write to a VMA without VM_WRITE, or a read of one without VM_READ, is refused unless
+    the caller forces it (``FOLL_FORCE``: ptrace, ``/proc/pid/mem``), and even then a forced
+    write needs a COW mapping and a forced read VM_MAYREAD.
+    """
+    flags = vma.flags
     if vma_has_no_direct_map(m, vma):
         return -EFAULT
+    if gup_flags & FOLL_WRITE:
+        if not flags & VM_WRITE and (not gup_flags & FOLL_FORCE or not is_cow_mapping(flags)):
+            return -EFAULT
+    elif not flags & VM_READ and (not gup_flags & FOLL_FORCE or not flags & VM_MAYREAD):
+        return -EFAULT
     return 0
+
+
+def is_cow_mapping(flags: int) -> bool:
+    """``is_cow_mapping()``: private and possibly writable."""
+    return flags & (VM_SHARED | VM_MAYWRITE) == VM_MAYWRITE
 
 
 def get_user_pages(m: Machine, proc: Process, addr: int, npages: int, gup_flags: int,

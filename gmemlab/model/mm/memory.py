@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 VM_READ = 0x1
 VM_WRITE = 0x2
 VM_SHARED = 0x8
+VM_MAYREAD = 0x10
+VM_MAYWRITE = 0x20
 VM_MAYSHARE = 0x80
 VM_LOCKED = 0x2000
 VM_DONTDUMP = 0x4000000
@@ -169,7 +171,9 @@ def do_mmap(m: Machine, proc: Process, file: File | None, length: int, pgoff: in
     if file is not None and (length > MAX_LFS_FILESIZE
                              or pgoff > (MAX_LFS_FILESIZE - length) >> PAGE_SHIFT):
         return -EOVERFLOW  # file_mmap_ok() of a regular file
-    flags = VM_READ | VM_WRITE | ((VM_SHARED | VM_MAYSHARE) if shared else 0)
+    # do_mmap(): PROT_READ|PROT_WRITE (the model's VMM maps nothing else) and the VM_MAY* bits.
+    flags = (VM_READ | VM_WRITE | VM_MAYREAD | VM_MAYWRITE
+             | ((VM_SHARED | VM_MAYSHARE) if shared else 0))
     if not vm_enough_memory(m, length, flags):
         return -ENOMEM
     vma = Vma(mm, addr, addr + length, pgoff, flags, file, None)

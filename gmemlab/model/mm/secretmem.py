@@ -68,11 +68,13 @@ SECRETMEM_AOPS = SecretmemAops()
 
 
 def sys_memfd_secret(m: Machine, proc: Process, flags: int) -> KGen[int]:
+    """``SYSCALL_DEFINE1(memfd_secret)``: ENOSYS when secretmem is off or the direct map cannot
+    be changed, *then* EINVAL for unknown flags (mm/secretmem.c, as in 6.18 and v12)."""
     yield ("fd", None)
-    if flags & ~O_CLOEXEC:
-        return -EINVAL
     if not m.profile.secretmem_enable or not m.profile.can_set_direct_map:
         return -ENOSYS
+    if flags & ~O_CLOEXEC:
+        return -EINVAL
     mapping = m.new_mapping(SECRETMEM_AOPS, GFP_HIGHUSER, "secretmem")
     mapping.set(AS_UNEVICTABLE)
     if m.design.secretmem_sets_no_direct_map:
