@@ -215,7 +215,8 @@ class Design:
         return 0
 
     def secretmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
-        """``secretmem_free_folio()``: restore the direct map, then zero the folio."""
+        """``secretmem_free_folio()``: ``set_direct_map_default_noflush()``, then zero the folio
+        (unchanged by v12, whose 03/16 converts only the fault and its error path)."""
         yield from set_direct_map_valid_noflush(m, pfn, 1, True)
         yield from clear_page(m, pfn, "secretmem_free_folio")
 

@@ -34,7 +34,6 @@ from gmemlab.model.kvm.guest_memfd import (
 from gmemlab.model.mm.filemap import AddressSpace, filemap_add_folio
 from gmemlab.model.mm.folio import folio_mark_uptodate
 from gmemlab.model.mm.memory import Vma
-from gmemlab.model.mm.page_alloc import clear_page
 from gmemlab.model.task import KGen
 from gmemlab.uapi import KVM_X86_SNP_VM, KVM_X86_TDX_VM
 
@@ -109,6 +108,5 @@ class V12(Design):
             return err
         return 0
 
-    def secretmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
-        yield from self.folio_restore_direct_map(m, pfn)
-        yield from clear_page(m, pfn, "secretmem_free_folio")
+    # secretmem_free_folio() is mainline's: 03/16 moves the fault and its error path onto the
+    # folio helpers, the free path keeps set_direct_map_default_noflush().
