@@ -151,12 +151,7 @@ class UnmappedAlloc(FilemapZap):
         return 0
 
     def _free_to_unmapped_list(self, m: Machine, pfn: int) -> None:
-        mem = m.mem
-        mem.state[pfn] = FRAME_FREE
-        mem.kind[pfn] = KIND_NONE
-        mem.flags[pfn] = 0
-        mem.mapping[pfn] = 0
-        mem.refcount[pfn] = 0
+        m.mem.mark_free(pfn)
         self.free_list.append(pfn)
         block = pfn >> PAGEBLOCK_ORDER
         self.nr_free[block] = self.nr_free.get(block, 0) + 1

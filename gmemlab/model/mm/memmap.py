@@ -209,6 +209,14 @@ class MemMap:
         self.kind[pfn] = kind
         self.gen[pfn] += 1
 
+    def mark_free(self, pfn: int) -> None:
+        """The frame is back on a free list (``free_pages_prepare()``): no folio, no owner."""
+        self.state[pfn] = FRAME_FREE
+        self.kind[pfn] = KIND_NONE
+        self.flags[pfn] = 0
+        self.mapping[pfn] = 0
+        self.refcount[pfn] = 0
+
     def reset_for_alloc_many(self, pfns: Pfns, kind: int) -> None:
         """:meth:`reset_for_alloc` for each of ``pfns`` (distinct)."""
         v = self.views()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from gmemlab.model.mm.memmap import FRAME_ALLOCATED, FRAME_FREE, KIND_KERNEL, KIND_NAMES, KIND_NONE, MemMap
+from gmemlab.model.mm.memmap import FRAME_ALLOCATED, FRAME_FREE, KIND_KERNEL, KIND_NAMES, MemMap
 from gmemlab.model.mm.tlb import kernel_access
 from gmemlab.model.task import KGen
 
@@ -255,11 +255,6 @@ def free_page_to_allocator(m: Machine, pfn: int) -> KGen[None]:
         m.inv.on_free_to_allocator(pfn)
     if m.config.init_on_free:
         yield from clear_page(m, pfn, "free_pages_prepare")
-    mem = m.mem
-    mem.state[pfn] = FRAME_FREE
-    mem.kind[pfn] = KIND_NONE
-    mem.flags[pfn] = 0
-    mem.mapping[pfn] = 0
-    mem.refcount[pfn] = 0
+    m.mem.mark_free(pfn)
     m.alloc.give(pfn)
     m.trace.emit("free_unref_folios", "free_page", pfn)
