@@ -264,9 +264,6 @@ class Gate:
     paths: tuple[PathGate, ...]
     asked: str = ""  # why no path may run batched whatever the code ("": none)
 
-    def mirror_of(self, path: str) -> str | None:
-        return next((p.mirror for p in self.paths if p.path == path), None)
-
     @property
     def mirror(self) -> str | None:
         """The design the batched paths mirror ("v12", "base"), None if none may run."""
