@@ -47,6 +47,7 @@ Kernel loops reach them through ``m.ranges`` (:class:`PerPage` or
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -75,10 +76,41 @@ def usable(m: Machine) -> bool:
             and ("cpa_lock",) not in m.locks.held)
 
 
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """What the per-page code of a pinned design does, in the terms the batched paths take.
+
+    Each pinned design (:data:`MIRRORS`) is one setting of these; the gate lets a
+    path run with a setting only while the code in front of it is, function for
+    function, the code ``tests/scale`` held that setting to.
+    """
+
+    name: str
+    # The fault zaps a NO_DIRECT_MAP folio after zeroing it and sets the marker; the free path
+    # restores a marked folio after the invalidate (v12 10/16).
+    zaps: bool
+    # folio_zap_direct_map() flushes the zapped page (v12 02/16); without it the zeroing CPU's
+    # translation outlives the zap (Firecracker's patch 0039, guest_memfd_tlb_flush=false).
+    flushes: bool = True
+
+
+MIRRORS: dict[str, Mirror] = {
+    "v12": Mirror("v12", zaps=True),
+    "base": Mirror("base", zaps=False),
+    "noflush": Mirror("noflush", zaps=True, flushes=False),
+}
+MAINLINE = MIRRORS["base"]
+
+
 def zaps(m: Machine) -> bool:
     """Does the path running now mirror a design that zaps NO_DIRECT_MAP folios (v12), or
     mainline, which leaves the direct map alone?"""
-    return m.ranges.zaps
+    return m.ranges.mirror.zaps
+
+
+def mirror(m: Machine) -> Mirror:
+    """The per-page code the path running now stands for."""
+    return m.ranges.mirror
 
 
 class PerPage:
@@ -88,10 +120,10 @@ class PerPage:
     so the caller's per-page body takes the next page.
     """
 
-    __slots__ = ("zaps",)
+    __slots__ = ("mirror",)
 
     def __init__(self) -> None:
-        self.zaps = False  # the batched path running now mirrors v12 (see paths.Batched)
+        self.mirror = MAINLINE  # what the batched path running now mirrors (see paths.Batched)
 
     def guest_access(self, m: Machine, vcpu: Vcpu, op: Touch | Fill | Check) -> bool:
         """``_run_touch()``/``_run_range()``: True when the caller should look at ``vcpu.off`` again."""

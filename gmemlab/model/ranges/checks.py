@@ -30,6 +30,7 @@ from gmemlab.model.mm.memmap import FRAME_ALLOCATED, KIND_KERNEL, KIND_PGTABLE, 
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
+    from gmemlab.model.ranges.events import DetailFn, Events
 
 Pfns = NDArray[np.int64]
 
@@ -62,19 +63,57 @@ def _report(pfns: Pfns, bad: NDArray[np.bool_], hook: object, *args: object) -> 
         hook(p, *args)  # type: ignore[operator]
 
 
-def handout_suspects(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
-    """Which of ``pfns`` ``Invariants.on_handout()`` could fail."""
+def handout_suspects(m: Machine, pfns: Pfns, cached: NDArray[np.bool_] | None = None
+                     ) -> NDArray[np.bool_]:
+    """Which of ``pfns`` ``Invariants.on_handout()`` could fail; ``cached``: which a CPU
+    caches at their handout, if not the TLBs' state now."""
     v = m.mem.views()
     ndm = no_direct_map(m, pfns)
     bad: NDArray[np.bool_] = v.state[pfns] != FRAME_ALLOCATED
     if ndm.any():
-        bad |= ndm & (m.dmap.present_many(pfns) | cached_anywhere(m, pfns))
+        bad |= ndm & (m.dmap.present_many(pfns) | (cached_anywhere(m, pfns) if cached is None
+                                                    else cached))
     return bad
 
 
-def on_handout(m: Machine, pfns: Pfns, how: str) -> None:
-    if m.inv.enabled and len(pfns):
-        _report(pfns, handout_suspects(m, pfns), m.inv.on_handout, how)
+def counted_in_bulk(m: Machine, name: str) -> bool:
+    """Would ``Invariants.fail(name)`` now only count and trace, keeping no record (``record``
+    mode with this invariant's records full, or invariants off)?  Then a batch may make
+    its violations, as events in their place; otherwise the page goes per page."""
+    inv = m.inv
+    return not inv.enabled or (inv.mode == "record" and inv.counts[name] >= inv.KEEP_PER_INVARIANT)
+
+
+def _violation_detail(name: str) -> DetailFn:
+    return lambda i: {"invariant": name}
+
+
+def on_handout(m: Machine, pfns: Pfns, how: str, ev: Events | None = None,
+               where: NDArray[np.bool_] | None = None, cached: NDArray[np.bool_] | None = None
+               ) -> None:
+    """``Invariants.on_handout()`` for ``pfns`` (the pages ``where`` marks of ``ev``'s batch).
+
+    Violations the hook would only count (:func:`counted_in_bulk`) become ``ev``'s
+    events, right after the mapping's own, as the hook emits them; the others go
+    through the hook.  ``cached``: as for :func:`handout_suspects`.
+    """
+    if not m.inv.enabled or not len(pfns):
+        return
+    bad = handout_suspects(m, pfns, cached)
+    if ev is not None and where is not None and bad.any():
+        ndm = no_direct_map(m, pfns)
+        free = m.mem.views().state[pfns] != FRAME_ALLOCATED
+        present = m.dmap.present_many(pfns)
+        for name, hit in (("no-mapping-of-free-frame", free),
+                          ("handout-zapped", ~free & ndm & present),
+                          ("handout-flushed", ~free & ndm & ~present & bad)):
+            if hit.any() and counted_in_bulk(m, name):
+                m.inv.counts[name] += int(np.count_nonzero(hit))
+                col = np.zeros(len(where), np.bool_)
+                col[np.flatnonzero(where)[hit]] = True
+                ev.add("invariant", "violation", col, _violation_detail(name))
+                bad &= ~hit
+    _report(pfns, bad, m.inv.on_handout, how)
 
 
 def unlock_suspects(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:

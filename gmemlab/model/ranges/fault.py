@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 from gmemlab.guest import Check, Fill, Touch
 from gmemlab.model.mm.memmap import PG_locked
 from gmemlab.model.mm.xarray import EMPTY
-from gmemlab.model.ranges import CHUNK, FIRST_WINDOW, checks, folios, usable
+from gmemlab.model.ranges import CHUNK, FIRST_WINDOW, checks, folios, mirror, usable
 from gmemlab.model.ranges.events import Events, listed
 from gmemlab.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, PAGE_SHIFT, PAGE_SIZE
 
@@ -150,11 +150,18 @@ def _guest_fault(m: Machine, vcpu: Vcpu, r: folios.FolioRun, gfn0: int) -> None:
     kvm.spte.store_range(gfn0, np.where(f, r.pfn, EMPTY))
     v.s2count[pfn] += 1
     ev.add("kvm_mmu_page_fault", "spte_map", f, lambda i: {"vm": kvm.id, "gfn": gfn0 + i})
-    checks.on_handout(m, pfn, "stage-2 mapping")
+    checks.on_handout(m, pfn, "stage-2 mapping", ev, f, _cached_at_handout(m, r))
     v.refcount[pfn] -= 1
     ev.emit()
     vcpu.stats["pf_taken"] += len(pfn)
     vcpu.stats["pf_fixed"] += len(pfn)
+
+
+def _cached_at_handout(m: Machine, r: folios.FolioRun) -> NDArray[np.bool_] | None:
+    """Which faulting pages of ``r`` a CPU caches when mapped, if the TLBs now do not tell."""
+    if mirror(m).flushes:
+        return None  # every zap flushed its page: the TLBs' state now is the state then
+    return folios.stale_at_handout(r)[r.fault]
 
 
 def user_access(m: Machine, proc: Process, addr: int, length: int, done: int, write: bool,
@@ -213,7 +220,7 @@ def _user_run(m: Machine, vma: Vma, r: folios.FolioRun, ptes: NDArray[np.int64],
     v.mapcount[pfn] += 1
     base = vma.start + (page0 << PAGE_SHIFT)
     ev.add("finish_fault", "pte_map", f, lambda i: {"addr": base + (i << PAGE_SHIFT)})
-    checks.on_handout(m, pfn, "user PTE")
+    checks.on_handout(m, pfn, "user PTE", ev, f, _cached_at_handout(m, r))
     v.flags[pfn] &= ~np.uint8(PG_locked)
     checks.on_folio_unlock(m, pfn)
     ev.emit()

@@ -38,7 +38,7 @@ from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP, kvm_gmem
 from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K
 from gmemlab.model.mm.memmap import KIND_FILE, KIND_PGTABLE, PG_hwpoison, PG_locked, PG_uptodate
 from gmemlab.model.mm.xarray import EMPTY
-from gmemlab.model.ranges import checks, tlbsim, zaps
+from gmemlab.model.ranges import checks, mirror, tlbsim, zaps
 from gmemlab.model.ranges.events import Events, listed
 
 if TYPE_CHECKING:
@@ -206,11 +206,34 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
     n = first(bad)
     run = FolioRun(inode, index0, n, fault[:n], pfn[:n], new[:n], zero[:n], zap[:n], pt1g[:n],
                    pt2m[:n], taken[:n])
-    # Before the first split the TLBs hold whatever they hold; see tlbsim.access_flush().
-    before = run.zap & (np.arange(n) < first(run.pt2m >= 0))
-    if before.any() and not tlbsim.can_access_flush(m, m.current.cpu, run.pfn[before]):
-        run.prefix(first(run.zap))
+    if not ndm:
+        return run
+    if mirror(m).flushes:
+        # Before the first split the TLBs hold whatever they hold; see tlbsim.access_flush().
+        before = run.zap & (np.arange(n) < first(run.pt2m >= 0))
+        if before.any() and not tlbsim.can_access_flush(m, m.current.cpu, run.pfn[before]):
+            run.prefix(first(run.zap))
+    else:
+        # Without the flush a page is still cached when it is handed out if its own zeroing
+        # cached it (and no split of its own flushed everything since), or if it was cached
+        # before the run and nothing evicted it: that depends on the run's order, so such a
+        # page goes per page.
+        stale = run.fault & ~run.zero
+        if stale.any():
+            stale[stale] = checks.cached_anywhere(m, run.pfn[stale])
+            run.prefix(first(stale))
+        # Each such page breaks handout-flushed: the first ones the invariants keep a record
+        # of (with the trace up to them) go per page.
+        if not checks.counted_in_bulk(m, "handout-flushed"):
+            run.prefix(first(stale_at_handout(run)))
     return run
+
+
+def stale_at_handout(r: FolioRun) -> Mask:
+    """The pages of a run of a mirror without the zap's flush (:func:`plan`) that a CPU still
+    caches when they are handed out: those zeroed here, save the ones whose zap split a
+    large leaf (``flush_tlb_all()`` came after their zeroing)."""
+    return r.zero & (r.pt2m < 0)
 
 
 def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
@@ -254,32 +277,28 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
 def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     """Zeroing and v12's zap together, splits included.
 
-    Every zeroed page is zapped here (plan() lets no other through), so each
-    access's TLB entry is dropped by the page's own flush before the next
-    page's access.  Up to the first split that is :func:`tlbsim.access_flush`;
-    each split is replayed step by step; after one, every TLB is empty again
-    when the next page comes, so its access fills and its flush drops just that.
+    Every zeroed page is zapped here (plan() lets no other through).  With the
+    zap's flush, each access's TLB entry is dropped by the page's own flush
+    before the next page's access: up to the first split that is
+    :func:`tlbsim.access_flush`; each split is replayed step by step; after one,
+    every TLB is empty again when the next page comes, so its access fills and
+    its flush drops just that.  Without it (``Mirror.flushes`` false) the
+    accesses stay cached, in LRU order: :func:`tlbsim.access_seq` between the
+    splits.
     """
     v = m.mem.views()
     cpu = m.current.cpu
     pfn, zero, zap = r.pfn, r.zero, r.zap
     split = r.pt2m >= 0
-    before = np.arange(r.n) < first(split)
-    dropped = np.zeros(r.n, np.int64)
-    dropped[zero & ~before & ~split] = 1  # a split's own flush finds every TLB empty
-    a = zero & before
-    hits = np.zeros(r.n, np.bool_)
-    hits[a], dropped[a] = tlbsim.access_flush(m, cpu, pfn[a])
-    hit = listed(hits)
-    c = zap & ~zero & before
-    dropped[c] = tlbsim.flush_only(m, pfn[c])
-    # The splits, in order: the folio's zeroing, then per level the page table's
-    # allocation, its write through the direct map, the split and flush_tlb_all().
     tables = np.flatnonzero(split)
+    flushes = mirror(m).flushes
     table_tlb: dict[int, str] = {}
     flushed: dict[int, int] = {}
-    zeroed: dict[int, str] = {}  # the TLB detail of each splitting folio's zeroing
-    for i in tables.tolist():
+    zeroed: dict[int, str] = {}  # the TLB detail of each zeroing, where not a plain 4K one
+
+    def split_at(i: int) -> None:
+        """The folio's zeroing, then per level the page table's allocation, its write
+        through the direct map, the split and ``flush_tlb_all()``."""
         zeroed[i] = tlbsim.access(m, cpu, int(pfn[i]))[0]
         for q in (int(r.pt1g[i]), int(r.pt2m[i])):
             if q < 0:
@@ -290,6 +309,27 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
             else:
                 m.dmap.split_2m(int(pfn[i]) >> 9)
             flushed[q] = tlbsim.flush_all(m)
+
+    dropped = np.zeros(r.n, np.int64)
+    hits = np.zeros(r.n, np.bool_)
+    if flushes:
+        before = np.arange(r.n) < first(split)
+        dropped[zero & ~before & ~split] = 1  # a split's own flush finds every TLB empty
+        a = zero & before
+        hits[a], dropped[a] = tlbsim.access_flush(m, cpu, pfn[a])
+        c = zap & ~zero & before
+        dropped[c] = tlbsim.flush_only(m, pfn[c])
+        for i in tables.tolist():
+            split_at(i)
+    else:
+        start = 0
+        for i in [*tables.tolist(), r.n]:
+            seg = np.flatnonzero(zero[start:i]) + start
+            zeroed.update(zip(seg.tolist(), tlbsim.access_seq(m, cpu, pfn[seg]), strict=True))
+            if i < r.n:
+                split_at(i)
+            start = i + 1
+    hit = listed(hits)
     pts = np.concatenate([r.pt1g[r.pt1g >= 0], r.pt2m[split]])
     m.mem.reset_for_alloc_many(pts, KIND_PGTABLE)
     m.mem.zero_many(pts)
@@ -306,11 +346,13 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     v.private[pzap] |= KVM_GMEM_FOLIO_NO_DIRECT_MAP
     ipis = 0 if m.profile.tlb_broadcast else m.tlb.ncpus - 1
     trace = m.trace
-    trace.count("flush_tlb_kernel_range", len(pzap))
+    zap_flushes = len(pzap) if flushes else 0
+    if zap_flushes:
+        trace.count("flush_tlb_kernel_range", zap_flushes)
     nsplits = len(tables) + int(np.count_nonzero(r.pt1g >= 0))
     trace.count("flush_tlb_all", nsplits)
     if ipis:
-        trace.count("ipi", ipis * (len(pzap) + nsplits))
+        trace.count("ipi", ipis * (zap_flushes + nsplits))
     fn = "kvm_gmem_folio_zap_direct_map"
     ev.add(fn, "zap", zap)
     pl = listed(pfn)
@@ -318,9 +360,10 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
                                     (split, listed(r.pt2m), "2M", "dmap_split_2m")):
         _split_events(ev, where, pt, pl, level, event, table_tlb, flushed, ipis)
     ev.add("set_direct_map_valid_noflush", "dmap_clear", zap, lambda i: {"level": "4K"})
-    dl = listed(dropped)
-    ev.add("folio_zap_direct_map", "tlb_flush", zap,
-           lambda i: {"pages": 1, "full": False, "ipis": ipis, "dropped": dl(i)})
+    if flushes:
+        dl = listed(dropped)
+        ev.add("folio_zap_direct_map", "tlb_flush", zap,
+               lambda i: {"pages": 1, "full": False, "ipis": ipis, "dropped": dl(i)})
     ev.add(fn, "marker_set", zap)
 
 

@@ -48,7 +48,7 @@ from types import CodeType, FunctionType, ModuleType
 from typing import Any
 
 from gmemlab.model.designs import Design, get_design
-from gmemlab.model.ranges import pins
+from gmemlab.model.ranges import MIRRORS, pins
 
 # What a design says about itself, not what it does.
 DESCRIPTIVE = frozenset({"name", "title", "source", "describe"})
@@ -57,7 +57,7 @@ DESCRIPTIVE = frozenset({"name", "title", "source", "describe"})
 SHARED_PACKAGE = "gmemlab.model"
 NOT_SHARED = ("gmemlab.model.ranges", "gmemlab.model.designs", "gmemlab.model.host")
 SHARED_EXTRA = ("gmemlab.model.designs.base", "gmemlab.guest")
-PINNED_DESIGNS = ("v12", "base")
+PINNED_DESIGNS = tuple(MIRRORS)
 # The kernel loops each batched path stands in for: the functions whose loop heads call
 # ``m.ranges.<path>``.  The path re-states them and everything they reach.
 PATH_LOOPS: dict[str, tuple[str, ...]] = {
@@ -253,7 +253,7 @@ class PathGate:
     """One batched path's verdict: the design whose code it mirrors here, or what differs."""
 
     path: str
-    mirror: str | None  # "v12" or "base"; None: the loop runs its per-page body
+    mirror: str | None  # a pinned design (MIRRORS); None: the loop runs its per-page body
     differs: tuple[str, ...] = ()  # against the nearest pinned design
 
 
@@ -266,7 +266,7 @@ class Gate:
 
     @property
     def mirror(self) -> str | None:
-        """The design the batched paths mirror ("v12", "base"), None if none may run."""
+        """The design the batched paths mirror ("v12", "base"...), None if none may run."""
         found = {p.mirror for p in self.paths if p.mirror}
         return None if not found else found.pop() if len(found) == 1 else "+".join(sorted(found))
 

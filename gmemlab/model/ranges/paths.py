@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gmemlab.model.ranges import PER_PAGE, PerPage, fault, free
+from gmemlab.model.ranges import MIRRORS, PER_PAGE, Mirror, PerPage, fault, free
 from gmemlab.model.ranges.gate import Gate
 
 if TYPE_CHECKING:
@@ -23,21 +23,20 @@ class Batched(PerPage):
     """Each loop head the gate passed tries its batched path (:mod:`.fault`, :mod:`.free`)
     first; the others answer as :class:`PerPage` does.
 
-    ``zaps`` tells the path running now whether it mirrors v12 (zap NO_DIRECT_MAP
-    folios) or mainline.
+    ``mirror`` tells the path running now which pinned design's code it stands for.
     """
 
     __slots__ = ("mirrors",)
 
     def __init__(self, gate: Gate) -> None:
-        self.mirrors = {p.path: p.mirror for p in gate.paths if p.mirror}
-        self.zaps = False
+        super().__init__()
+        self.mirrors = {p.path: MIRRORS[p.mirror] for p in gate.paths if p.mirror}
 
-    def _enter(self, path: str) -> bool | None:
+    def _enter(self, path: str) -> Mirror | None:
         mirror = self.mirrors.get(path)
         if mirror is None:
             return None
-        outer, self.zaps = self.zaps, mirror == "v12"
+        outer, self.mirror = self.mirror, mirror
         return outer
 
     def guest_access(self, m: Machine, vcpu: Vcpu, op: Touch | Fill | Check) -> bool:
@@ -47,7 +46,7 @@ class Batched(PerPage):
         try:
             return fault.guest_access(m, vcpu, op)
         finally:
-            self.zaps = outer
+            self.mirror = outer
 
     def user_access(self, m: Machine, proc: Process, addr: int, length: int, done: int, write: bool,
                     op: UserOp, bulk: BulkOp | None) -> tuple[int, bool]:
@@ -57,7 +56,7 @@ class Batched(PerPage):
         try:
             return fault.user_access(m, proc, addr, length, done, write, op, bulk)
         finally:
-            self.zaps = outer
+            self.mirror = outer
 
     def unmap_gfn_range(self, m: Machine, kvm: Kvm, start: int, end: int, fn: str) -> int | None:
         outer = self._enter("unmap_gfn_range")
@@ -66,7 +65,7 @@ class Batched(PerPage):
         try:
             return free.unmap_gfn_range(m, kvm, start, end, fn)
         finally:
-            self.zaps = outer
+            self.mirror = outer
 
     def truncate(self, m: Machine, mapping: AddressSpace, start: int, end: int | None) -> int | None:
         outer = self._enter("truncate")
@@ -75,7 +74,7 @@ class Batched(PerPage):
         try:
             return free.truncate(m, mapping, start, end)
         finally:
-            self.zaps = outer
+            self.mirror = outer
 
     def zap_user_range(self, m: Machine, vma: Vma) -> bool:
         outer = self._enter("zap_user_range")
@@ -84,7 +83,7 @@ class Batched(PerPage):
         try:
             return free.zap_user_range(m, vma)
         finally:
-            self.zaps = outer
+            self.mirror = outer
 
     def allocate(self, m: Machine, inode: Inode, start: int, end: int,
                  one: Callable[[int], KGen[int]]) -> int | None:
@@ -94,7 +93,7 @@ class Batched(PerPage):
         try:
             return free.allocate(m, inode, start, end, one)
         finally:
-            self.zaps = outer
+            self.mirror = outer
 
 
 def paths_for(gate: Gate) -> PerPage:
