@@ -34,7 +34,7 @@ DESIGNS = ("base", "v12", "noflush", "batch:4", "zap2m", "pool", "pagecache", "f
 
 def probe(m: Machine, cpu: int, pfn: int) -> bool:
     """``speculative_read`` from ``cpu``, leaving no trace in the machine."""
-    tlb = [dict(t) for t in m.tlb.entries]
+    tlb = [t.copy() for t in m.tlb.entries]
     counts = Counter(m.trace.counts)
     seq, nviol = m.trace.seq, len(m.inv.violations)
     try:
@@ -97,11 +97,11 @@ def test_a_probe_changes_nothing() -> None:
     g = sc.new_guest(4)
     sc.guest_fill(g, 0x11)
     m = sc.m
-    before = ([dict(t) for t in m.tlb.entries], Counter(m.trace.counts))
+    before = ([t.copy() for t in m.tlb.entries], Counter(m.trace.counts))
     for pfn in g.folios():
         for cpu in range(2):
             probe(m, cpu, pfn)
-    assert ([dict(t) for t in m.tlb.entries], Counter(m.trace.counts)) == before
+    assert ([t.copy() for t in m.tlb.entries], Counter(m.trace.counts)) == before
 
 
 def test_the_tracker_needs_the_step_hook_to_itself(cost: CostModel) -> None:

@@ -276,6 +276,14 @@ CASES: dict[str, tuple[Callable[[Host], None], dict[str, object]]] = {
     "noflush-punch-refault-release": (punch_refault_release(NDM), {"design": "noflush"}),
     "noflush-tlb-full": (tlb_full, {"design": "noflush", "tlb_entries": 8}),
     "noflush-tlb-elsewhere": (tlb_entries_elsewhere, {"design": "noflush", "ncpus": 3}),
+    # The page cache zeroes and zaps on insertion (fallocate too), restores and zeroes on
+    # removal: every removal breaks invalidate-before-restore, counted in bulk after the first.
+    "filemap-guest-touch": (guest_touch(NDM), {"design": "filemap"}),
+    "filemap-vmm-then-guest": (vmm_then_guest(NDM), {"design": "filemap", "ncpus": 3}),
+    "filemap-punch-refault-release": (punch_refault_release(NDM), {"design": "filemap"}),
+    "filemap-no-flag": (punch_refault_release(SHARED), {"design": "filemap"}),
+    "filemap-tlb-full": (tlb_full, {"design": "filemap", "tlb_entries": 8}),
+    "filemap-zap-failed-earlier": (zap_failed_earlier, {"design": "filemap"}),
     "noflush-trace-ring": (punch_refault_release(NDM), {"design": "noflush", "trace": "ring",
                                                         "trace_ring": 300}),
     "hva-memslot": (hva_memslot, {}),

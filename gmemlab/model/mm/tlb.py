@@ -18,6 +18,7 @@ its own step, so a gadget on a CPU not yet reached can still read.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K, LEVEL_NAMES
@@ -37,15 +38,15 @@ class Tlbs:
             raise ValueError("need at least one CPU")
         self.ncpus = ncpus
         self.capacity = capacity
-        # Per CPU: (level, first pfn of the leaf) in LRU order (oldest first).
-        self.entries: list[dict[tuple[int, int], None]] = [{} for _ in range(ncpus)]
+        # Per CPU: (level, first pfn of the leaf) in LRU order (oldest first).  An OrderedDict:
+        # a plain dict finds its oldest key in time that grows with the keys deleted before it.
+        self.entries: list[OrderedDict[tuple[int, int], None]] = [OrderedDict() for _ in range(ncpus)]
 
     def lookup(self, cpu: int, pfn: int) -> tuple[int, int] | None:
         t = self.entries[cpu]
         for key in ((LEVEL_4K, pfn), (LEVEL_2M, pfn & ~511), (LEVEL_1G, pfn & ~0x3FFFF)):
             if key in t:
-                del t[key]  # move to the LRU tail
-                t[key] = None
+                t.move_to_end(key)  # the LRU tail
                 return key
         return None
 
@@ -53,7 +54,7 @@ class Tlbs:
         t = self.entries[cpu]
         t[(level, base)] = None
         if len(t) > self.capacity:
-            del t[next(iter(t))]
+            t.popitem(last=False)
 
     def covers(self, cpu: int, pfn: int) -> bool:
         t = self.entries[cpu]

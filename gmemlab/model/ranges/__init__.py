@@ -92,12 +92,17 @@ class Mirror:
     # folio_zap_direct_map() flushes the zapped page (v12 02/16); without it the zeroing CPU's
     # translation outlives the zap (Firecracker's patch 0039, guest_memfd_tlb_flush=false).
     flushes: bool = True
+    # The page cache does it instead, for every folio of an AS_NO_DIRECT_MAP mapping: zero and
+    # zap before the insertion, restore and zero after the removal, no marker
+    # (prep_{add,remove}_unmapped_folio(), designs.filemap_nodm).
+    in_page_cache: bool = False
 
 
 MIRRORS: dict[str, Mirror] = {
     "v12": Mirror("v12", zaps=True),
     "base": Mirror("base", zaps=False),
     "noflush": Mirror("noflush", zaps=True, flushes=False),
+    "filemap": Mirror("filemap", zaps=True, in_page_cache=True),
 }
 MAINLINE = MIRRORS["base"]
 

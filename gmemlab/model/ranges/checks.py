@@ -30,7 +30,7 @@ from gmemlab.model.mm.memmap import FRAME_ALLOCATED, KIND_KERNEL, KIND_PGTABLE, 
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
-    from gmemlab.model.ranges.events import DetailFn, Events
+    from gmemlab.model.ranges.events import Events
 
 Pfns = NDArray[np.int64]
 
@@ -84,8 +84,22 @@ def counted_in_bulk(m: Machine, name: str) -> bool:
     return not inv.enabled or (inv.mode == "record" and inv.counts[name] >= inv.KEEP_PER_INVARIANT)
 
 
-def _violation_detail(name: str) -> DetailFn:
-    return lambda i: {"invariant": name}
+def _in_bulk(m: Machine, name: str, hit: NDArray[np.bool_], ev: Events,
+             where: NDArray[np.bool_] | None) -> bool:
+    """The violations of ``name`` at the frames ``hit`` marks (of the pages ``where`` marks
+    in ``ev``'s batch), as ``Invariants.fail()`` makes them once it only counts: each an
+    event in its place.  False if they must go through the hook (records still kept)."""
+    if not hit.any():
+        return True
+    if not counted_in_bulk(m, name):
+        return False
+    m.inv.counts[name] += int(np.count_nonzero(hit))
+    col = hit.copy()
+    if where is not None:
+        col = np.zeros(len(where), np.bool_)
+        col[np.flatnonzero(where)[hit]] = True
+    ev.add("invariant", "violation", col, lambda i: {"invariant": name})
+    return True
 
 
 def on_handout(m: Machine, pfns: Pfns, how: str, ev: Events | None = None,
@@ -107,11 +121,7 @@ def on_handout(m: Machine, pfns: Pfns, how: str, ev: Events | None = None,
         for name, hit in (("no-mapping-of-free-frame", free),
                           ("handout-zapped", ~free & ndm & present),
                           ("handout-flushed", ~free & ndm & ~present & bad)):
-            if hit.any() and counted_in_bulk(m, name):
-                m.inv.counts[name] += int(np.count_nonzero(hit))
-                col = np.zeros(len(where), np.bool_)
-                col[np.flatnonzero(where)[hit]] = True
-                ev.add("invariant", "violation", col, _violation_detail(name))
+            if _in_bulk(m, name, hit, ev, where):
                 bad &= ~hit
     _report(pfns, bad, m.inv.on_handout, how)
 
@@ -198,9 +208,14 @@ def on_arch_prepare(m: Machine, pfns: Pfns) -> None:
     _report(pfns, no_direct_map(m, pfns) & m.dmap.present_many(pfns), m.inv.on_arch_prepare)
 
 
-def on_restore(m: Machine, pfns: Pfns) -> None:
+def on_restore(m: Machine, pfns: Pfns, ev: Events | None = None,
+               where: NDArray[np.bool_] | None = None) -> None:
+    """``Invariants.on_restore()``; with ``ev``, as :func:`on_handout` does."""
     if m.inv.enabled and len(pfns):
-        _report(pfns, m.mem.views().invalidated[pfns] == 0, m.inv.on_restore)
+        bad = m.mem.views().invalidated[pfns] == 0
+        if ev is not None and _in_bulk(m, "invalidate-before-restore", bad, ev, where):
+            return
+        _report(pfns, bad, m.inv.on_restore)
 
 
 def on_free_to_allocator(m: Machine, pfns: Pfns) -> None:

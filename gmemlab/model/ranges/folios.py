@@ -159,7 +159,9 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
     new = fault & (cached == EMPTY)
     new_at = np.flatnonzero(new)
     ndm = zaps(m) and kvm_gmem_no_direct_map(inode)
-    splits = prepare and ndm
+    # The page cache zeroes and zaps on insertion whoever inserts; v12 only when a fault does.
+    at_insert = ndm and mirror(m).in_page_cache
+    splits = ndm and (prepare or at_insert)
     # Splits take a page table or two per 2M region from the same stream of frames.
     stream = m.alloc.peek(len(new_at) + (2 * (len(new_at) // 256) + 4 if splits else 0))
     if splits:
@@ -191,10 +193,15 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
         bad |= old & ((flags & PG_hwpoison) != 0)
     level, present = m.dmap.lookup_many(np.where(fault, pfn, 0))
     marked = old & ((v.private[op] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0)
-    if ndm:
+    if ndm and not at_insert:
         bad |= marked & present  # out of step: the unlock would report it
     zero = zap = np.zeros(n, np.bool_)
-    if prepare:
+    if at_insert:
+        zero = zap = new
+        # A folio already in the page cache was zeroed and zapped when it went in; one that
+        # is present or not uptodate is out of step, for the per-page path to show.
+        bad |= old & (present | ((flags & PG_uptodate) == 0))
+    elif prepare:
         zero = fault & (new | ((flags & PG_uptodate) == 0))
         bad |= zero & ~present  # clear_page() would oops
         if ndm:
@@ -259,11 +266,20 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     v.flags[po] |= PG_locked
     ev.add("get_page_from_freelist", "alloc_page", new, lambda i: {"kind": "file"})
     index = listed(idx)
-    ev.add("__filemap_add_folio", "pagecache_add", new,
-           lambda i: {"index": index(i), "as": mapping.kind})
+
+    def inserted() -> None:
+        ev.add("__filemap_add_folio", "pagecache_add", new,
+               lambda i: {"index": index(i), "as": mapping.kind})
+
+    if mirror(m).in_page_cache and zap.any():
+        # filemap_add_folio() -> prep_add_unmapped_folio(), before __filemap_add_folio()
+        _zap(m, r, ev, "folio_zero_segment", "prep_add_unmapped_folio")
+        inserted()
+        return
+    inserted()
     # zero_if_not_uptodate(): the faulting CPU writes the folio through the direct map.
     if zap.any():
-        _zap(m, r, ev, zero_fn)
+        _zap(m, r, ev, zero_fn, "kvm_gmem_folio_zap_direct_map")
         return
     pz = pfn[zero]
     details = dict(zip(np.flatnonzero(zero).tolist(), tlbsim.access_seq(m, m.current.cpu, pz),
@@ -274,8 +290,8 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     ev.add(zero_fn, "zero_page", zero)
 
 
-def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
-    """Zeroing and v12's zap together, splits included.
+def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str) -> None:
+    """Zeroing and the zap together (v12's in ``fn``, or the page cache's), splits included.
 
     Every zeroed page is zapped here (plan() lets no other through).  With the
     zap's flush, each access's TLB entry is dropped by the page's own flush
@@ -343,7 +359,9 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     pzap = pfn[zap]
     m.dmap.set_ptes(pzap, False)
     checks.on_direct_map_change(m, pzap, False)
-    v.private[pzap] |= KVM_GMEM_FOLIO_NO_DIRECT_MAP
+    marker = not mirror(m).in_page_cache
+    if marker:
+        v.private[pzap] |= KVM_GMEM_FOLIO_NO_DIRECT_MAP
     ipis = 0 if m.profile.tlb_broadcast else m.tlb.ncpus - 1
     trace = m.trace
     zap_flushes = len(pzap) if flushes else 0
@@ -353,7 +371,6 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     trace.count("flush_tlb_all", nsplits)
     if ipis:
         trace.count("ipi", ipis * (zap_flushes + nsplits))
-    fn = "kvm_gmem_folio_zap_direct_map"
     ev.add(fn, "zap", zap)
     pl = listed(pfn)
     for where, pt, level, event in ((r.pt1g >= 0, listed(r.pt1g), "1G", "dmap_split_1g"),
@@ -364,7 +381,8 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
         dl = listed(dropped)
         ev.add("folio_zap_direct_map", "tlb_flush", zap,
                lambda i: {"pages": 1, "full": False, "ipis": ipis, "dropped": dl(i)})
-    ev.add(fn, "marker_set", zap)
+    if marker:
+        ev.add(fn, "marker_set", zap)
 
 
 def _split_events(ev: Events, where: Mask, pt: Callable[[int], int], pfn: Callable[[int], int],

@@ -31,11 +31,12 @@ from numpy.typing import NDArray
 
 from gmemlab.model.kvm.guest_memfd import GMEM_AOPS, KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.mm.direct_map import LEVEL_4K
+from gmemlab.model.mm.filemap import mapping_no_direct_map
 from gmemlab.model.mm.memmap import FRAME_FREE, KIND_NONE, PG_locked
 from gmemlab.model.mm.memory import zap_pte
 from gmemlab.model.mm.truncate import truncate_folio
 from gmemlab.model.mm.xarray import XArray
-from gmemlab.model.ranges import CHUNK, checks, folios, tlbsim, usable, zaps
+from gmemlab.model.ranges import CHUNK, checks, folios, mirror, tlbsim, usable, zaps
 from gmemlab.model.ranges.events import DetailFn, Events, listed
 from gmemlab.model.task import KGen, run_sync
 from gmemlab.uapi import PAGE_SHIFT
@@ -126,6 +127,10 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
     vmas = list(mapping.i_mmap)
     quiet = all(_quiet(vma) for vma in vmas)
     removed = 0
+    # The page cache restores (and zeroes) every folio of an AS_NO_DIRECT_MAP mapping as it
+    # leaves; v12's ->free_folio restores the marked ones.
+    on_removal = zaps(m) and mirror(m).in_page_cache and mapping_no_direct_map(mapping)
+    on_free = zaps(m) and not mirror(m).in_page_cache
 
     def regular(idx: Arr, pfn: Arr) -> Mask:
         if not quiet:
@@ -139,15 +144,19 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
         ok &= (ptes == v.mapcount[pfn]) & (v.refcount[pfn] - ptes - 1 >= 0)
         level, present = m.dmap.lookup_many(pfn)
         marked = (v.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
-        if zaps(m):
+        if on_free:
             ok &= np.where(marked, (level == LEVEL_4K) & ~present, present)
+        elif on_removal:
+            ok &= ~marked & (level == LEVEL_4K) & ~present
+            if not checks.counted_in_bulk(m, "invalidate-before-restore"):
+                ok[:] = False  # each removal breaks it, and its first ones are kept: per page
         else:
             ok &= ~marked & present
         return ok
 
     def batch(idx: Arr, pfn: Arr) -> None:
         nonlocal removed
-        _truncate_batch(m, mapping, vmas, idx, pfn)
+        _truncate_batch(m, mapping, vmas, idx, pfn, on_removal)
         removed += len(idx)
 
     def single(index: int, pfn: int) -> None:
@@ -174,7 +183,8 @@ def _addresses(vma: Vma, pages: Arr) -> DetailFn:
     return lambda i: {"addr": addrs(i)}
 
 
-def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr, pfn: Arr) -> None:
+def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr, pfn: Arr,
+                    on_removal: bool) -> None:
     v = m.mem.views()
     ev = Events(m, pfn)
     ptes = np.zeros(len(idx), np.int64)
@@ -193,12 +203,24 @@ def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr
     index = listed(idx)
     kind = mapping.kind
     ev.add("page_cache_delete", "pagecache_del", None, lambda i: {"index": index(i), "as": kind})
+    if on_removal:
+        # filemap_free_folio() -> prep_remove_unmapped_folio(): restore, then zero the folio
+        # through the direct map, before ->free_folio.
+        ev.add("prep_remove_unmapped_folio", "restore", None)
+        checks.on_restore(m, pfn, ev)
+        m.dmap.set_ptes(pfn, True)
+        checks.on_direct_map_change(m, pfn, True)
+        ev.add("set_direct_map_valid_noflush", "dmap_set", None, lambda i: {"level": "4K"})
+        tlb = tlbsim.access_seq(m, m.current.cpu, pfn)
+        m.mem.zero_many(pfn)
+        ev.add("folio_zero_segment", "kernel_write", None, lambda i: {"tlb": tlb[i]})
+        ev.add("folio_zero_segment", "zero_page", None)
     # ->free_folio: kvm_arch_gmem_invalidate(), then (v12) the restore of a marked folio
     reclaim = listed(v.guest_owned[pfn] != 0)
     v.guest_owned[pfn] = 0
     v.invalidated[pfn] = 1
     ev.add("kvm_arch_gmem_invalidate", "invalidate", None, lambda i: {"rmp_reclaim": reclaim(i)})
-    if zaps(m):
+    if zaps(m) and not on_removal:
         marked = (v.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
         pm = pfn[marked]
         checks.on_restore(m, pm)
