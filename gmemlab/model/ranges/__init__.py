@@ -29,8 +29,8 @@ vectorised versions of the ``Invariants.on_*`` hooks, at the same points.
 
 They run only where they can be shown to follow the code in front of them
 (:mod:`.gate`): the machine's design and the shared kernel code must be,
-function for function, the code ``tests/scale`` held them to (v12's or
-mainline's); any other design, a subclass that overrides anything, a
+function for function, the code ``tests/scale`` held them to (that of a design
+in :data:`MIRRORS`: v12, mainline, noflush, filemap); any other design, a subclass that overrides anything, a
 ``--design-file``, a test's monkeypatch, runs every page through its per-page
 path, and ``Machine.gate`` says why.  Then, per call, only when nothing can
 tell the difference (:func:`usable`): a path run straight through by

@@ -13,8 +13,8 @@ they resolve on the instance, so a subclass, a ``--design-file`` or a test's
 monkeypatch shows; the shared kernel functions as the module globals hold them
 now) and compares:
 
-* the closure equals a pinned one (v12's or base's): the path runs batched,
-  mirroring that design;
+* the closure equals a pinned one (a design of ``ranges.MIRRORS``: v12, base,
+  noflush, filemap): the path runs batched, mirroring that design;
 * anything differs: that loop runs its per-page body, and :class:`Gate` says
   which functions differ, for reports to print.
 
