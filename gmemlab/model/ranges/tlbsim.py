@@ -124,6 +124,9 @@ def access_seq(m: Machine, cpu: int, pfns: NDArray[np.int64]) -> list[str]:
 
     Returns each access's TLB detail (``"hit 2M"``, ``"fill 4K"``...).
     """
+    if _fresh_4k(m, cpu, pfns):
+        _fill_4k(m, cpu, pfns)
+        return [FILL_4K] * len(pfns)
     t = m.tlb.entries[cpu]
     out: list[str] = []
     pl = pfns.tolist()
@@ -144,3 +147,28 @@ def access_seq(m: Machine, cpu: int, pfns: NDArray[np.int64]) -> list[str]:
             out.append(_HIT[level])
             i += 1
     return out
+
+
+def _fresh_4k(m: Machine, cpu: int, pfns: NDArray[np.int64]) -> bool:
+    """Are ``pfns`` distinct, each under a present 4K leaf, and none cached on ``cpu``?  Then
+    each access misses and fills its own entry, whatever the order."""
+    if len(pfns) < 64:
+        return False  # not worth the checks
+    level, present = m.dmap.lookup_many(pfns)
+    if not ((level == LEVEL_4K) & present).all() or len(np.unique(pfns)) != len(pfns):
+        return False
+    for lv, mask in ((LEVEL_4K, -1), (LEVEL_2M, ~511), (LEVEL_1G, ~0x3FFFF)):
+        cached = _cached(m, cpu, lv)
+        if len(cached) and np.isin(pfns & mask, cached).any():
+            return False
+    return True
+
+
+def _fill_4k(m: Machine, cpu: int, pfns: NDArray[np.int64]) -> None:
+    """What filling ``(4K, p)`` for each of ``pfns`` in turn leaves (:func:`_fresh_4k`): the
+    new entries at the LRU tail, the oldest evicted down to capacity."""
+    tlbs = m.tlb
+    t = tlbs.entries[cpu]
+    t.update(dict.fromkeys(((LEVEL_4K, p) for p in pfns[-tlbs.capacity:].tolist())))
+    for _ in range(len(t) - tlbs.capacity):
+        t.popitem(last=False)
