@@ -1,6 +1,6 @@
 """An edit to a design's code reaches every run, batched or not.
 
-Five realistic bugs, each written into v12's code in a test-local subclass the
+Seven realistic bugs, each written into v12's or filemap's code in a test-local subclass the
 way a reviewer would make them.  For each, the lifecycle below runs with the
 batched paths allowed and with them off: the verdicts (which invariants break,
 how often, whether the kernel oopsed) must be the same, must differ from
@@ -8,7 +8,7 @@ unmodified v12's, and the machine must say that it ran per page and why.
 
 That the test can fail: the same runs with the gate forced open (the batched
 paths standing in for code they do not mirror, as before the gate existed)
-hide every one of the five bugs.
+hide every one of the seven bugs.
 """
 
 from __future__ import annotations
@@ -24,20 +24,24 @@ from gmemlab.guest import GuestProgram
 from gmemlab.model import Host
 from gmemlab.model.designs import DESIGNS
 from gmemlab.model.designs.base import (
+    Design,
     has_marker,
     inode_no_direct_map,
     kvm_gmem_get_pfn_done,
     kvm_gmem_get_pfn_folio,
     zero_if_not_uptodate,
 )
+from gmemlab.model.designs.filemap_nodm import FilemapZap, folio_zap_direct_map
 from gmemlab.model.designs.v12 import V12
 from gmemlab.model.invariants import KernelOops
 from gmemlab.model.kvm.guest_memfd import kvm_arch_gmem_invalidate, kvm_arch_gmem_prepare
 from gmemlab.model.kvm.kvm_main import Kvm, Memslot
 from gmemlab.model.machine import Machine
-from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
+from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP, AddressSpace, mapping_no_direct_map
 from gmemlab.model.mm.folio import folio_lock, folio_unlock
+from gmemlab.model.mm.page_alloc import clear_page
 from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
+from gmemlab.model.ranges import MIRRORS
 from gmemlab.model.ranges.gate import PATH_LOOPS, Gate, PathGate
 from gmemlab.model.ranges.paths import paths_for
 from gmemlab.model.task import KGen
@@ -115,8 +119,35 @@ class GuestFaultDoesNotZap(V12):
         return (yield from kvm_gmem_get_pfn_done(m, file, r, folio))
 
 
-MUTATIONS = [RestoreOnlyIfMappingFlagged, UnlockBeforeZap, RestoreOnlyIfReclaimed, ZapWithoutFlush,
-             GuestFaultDoesNotZap]
+class FilemapZeroesAfterZap(FilemapZap):
+    """The insertion zaps first and zeroes after, through the entry it just cleared."""
+
+    def prep_add_unmapped_folio(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[int]:
+        if not mapping_no_direct_map(mapping):
+            return 0
+        r = yield from folio_zap_direct_map(m, folio)
+        yield from clear_page(m, folio, "folio_zero_segment")
+        if not r:
+            yield from self.mark_zeroed(m, folio)
+        return r
+
+
+class FilemapZapsWithoutFlush(FilemapZap):
+    """The insertion zaps without the flush (the zeroing CPU keeps its translation)."""
+
+    def prep_add_unmapped_folio(self, m: Machine, mapping: AddressSpace, folio: int) -> KGen[int]:
+        if not mapping_no_direct_map(mapping):
+            return 0
+        yield from clear_page(m, folio, "folio_zero_segment")
+        r = yield from set_direct_map_valid_noflush(m, folio, 1, False)
+        if not r:
+            yield from self.mark_zeroed(m, folio)
+        return r
+
+
+MUTATIONS: list[type[Design]] = [RestoreOnlyIfMappingFlagged, UnlockBeforeZap, RestoreOnlyIfReclaimed,
+                                 ZapWithoutFlush, GuestFaultDoesNotZap, FilemapZeroesAfterZap,
+                                 FilemapZapsWithoutFlush]
 
 
 def lifecycle(h: Host) -> None:
@@ -139,10 +170,11 @@ def lifecycle(h: Host) -> None:
         h.kernel_alloc(0)
 
 
-def verdict(design: V12, *, batched: bool, force: bool = False) -> tuple[Counter[str], Gate]:
+def verdict(design: Design, *, batched: bool, force: bool = False) -> tuple[Counter[str], Gate]:
     host = Host(Machine(replace(CONFIG, range_paths=batched), design=design))
     if force:
-        host.m._gate = Gate(tuple(PathGate(path, "v12") for path in PATH_LOOPS))
+        mirror = "filemap" if isinstance(design, FilemapZap) else "v12"
+        host.m._gate = Gate(tuple(PathGate(path, mirror) for path in PATH_LOOPS))
         host.m._batched = paths_for(host.m._gate)
     try:
         lifecycle(host)
@@ -159,18 +191,20 @@ def test_unmutated_v12_is_batched_and_clean() -> None:
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda c: c.__name__)
-def test_a_mutation_changes_both_runs_alike(mutation: type[V12]) -> None:
+def test_a_mutation_changes_both_runs_alike(mutation: type[Design]) -> None:
     per_page, _ = verdict(mutation(), batched=False)
     batched, gate = verdict(mutation(), batched=True)
     assert per_page, f"{mutation.__name__} broke nothing: the lifecycle does not reach it"
     assert batched == per_page, f"batched {dict(batched)} != per page {dict(per_page)}"
     changed = next(n for n in vars(mutation) if not n.startswith("__"))
-    assert f"design.{changed}" in gate.differs, gate
+    # The method, or the slot that holds it (filemap_add_hook = self.prep_add_unmapped_folio).
+    held = {f"design.{k}" for k, v in vars(mutation()).items() if getattr(v, "__name__", "") == changed}
+    assert ({f"design.{changed}"} | held) & set(gate.differs), gate
     assert "not code the batched paths mirror" in gate.reason
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda c: c.__name__)
-def test_without_the_gate_the_batched_run_would_hide_it(mutation: type[V12]) -> None:
+def test_without_the_gate_the_batched_run_would_hide_it(mutation: type[Design]) -> None:
     per_page, _ = verdict(mutation(), batched=False)
     forced, _ = verdict(mutation(), batched=True, force=True)
     assert forced != per_page
@@ -185,7 +219,7 @@ def test_the_pins_hold() -> None:
     from gmemlab.model.designs import get_design
     from gmemlab.model.ranges.gate import judge
 
-    for name in ("v12", "base"):
+    for name in MIRRORS:
         gate = judge(get_design(name))
         assert all(p.mirror == name for p in gate.paths), gate.reason
 
