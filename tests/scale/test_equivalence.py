@@ -284,6 +284,14 @@ CASES: dict[str, tuple[Callable[[Host], None], dict[str, object]]] = {
     "filemap-no-flag": (punch_refault_release(SHARED), {"design": "filemap"}),
     "filemap-tlb-full": (tlb_full, {"design": "filemap", "tlb_entries": 8}),
     "filemap-zap-failed-earlier": (zap_failed_earlier, {"design": "filemap"}),
+    # ALLOC_UNMAPPED: folios off the unmapped free list (a pageblock flip per page when it
+    # runs dry), zeroed through the mermap (a local flush each 512), back on the list on free.
+    "unmapped-guest-touch": (guest_touch(NDM), {"design": "unmapped"}),
+    "unmapped-vmm-then-guest": (vmm_then_guest(NDM), {"design": "unmapped", "ncpus": 3}),
+    "unmapped-punch-refault-release": (punch_refault_release(NDM), {"design": "unmapped"}),
+    "unmapped-init-on-free": (punch_refault_release(NDM), {"design": "unmapped", "init_on_free": True}),
+    "unmapped-no-flag": (punch_refault_release(SHARED), {"design": "unmapped"}),
+    "unmapped-two-vmas-two-vms": (two_vmas_two_vms, {"design": "unmapped"}),
     "noflush-trace-ring": (punch_refault_release(NDM), {"design": "noflush", "trace": "ring",
                                                         "trace_ring": 300}),
     "hva-memslot": (hva_memslot, {}),

@@ -217,6 +217,15 @@ class MemMap:
         self.mapping[pfn] = 0
         self.refcount[pfn] = 0
 
+    def mark_free_many(self, pfns: Pfns) -> None:
+        """:meth:`mark_free` for each of ``pfns``."""
+        v = self.views()
+        v.state[pfns] = FRAME_FREE
+        v.kind[pfns] = KIND_NONE
+        v.flags[pfns] = 0
+        v.mapping[pfns] = 0
+        v.refcount[pfns] = 0
+
     def reset_for_alloc_many(self, pfns: Pfns, kind: int) -> None:
         """:meth:`reset_for_alloc` for each of ``pfns`` (distinct)."""
         v = self.views()

@@ -209,6 +209,19 @@ class PageAllocator:
                 return base
         return None
 
+    def peek_blocks(self, nr: int, k: int) -> list[int]:
+        """The first frames of the next (up to) ``k`` blocks :meth:`take_block` would give,
+        one after another with nothing else taken in between, without taking them."""
+        out: list[int] = []
+        for lo, hi in self._ranges[self._cursor :]:
+            base = -(-lo // nr) * nr
+            while len(out) < k and base + nr <= hi:
+                out.append(base)
+                base += nr  # the next call starts from the tail take_block() leaves
+            if len(out) == k:
+                break
+        return out
+
     def give(self, pfn: int) -> None:
         if self._continues(pfn, pfn):
             self._runs[-1] = pfn

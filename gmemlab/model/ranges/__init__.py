@@ -30,8 +30,9 @@ vectorised versions of the ``Invariants.on_*`` hooks, at the same points.
 They run only where they can be shown to follow the code in front of them
 (:mod:`.gate`): the machine's design and the shared kernel code must be,
 function for function, the code ``tests/scale`` held them to (that of a design
-in :data:`MIRRORS`: v12, mainline, noflush, filemap); any other design, a subclass that overrides anything, a
-``--design-file``, a test's monkeypatch, runs every page through its per-page
+in :data:`MIRRORS`: v12, mainline, noflush, filemap, unmapped); any other
+design, a subclass that overrides anything, a ``--design-file``, a test's
+monkeypatch, runs every page through its per-page
 path, and ``Machine.gate`` says why.  Then, per call, only when nothing can
 tell the difference (:func:`usable`): a path run straight through by
 ``Machine.run`` without a step hook, fault injection disarmed, an x86 profile
@@ -96,6 +97,10 @@ class Mirror:
     # zap before the insertion, restore and zero after the removal, no marker
     # (prep_{add,remove}_unmapped_folio(), designs.filemap_nodm).
     in_page_cache: bool = False
+    # ... with ALLOC_UNMAPPED and the mermap: such folios come off the unmapped free list
+    # (already out of the direct map), are zeroed through the mermap, and go back to that
+    # list on free, never restored (designs.unmapped_alloc).
+    unmapped_alloc: bool = False
 
 
 MIRRORS: dict[str, Mirror] = {
@@ -103,6 +108,7 @@ MIRRORS: dict[str, Mirror] = {
     "base": Mirror("base", zaps=False),
     "noflush": Mirror("noflush", zaps=True, flushes=False),
     "filemap": Mirror("filemap", zaps=True, in_page_cache=True),
+    "unmapped": Mirror("unmapped", zaps=True, in_page_cache=True, unmapped_alloc=True),
 }
 MAINLINE = MIRRORS["base"]
 

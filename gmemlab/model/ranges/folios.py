@@ -29,19 +29,23 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
+from gmemlab.model.designs.unmapped_alloc import AS_MERMAP_STALE, PAGEBLOCK_ORDER
 from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP, kvm_gmem_no_direct_map
 from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K
-from gmemlab.model.mm.memmap import KIND_FILE, KIND_PGTABLE, PG_hwpoison, PG_locked, PG_uptodate
+from gmemlab.model.mm.memmap import KIND_FILE, KIND_KERNEL, KIND_PGTABLE, PG_hwpoison, PG_locked, PG_uptodate
+from gmemlab.model.mm.mermap import MERMAP_CPU_SLOTS
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.ranges import checks, mirror, tlbsim, zaps
 from gmemlab.model.ranges.events import Events, listed
+from gmemlab.uapi import PAGES_PER_PMD
 
 if TYPE_CHECKING:
+    from gmemlab.model.designs.unmapped_alloc import UnmappedAlloc
     from gmemlab.model.fs import Inode
     from gmemlab.model.machine import Machine
 
@@ -64,12 +68,16 @@ class FolioRun:
     pt1g: Arr  # the page table of the 1G split this page's zap makes, or -1
     pt2m: Arr  # the page table of the 2M split this page's zap makes, or -1
     taken: Arr  # frames taken from the allocator by this page and the ones before
+    mermap: bool = False  # new folios come off the unmapped free list, zeroed via the mermap
+    flip: Arr | None = None  # (mermap) the pageblock this page's allocation unmaps first, or -1
 
     def prefix(self, n: int) -> None:
         """Keep only the first ``n`` pages (``n`` <= ``self.n``)."""
         self.n = n
-        for name in ("fault", "pfn", "new", "zero", "zap", "pt1g", "pt2m", "taken"):
-            setattr(self, name, getattr(self, name)[:n])
+        for name in ("fault", "pfn", "new", "zero", "zap", "pt1g", "pt2m", "taken", "flip"):
+            a = getattr(self, name)
+            if a is not None:
+                setattr(self, name, a[:n])
 
 
 def first(bad: Mask) -> int:
@@ -162,11 +170,20 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
     # The page cache zeroes and zaps on insertion whoever inserts; v12 only when a fault does.
     at_insert = ndm and mirror(m).in_page_cache
     splits = ndm and (prepare or at_insert)
-    # Splits take a page table or two per 2M region from the same stream of frames.
-    stream = m.alloc.peek(len(new_at) + (2 * (len(new_at) // 256) + 4 if splits else 0))
-    if splits:
+    unmapped = at_insert and mirror(m).unmapped_alloc
+    flips = np.zeros(0, np.int64)
+    if unmapped:
+        stream, flips = _unmapped_stream(m, len(new_at))
+        k = len(stream)
+        where = np.arange(k, dtype=np.int64)
+        t1g = t2m = np.full(k, -1, np.int64)
+        end = np.zeros(k, np.int64)
+    elif splits:
+        # Splits take a page table or two per 2M region from the same stream of frames.
+        stream = m.alloc.peek(len(new_at) + 2 * (len(new_at) // 256) + 4)
         where, t1g, t2m, end = _assign(m, stream, len(new_at))
     else:
+        stream = m.alloc.peek(len(new_at))
         where = np.arange(min(len(new_at), len(stream)), dtype=np.int64)
         t1g = t2m = np.full(len(where), -1, np.int64)
         end = where + 1
@@ -196,7 +213,12 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
     if ndm and not at_insert:
         bad |= marked & present  # out of step: the unlock would report it
     zero = zap = np.zeros(n, np.bool_)
-    if at_insert:
+    if unmapped:
+        zero = new
+        # A frame off the list must be out of the direct map (a flipped block's is still in it).
+        listed_frames = new & ~np.isin(pfn >> PAGEBLOCK_ORDER, flips[flips >= 0] >> PAGEBLOCK_ORDER)
+        bad |= (listed_frames & present) | (old & (present | ((flags & PG_uptodate) == 0)))
+    elif at_insert:
         zero = zap = new
         # A folio already in the page cache was zeroed and zapped when it went in; one that
         # is present or not uptodate is out of step, for the per-page path to show.
@@ -211,8 +233,12 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
     elif ndm:
         bad |= fault & ~marked & ~present  # out of step at the unlock
     n = first(bad)
+    flip = None
+    if unmapped:
+        flip = np.full(len(fault), -1, np.int64)
+        flip[placed] = flips[where]
     run = FolioRun(inode, index0, n, fault[:n], pfn[:n], new[:n], zero[:n], zap[:n], pt1g[:n],
-                   pt2m[:n], taken[:n])
+                   pt2m[:n], taken[:n], unmapped, None if flip is None else flip[:n])
     if not ndm:
         return run
     if mirror(m).flushes:
@@ -252,8 +278,11 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     mapping = r.inode.mapping
     pfn, new, zero, zap = r.pfn, r.new, r.zero, r.zap
     # __filemap_get_folio(): allocate and insert, or take a reference and lock.
-    m.alloc.take_many(int(r.taken[-1]) if r.n else 0)
     pn = pfn[new]
+    if r.mermap:
+        _take_unmapped(m, r, ev)
+    else:
+        m.alloc.take_many(int(r.taken[-1]) if r.n else 0)
     m.mem.reset_for_alloc_many(pn, KIND_FILE)
     v.flags[pn] |= PG_locked
     v.refcount[pn] += 1  # the page cache's reference
@@ -264,13 +293,18 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     po = pfn[r.fault & ~new]
     v.refcount[po] += 1
     v.flags[po] |= PG_locked
-    ev.add("get_page_from_freelist", "alloc_page", new, lambda i: {"kind": "file"})
+    alloc = {"kind": "file", "freetype": "unmapped"} if r.mermap else {"kind": "file"}
+    ev.add("get_page_from_freelist", "alloc_page", new, lambda i: dict(alloc))
     index = listed(idx)
 
     def inserted() -> None:
         ev.add("__filemap_add_folio", "pagecache_add", new,
                lambda i: {"index": index(i), "as": mapping.kind})
 
+    if r.mermap and zero.any():
+        _mermap_clear(m, r, ev)
+        inserted()
+        return
     if mirror(m).in_page_cache and zap.any():
         # filemap_add_folio() -> prep_add_unmapped_folio(), before __filemap_add_folio()
         _zap(m, r, ev, "folio_zero_segment", "prep_add_unmapped_folio")
@@ -288,6 +322,125 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     v.flags[pz] |= PG_uptodate
     ev.add(zero_fn, "kernel_write", zero, lambda i: {"tlb": details[i]})
     ev.add(zero_fn, "zero_page", zero)
+
+
+def _unmapped_stream(m: Machine, wanted: int) -> tuple[Arr, Arr]:
+    """The frames the next ``wanted`` ``rmqueue_unmapped()`` calls give, as far as a run can
+    take them, and per frame the pageblock its call unmaps first (-1: none).
+
+    The unmapped free list first (LIFO); then, each time it runs dry,
+    ``rmqueue_direct_map()`` takes the allocator's next order-9 block, which must
+    still be one present 2M leaf (the PMD's present bit flips, no split), and its
+    frames follow in ascending order.  None while a mermap mapping is live.
+    """
+    design = cast("UnmappedAlloc", m.design)
+    if design.mermap.ptes.get(m.current.cpu):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    fl = design.free_list
+    k = min(wanted, len(fl))
+    parts = [np.array(fl[len(fl) - k:][::-1], np.int64)]
+    flips = [np.full(k, -1, np.int64)]
+    if wanted > k and m.profile.can_set_direct_map:
+        bases = np.array(m.alloc.peek_blocks(PAGES_PER_PMD, -(-(wanted - k) // PAGES_PER_PMD)),
+                         np.int64)
+        level, present = m.dmap.lookup_many(bases)
+        bases = bases[: first(~((level == LEVEL_2M) & present))]
+        for base in bases.tolist():
+            parts.append(np.arange(base, base + PAGES_PER_PMD, dtype=np.int64))
+            flip = np.full(PAGES_PER_PMD, -1, np.int64)
+            flip[0] = base
+            flips.append(flip)
+    return np.concatenate(parts)[:wanted], np.concatenate(flips)[:wanted]
+
+
+def _take_unmapped(m: Machine, r: FolioRun, ev: Events) -> None:
+    """``rmqueue_unmapped()`` for the new folios of ``r`` (:func:`plan`): the pageblock flips
+    of ``rmqueue_direct_map()`` where the list ran dry, and the pops off the list."""
+    design = cast("UnmappedAlloc", m.design)
+    assert r.flip is not None
+    fn = "__rmqueue_direct_map"
+    bases = r.flip[r.flip >= 0]
+    dropped = np.zeros(r.n, np.int64)
+    ipis = 0 if m.profile.tlb_broadcast else m.tlb.ncpus - 1
+    for base in bases.tolist():
+        # alloc_block(), set_direct_map_block_noflush() (the PMD's present bit),
+        # flush_tlb_kernel_range() over the block (above the ceiling: everything)
+        got = m.alloc.take_block(PAGES_PER_PMD)
+        assert got == base, (got, base)
+        frames = np.arange(base, base + PAGES_PER_PMD, dtype=np.int64)
+        m.mem.reset_for_alloc_many(frames, KIND_KERNEL)
+        m.dmap.set_pmd_leaf(base // PAGES_PER_PMD, False)
+        checks.on_direct_map_change(m, frames, False)
+        dropped[np.flatnonzero(r.flip == base)] = tlbsim.flush_all(m)
+        design.unmapped_blocks.add(base >> PAGEBLOCK_ORDER)
+        m.mem.mark_free_many(frames)
+        design.nr_free[base >> PAGEBLOCK_ORDER] = PAGES_PER_PMD
+    if len(bases):
+        m.trace.count("flush_tlb_kernel_range", len(bases))
+        if ipis:
+            m.trace.count("ipi", ipis * len(bases))
+    where = r.flip >= 0
+    block = listed(r.flip)
+    dl = listed(dropped)
+    ev.add(fn, "alloc_block", where, lambda i: {"order": PAGEBLOCK_ORDER}, block)
+    ev.add("__change_page_attr", "dmap_clear_2m", where, lambda i: {"level": "2M"}, block)
+    ev.add(fn, "tlb_flush", where, lambda i: {"pages": PAGES_PER_PMD, "full": True, "ipis": ipis,
+                                              "dropped": dl(i)}, block)
+    ev.add(fn, "pageblock_unmapped", where, lambda i: {"pages": PAGES_PER_PMD}, block)
+    pfns = r.pfn[r.new]
+    if not len(pfns):
+        return
+    # The list is popped dry before each flip, so what is left is the old list's bottom, or
+    # the last flipped block's frames not handed out (pushed in reverse, popped ascending).
+    fl = design.free_list
+    del fl[max(len(fl) - len(pfns), 0):]
+    if len(bases):
+        last = int(bases[-1])
+        used = int(np.count_nonzero((pfns >> PAGEBLOCK_ORDER) == last >> PAGEBLOCK_ORDER))
+        fl.extend(range(last + PAGES_PER_PMD - 1, last + used - 1, -1))
+    blocks, counts = np.unique(pfns >> PAGEBLOCK_ORDER, return_counts=True)
+    for b, c in zip(blocks.tolist(), counts.tolist(), strict=True):
+        design.nr_free[b] -= c
+
+
+def _mermap_clear(m: Machine, r: FolioRun, ev: Events) -> None:
+    """The fast ``prep_add_unmapped_folio()`` for the new folios of ``r``: ``mermap_get()``
+    (a local flush of the CPU's mermap translations when its region is used up), the
+    clear, ``mermap_put()``; then ``AS_MERMAP_STALE`` and uptodate."""
+    design = cast("UnmappedAlloc", m.design)
+    mm = design.mermap
+    cpu = m.current.cpu
+    used = mm.used.get(cpu, 0)
+    cached = mm.tlb.setdefault(cpu, [])
+    seen = set(cached)
+    flushes: dict[int, int] = {}  # position in the run -> translations the flush dropped
+    at = np.flatnonzero(r.zero)
+    pz = r.pfn[at]
+    for i, p in zip(at.tolist(), pz.tolist(), strict=True):
+        if used + 1 > MERMAP_CPU_SLOTS:  # no live mapping (plan() made sure)
+            flushes[i] = len(cached)
+            cached.clear()
+            seen.clear()
+            used = 0
+        used += 1
+        if p not in seen:
+            cached.append(p)
+            seen.add(p)
+    mm.used[cpu] = used
+    mm.ptes.setdefault(cpu, [])
+    if flushes:
+        m.trace.count("mermap_flush_local", len(flushes))
+    m.mem.zero_many(pz)
+    m.mem.views().flags[pz] |= PG_uptodate
+    r.inode.mapping.set(AS_MERMAP_STALE)
+    where = np.zeros(r.n, np.bool_)
+    where[list(flushes)] = True
+    ev.add("mermap_alloc", "mermap_flush", where, lambda i: {"cpu": cpu, "dropped": flushes[i]},
+           lambda i: -1)
+    fn = "prep_add_unmapped_folio"
+    ev.add(fn, "mermap_map", r.zero, lambda i: {"cpu": cpu})
+    ev.add(fn, "zero_page", r.zero, lambda i: {"via": "mermap"})
+    ev.add(fn, "mermap_unmap", r.zero, lambda i: {"cpu": cpu})
 
 
 def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str) -> None:

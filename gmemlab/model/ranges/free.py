@@ -24,15 +24,16 @@ completion: nothing observes it), in their place in the order.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
+from gmemlab.model.designs.unmapped_alloc import AS_MERMAP_STALE, PAGEBLOCK_ORDER
 from gmemlab.model.kvm.guest_memfd import GMEM_AOPS, KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.mm.direct_map import LEVEL_4K
 from gmemlab.model.mm.filemap import mapping_no_direct_map
-from gmemlab.model.mm.memmap import FRAME_FREE, KIND_NONE, PG_locked
+from gmemlab.model.mm.memmap import PG_locked
 from gmemlab.model.mm.memory import zap_pte
 from gmemlab.model.mm.truncate import truncate_folio
 from gmemlab.model.mm.xarray import XArray
@@ -42,6 +43,7 @@ from gmemlab.model.task import KGen, run_sync
 from gmemlab.uapi import PAGE_SHIFT
 
 if TYPE_CHECKING:
+    from gmemlab.model.designs.unmapped_alloc import UnmappedAlloc
     from gmemlab.model.fs import Inode
     from gmemlab.model.kvm.kvm_main import Kvm
     from gmemlab.model.machine import Machine
@@ -131,6 +133,11 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
     # leaves; v12's ->free_folio restores the marked ones.
     on_removal = zaps(m) and mirror(m).in_page_cache and mapping_no_direct_map(mapping)
     on_free = zaps(m) and not mirror(m).in_page_cache
+    # With ALLOC_UNMAPPED the folio is neither restored nor zeroed: it goes back to the
+    # unmapped free list as it is.
+    unmapped = on_removal and mirror(m).unmapped_alloc
+    if unmapped:
+        blocks = np.fromiter(cast("UnmappedAlloc", m.design).unmapped_blocks, np.int64)
 
     def regular(idx: Arr, pfn: Arr) -> Mask:
         if not quiet:
@@ -146,6 +153,10 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
         marked = (v.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
         if on_free:
             ok &= np.where(marked, (level == LEVEL_4K) & ~present, present)
+        elif unmapped:
+            ok &= ~marked & ~present & np.isin(pfn >> PAGEBLOCK_ORDER, blocks)
+            if mapping.test(AS_MERMAP_STALE) or m.config.init_on_free:
+                ok[:] = False  # the first removal flushes the mermap (clears the flag): per page
         elif on_removal:
             ok &= ~marked & (level == LEVEL_4K) & ~present
             if not checks.counted_in_bulk(m, "invalidate-before-restore"):
@@ -156,7 +167,7 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
 
     def batch(idx: Arr, pfn: Arr) -> None:
         nonlocal removed
-        _truncate_batch(m, mapping, vmas, idx, pfn, on_removal)
+        _truncate_batch(m, mapping, vmas, idx, pfn, on_removal and not unmapped, unmapped)
         removed += len(idx)
 
     def single(index: int, pfn: int) -> None:
@@ -184,7 +195,7 @@ def _addresses(vma: Vma, pages: Arr) -> DetailFn:
 
 
 def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr, pfn: Arr,
-                    on_removal: bool) -> None:
+                    on_removal: bool, unmapped: bool) -> None:
     v = m.mem.views()
     ev = Events(m, pfn)
     ptes = np.zeros(len(idx), np.int64)
@@ -220,7 +231,7 @@ def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr
     v.guest_owned[pfn] = 0
     v.invalidated[pfn] = 1
     ev.add("kvm_arch_gmem_invalidate", "invalidate", None, lambda i: {"rmp_reclaim": reclaim(i)})
-    if zaps(m) and not on_removal:
+    if zaps(m) and not mirror(m).in_page_cache:
         marked = (v.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
         pm = pfn[marked]
         checks.on_restore(m, pm)
@@ -233,16 +244,25 @@ def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr
         ev.add(fn, "marker_clear", marked)
     # references: truncation's +1, each PTE's, the page cache's, truncation's own put
     v.refcount[pfn] -= (ptes + 1).astype(np.int32)
-    _free(m, pfn, v.refcount[pfn] == 0, ev)
+    _free(m, pfn, v.refcount[pfn] == 0, ev, unmapped)
     ev.emit()
 
 
-def _free(m: Machine, pfn: Arr, freed: Mask, ev: Events) -> None:
-    """``free_page_to_allocator()`` for ``pfn[freed]``, in order."""
+def _free(m: Machine, pfn: Arr, freed: Mask, ev: Events, unmapped: bool = False) -> None:
+    """``free_page_to_allocator()`` for ``pfn[freed]``, in order; ``unmapped``: frames of
+    unmapped pageblocks, which ``free_unmapped_frame()`` takes (``truncate()`` made sure)."""
     pf = pfn[freed]
     if not len(pf):
         return
-    v = m.mem.views()
+    if unmapped:
+        design = cast("UnmappedAlloc", m.design)
+        m.mem.mark_free_many(pf)
+        design.free_list.extend(pf.tolist())
+        blocks, counts = np.unique(pf >> PAGEBLOCK_ORDER, return_counts=True)
+        for b, c in zip(blocks.tolist(), counts.tolist(), strict=True):
+            design.nr_free[b] = design.nr_free.get(b, 0) + c
+        ev.add("free_unref_folios", "free_page", freed, lambda i: {"freetype": "unmapped"})
+        return
     checks.on_free_to_allocator(m, pf)
     if m.config.init_on_free:
         details = tlbsim.access_seq(m, m.current.cpu, pf)
@@ -250,13 +270,11 @@ def _free(m: Machine, pfn: Arr, freed: Mask, ev: Events) -> None:
         nth = listed(np.cumsum(freed) - 1)
         ev.add("free_pages_prepare", "kernel_write", freed, lambda i: {"tlb": details[nth(i)]})
         ev.add("free_pages_prepare", "zero_page", freed)
-    v.state[pf] = FRAME_FREE
-    v.kind[pf] = KIND_NONE
-    v.flags[pf] = 0
-    v.mapping[pf] = 0
-    v.refcount[pf] = 0
+    m.mem.mark_free_many(pf)
     m.alloc.give_many(pf)
     ev.add("free_unref_folios", "free_page", freed)
+
+
 
 
 # --- kvm_mmu_unmap_gfn_range() -------------------------------------------------------------------

@@ -169,6 +169,6 @@ def _fill_4k(m: Machine, cpu: int, pfns: NDArray[np.int64]) -> None:
     new entries at the LRU tail, the oldest evicted down to capacity."""
     tlbs = m.tlb
     t = tlbs.entries[cpu]
-    t.update(dict.fromkeys(((LEVEL_4K, p) for p in pfns[-tlbs.capacity:].tolist())))
+    t.update(dict.fromkeys((LEVEL_4K, p) for p in pfns[-tlbs.capacity:].tolist()))
     for _ in range(len(t) - tlbs.capacity):
         t.popitem(last=False)
