@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol, Self, runtime_checkable
 
 from gmemlab.guest import GuestProgram
-from gmemlab.uapi import O_RDWR, PROT_RW
+from gmemlab.uapi import F_DUPFD, F_DUPFD_CLOEXEC, O_RDWR, PROT_RW
 
 
 class KernelError(OSError):
@@ -54,6 +54,12 @@ class SigSegv(Exception):
         super().__init__(f"SIGSEGV at {addr:#x}" + (f" ({what})" if what else ""))
         self.addr = addr
         self.what = what
+
+
+def check_fcntl_cmd(cmd: int) -> None:
+    """``MemFile.fcntl`` takes no F_DUPFD*: the new fd must have an owner (``MemFile.dup``)."""
+    if cmd in (F_DUPFD, F_DUPFD_CLOEXEC):
+        raise ValueError("F_DUPFD/F_DUPFD_CLOEXEC: use dup(minfd, cloexec=...)")
 
 
 # --- vCPU exits ------------------------------------------------------------------------------
@@ -198,7 +204,7 @@ class MemFile(Protocol):
              populate: bool = False, fixed: Mapping | None = None) -> Mapping: ...
     def fstat(self) -> StatResult: ...
     def ftruncate(self, length: int) -> None: ...
-    def dup(self) -> Self: ...
+    def dup(self, minfd: int = 0, *, cloexec: bool = False) -> Self: ...
     def fcntl(self, cmd: int, arg: int = 0) -> int: ...
     def fsync(self) -> None: ...
     def fdatasync(self) -> None: ...

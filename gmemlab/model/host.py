@@ -31,6 +31,7 @@ from gmemlab.api import (
     SigBus,
     SigSegv,
     VcpuExit,
+    check_fcntl_cmd,
 )
 from gmemlab.guest import GuestProgram
 from gmemlab.model.fs import (
@@ -106,6 +107,8 @@ from gmemlab.model.mm.shmem import shmem_read, shmem_write, sys_memfd_create
 from gmemlab.model.mm.tlb import speculative_read
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (
+    F_DUPFD,
+    F_DUPFD_CLOEXEC,
     KVM_API_VERSION,
     KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
     O_RDWR,
@@ -361,13 +364,18 @@ class MemFile(_Owned):
         _Owned.__init__(other, self.host, fd)
         return other
 
-    def dup(self) -> Self:
-        """``dup(2)``: the lowest free fd, on the same open file, close-on-exec clear."""
-        return self._another(self.fcntl(0, 0))
+    def dup(self, minfd: int = 0, *, cloexec: bool = False) -> Self:
+        """``fcntl(F_DUPFD[_CLOEXEC], minfd)`` (``dup(2)`` with ``minfd`` 0): the lowest free
+        fd >= ``minfd`` on the same open file, owned by the object returned."""
+        h = self.host
+        cmd = F_DUPFD_CLOEXEC if cloexec else F_DUPFD
+        fd = _check(h.run(do_fcntl(h.m, h.proc.fds, self.fileno(), cmd, minfd)), "F_DUPFD")
+        return self._another(fd)
 
     def fcntl(self, cmd: int, arg: int = 0) -> int:
-        """``fcntl(2)`` (see :func:`do_fcntl`); F_DUPFD's new fd is closed with this object's
-        host like any other: wrap it with :meth:`dup` to own it."""
+        """``fcntl(2)`` (see :func:`do_fcntl`); F_DUPFD/F_DUPFD_CLOEXEC go through :meth:`dup`,
+        which owns the new fd."""
+        check_fcntl_cmd(cmd)
         h = self.host
         return _check(h.run(do_fcntl(h.m, h.proc.fds, self.fileno(), cmd, arg)), f"fcntl({cmd})")
 
