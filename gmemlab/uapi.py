@@ -410,6 +410,12 @@ def gmem_flags_str(flags: int) -> str:
     return "|".join(names)
 
 
+def gmem_flags_parse(text: str) -> int:
+    """The flag word :func:`gmem_flags_str` named."""
+    by_name = {n: bit for bit, n in GUEST_MEMFD_FLAG_NAMES.items()}
+    return 0 if text == "0" else sum(by_name[n] for n in text.split("|"))
+
+
 # --- memslot flags ------------------------------------------------------------------
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1

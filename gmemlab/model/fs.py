@@ -410,21 +410,20 @@ def do_sendfile(m: Machine, out: File, in_: File, pos: int | None, count: int) -
 
 def splice_file_to_pipe(m: Machine, in_: File, pos: int | None) -> KGen[int]:
     """``splice(file -> pipe)``: ``do_splice()`` -> ``splice_file_to_pipe()`` ->
-    ``vfs_splice_read()``: EBADF unreadable, ESPIPE for an offset without FMODE_PREAD,
-    EINVAL without ``->splice_read``.  Returns 0 when the data may move."""
+    ``vfs_splice_read()``: EBADF unreadable, EINVAL for an offset without FMODE_PREAD
+    (``do_splice()``'s errno there, unlike sendfile's ESPIPE; measured on 6.18.44), EINVAL
+    without ``->splice_read``.  Returns 0 when the data may move."""
     yield ("file", id(in_))
     if not in_.f_mode & FMODE_READ:
         return -EBADF
-    if pos is not None and not in_.f_mode & FMODE_PREAD:
-        return -ESPIPE
-    if pos is not None and pos < 0:
+    if pos is not None and (not in_.f_mode & FMODE_PREAD or pos < 0):
         return -EINVAL
     return 0 if in_.f_op.has_splice_read else -EINVAL
 
 
 def splice_pipe_to_file(m: Machine, out: File, pos: int | None) -> KGen[int]:
     """``splice(pipe -> file)``: ``do_splice()`` -> ``do_splice_from()``: EBADF unwritable,
-    EINVAL for an offset without FMODE_PWRITE (do_splice()'s own choice of errno there),
+    EINVAL for an offset without FMODE_PWRITE,
     EINVAL for O_APPEND, EINVAL without ``->splice_write``.  0 when the data may move."""
     yield ("file", id(out))
     if not out.f_mode & FMODE_WRITE:

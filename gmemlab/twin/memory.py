@@ -42,6 +42,9 @@ class TwinMapping:
     may_sigbus: bool
     what: str
     _mapped: bool = True
+    # MAP_PRIVATE: a store a child makes lands in the child's copy of the page, so once the
+    # child has shown the store does not fault, it is made again here.
+    private: bool = False
 
     @property
     def addr(self) -> int:
@@ -88,6 +91,8 @@ class TwinMapping:
             return b""
 
         run_in_child(store, f"write {self.what}")
+        if self.private:
+            ctypes.memmove(start, data, len(data))
 
     def fill(self, offset: int, length: int, value: int) -> None:
         """``memset`` of ``length`` bytes to ``value``."""
@@ -102,6 +107,8 @@ class TwinMapping:
             return b""
 
         run_in_child(store, f"fill {self.what}")
+        if self.private:
+            ctypes.memset(start, value, length)
 
     # --- in-process fast path: only for pages known to be accessible ----------------------
     def read_in_process(self, offset: int, length: int) -> bytes:
@@ -176,7 +183,8 @@ def map_memory(length: int, fd: int, offset: int, *, shared: bool, prot: int, po
         fixed.may_sigbus = True
     addr = _sys.mmap(length, prot, flags, fd, offset, what=f"mmap({what})", addr=at)
     in_process = fd < 0 and prot == uapi.PROT_RW
-    return TwinMapping(addr, length, may_sigbus=not in_process, what=f"{what} mapping")
+    return TwinMapping(addr, length, may_sigbus=not in_process, what=f"{what} mapping",
+                       private=not shared)
 
 
 @dataclass(slots=True, eq=False)
