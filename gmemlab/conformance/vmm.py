@@ -244,6 +244,33 @@ def _mprotect_anonymous(host: api.Host, _: int) -> Outcome:
         return out
 
 
+@case("mprotect.memslot", vcpu=True)
+def _mprotect_memslot(host: api.Host, _: int) -> Outcome:
+    """mprotect of the memory behind a plain memslot: change_protection() tells KVM (its mmu
+    notifier zaps the range), so the guest's next access faults again and hva_to_pfn()'s
+    GUP decides: a store to PROT_READ memory, or any access to PROT_NONE memory, fails
+    KVM_RUN with EFAULT; a load from PROT_READ memory works."""
+    with vm_of(host) as vm, host.mmap_anonymous(PAGE) as mem, vm.create_vcpu(0) as vcpu:
+        mem.fill(0, PAGE, 1)
+        vm.set_user_memory_region(1, 0, GPA, PAGE, mem.addr)
+
+        def go(p: GuestProgram) -> Outcome:
+            try:
+                return program_outcome(api.run_program(vcpu, p))
+            except api.KernelError as e:
+                return errno_name(e)
+
+        out: dict[str, Outcome] = {"store": go(GuestProgram().fill(GPA, PAGE, 7))}
+        mem.mprotect(uapi.PROT_READ)
+        out["store_ro"] = go(GuestProgram().fill(GPA, 1, 8))
+        out["load_ro"] = go(GuestProgram().report(GPA))
+        mem.mprotect(uapi.PROT_NONE)
+        out["load_none"] = go(GuestProgram().report(GPA))
+        mem.mprotect(uapi.PROT_RW)
+        out["memory"] = runs(mem.read(0, PAGE))
+        return out
+
+
 @case("mmap.exec")
 def _mmap_exec(host: api.Host, _: int) -> Outcome:
     """PROT_EXEC: fine on a memfd; memfd_secret's mount is noexec, so mmap is EPERM and

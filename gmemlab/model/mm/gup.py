@@ -28,6 +28,7 @@ from gmemlab.model.mm.memory import (
     VM_WRITE,
     Process,
     Vma,
+    access_error,
     get_pte_or_fault,
     vma_has_no_direct_map,
 )
@@ -101,7 +102,9 @@ def get_user_pages(m: Machine, proc: Process, addr: int, npages: int, gup_flags:
             break
         yield ("pte", (id(mm), a))
         pfn = vma.ptes.load((a - vma.start) // PAGE_SIZE)
-        if pfn == EMPTY or not gup_fast_folio_allowed(m, pfn, gup_flags):
+        # pte_access_permitted(): mprotect() made the PTEs as protected as the VMA.
+        if (pfn == EMPTY or access_error(vma, bool(gup_flags & FOLL_WRITE))
+                or not gup_fast_folio_allowed(m, pfn, gup_flags)):
             break
         m.mem.refcount[pfn] += 1
         pages.append(pfn)
