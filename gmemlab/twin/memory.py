@@ -19,11 +19,12 @@ import ctypes
 import dataclasses
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Self
 
 from gmemlab import api, uapi
+from gmemlab.api import SigBus, SigSegv
 from gmemlab.twin import _sys
 from gmemlab.twin.child import Progress, run_in_child
 
@@ -90,9 +91,8 @@ class TwinMapping:
                 ctypes.memmove(a, data[a - start : a - start + n], n)
             return b""
 
-        run_in_child(store, f"write {self.what}")
-        if self.private:
-            ctypes.memmove(start, data, len(data))
+        self._store_in_child(store, start, len(data), lambda a, n: ctypes.memmove(
+            a, data[a - start : a - start + n], n), f"write {self.what}")
 
     def fill(self, offset: int, length: int, value: int) -> None:
         """``memset`` of ``length`` bytes to ``value``."""
@@ -106,9 +106,21 @@ class TwinMapping:
                 ctypes.memset(a, value, n)
             return b""
 
-        run_in_child(store, f"fill {self.what}")
+        self._store_in_child(store, start, length, lambda a, n: ctypes.memset(a, value, n),
+                             f"fill {self.what}")
+
+    def _store_in_child(self, store: Callable[[Progress], bytes], start: int, length: int,
+                        here: Callable[[int, int], object], what: str) -> None:
+        """Run ``store`` in a child; on a MAP_PRIVATE mapping make the stores the child made
+        (all of them, or those before its signal) again here with ``here(addr, n)``."""
+        try:
+            run_in_child(store, what)
+        except (SigBus, SigSegv) as e:
+            if self.private and e.addr > start:
+                here(start, e.addr - start)
+            raise
         if self.private:
-            ctypes.memset(start, value, length)
+            here(start, length)
 
     # --- in-process fast path: only for pages known to be accessible ----------------------
     def read_in_process(self, offset: int, length: int) -> bytes:
