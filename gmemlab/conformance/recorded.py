@@ -166,14 +166,20 @@ EXPECTED: dict[str, Outcome | ByFlags] = {
 }
 
 
+_VMM_CALLS = json.loads(resources.files("gmemlab.conformance").joinpath("data/vmm-calls.json")
+                       .read_text())
+# The guest_memfd cases of gmemlab.conformance.vmm: never run on a kernel with guest_memfd,
+# their outcomes derived from the source (DERIVED_FROM says which).
+DERIVED_FROM: str = _VMM_CALLS["derived_from"]
+DERIVED: frozenset[str] = frozenset(_VMM_CALLS["derived"])
+
+
 def _vmm_calls() -> dict[str, Outcome | ByFlags]:
     """The outcomes of :mod:`gmemlab.conformance.vmm` (``data/vmm-calls.json``): the cases
     without guest_memfd recorded live through the twin, the guest_memfd ones derived from
     the kernel source (that kernel has none); ``{"by_flags": {"MMAP": ...}}`` is a ByFlags."""
-    data = json.loads(resources.files("gmemlab.conformance").joinpath("data/vmm-calls.json")
-                      .read_text())
     out: dict[str, Outcome | ByFlags] = {}
-    for name, value in {**data["live"], **data["derived"]}.items():
+    for name, value in {**_VMM_CALLS["live"], **_VMM_CALLS["derived"]}.items():
         if isinstance(value, dict) and set(value) == {"by_flags"}:
             out[name] = ByFlags({gmem_flags_parse(k): v for k, v in value["by_flags"].items()})
         else:
