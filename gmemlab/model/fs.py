@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from errno import EBADF, EFBIG, EINVAL, EMFILE, ENODEV, ENXIO, EOPNOTSUPP, EOVERFLOW, EPERM, ESPIPE
+from errno import EBADF, EFBIG, EINVAL, ENODEV, ENXIO, EOPNOTSUPP, EOVERFLOW, EPERM, ESPIPE
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gmemlab.model.task import KGen
@@ -70,7 +70,8 @@ MAX_LFS_FILESIZE = (1 << 63) - 1
 
 
 # RLIMIT_NOFILE of the model's VMM: the default soft limit (include/asm-generic/resource.h
-# INR_OPEN_CUR); F_DUPFD at or above it is EINVAL, running out of numbers below it EMFILE.
+# INR_OPEN_CUR); F_DUPFD at or above it is EINVAL.  Running out of fd numbers (EMFILE) is
+# not modelled: the model's VMM never holds that many.
 RLIMIT_NOFILE = 1024
 # fs/fcntl.c SETFL_MASK: the status flags F_SETFL may change (O_NDELAY is O_NONBLOCK on x86).
 SETFL_MASK = O_APPEND | O_NONBLOCK | O_DIRECT | O_NOATIME
@@ -143,12 +144,10 @@ class FdTable:
 
     def install(self, file: File, *, minfd: int = 3, cloexec: bool = False) -> int:
         """``get_unused_fd_flags()`` + ``fd_install()``: the lowest free number >= ``minfd``
-        (0-2 are the VMM's stdio); -EMFILE when none is below ``RLIMIT_NOFILE``."""
+        (0-2 are the VMM's stdio)."""
         fd = max(minfd, 3)
         while fd in self.files:
             fd += 1
-        if fd >= RLIMIT_NOFILE:
-            return -EMFILE
         self.files[fd] = file
         if cloexec:
             self.cloexec.add(fd)
@@ -298,10 +297,8 @@ def f_dupfd(fds: FdTable, file: File, minfd: int, cloexec: bool) -> int:
     """``f_dupfd()``: EINVAL when ``minfd`` (an ``unsigned int``) is not below RLIMIT_NOFILE."""
     if to_u32(minfd) >= RLIMIT_NOFILE:
         return -EINVAL
-    fd = fds.install(file, minfd=to_u32(minfd), cloexec=cloexec)
-    if fd >= 0:
-        get_file(file)
-    return fd
+    get_file(file)
+    return fds.install(file, minfd=to_u32(minfd), cloexec=cloexec)
 
 
 def setfl(file: File, arg: int) -> int:
@@ -372,8 +369,10 @@ def reopen(m: Machine, file: File, flags: int) -> KGen[File | int]:
     if not file.inode.openable:
         return -ENXIO
     acc = flags & O_ACCMODE
+    # do_dentry_open() gives a regular file FMODE_PREAD | FMODE_PWRITE besides.
     new = File(file.f_op, file.inode,
-               file_init_mode(file.f_op, acc in (O_RDONLY, O_RDWR), acc in (O_WRONLY, O_RDWR)))
+               file_init_mode(file.f_op, acc in (O_RDONLY, O_RDWR), acc in (O_WRONLY, O_RDWR))
+               | FMODE_PREAD | FMODE_PWRITE)
     new.f_flags = flags & ~O_ACCMODE & ~0o2000000 | acc | O_LARGEFILE
     file.inode.i_count += 1
     return new
