@@ -38,6 +38,7 @@ from gmemlab.uapi import (
     FD_CLOEXEC,
     O_ACCMODE,
     O_APPEND,
+    O_CLOEXEC,
     O_DIRECT,
     O_LARGEFILE,
     O_NOATIME,
@@ -373,7 +374,8 @@ def reopen(m: Machine, file: File, flags: int) -> KGen[File | int]:
     new = File(file.f_op, file.inode,
                file_init_mode(file.f_op, acc in (O_RDONLY, O_RDWR), acc in (O_WRONLY, O_RDWR))
                | FMODE_PREAD | FMODE_PWRITE)
-    new.f_flags = flags & ~O_ACCMODE & ~0o2000000 | acc | O_LARGEFILE
+    # build_open_flags() keeps O_CLOEXEC for the fd table only; open() forces O_LARGEFILE.
+    new.f_flags = flags & ~(O_ACCMODE | O_CLOEXEC) | acc | O_LARGEFILE
     file.inode.i_count += 1
     return new
 

@@ -111,6 +111,7 @@ from gmemlab.uapi import (
     F_DUPFD_CLOEXEC,
     KVM_API_VERSION,
     KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
+    O_CLOEXEC,
     O_RDWR,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -136,11 +137,16 @@ def _check(r: int, what: str) -> int:
     return r
 
 
-# Requests do_vfs_ioctl() answers for every fd before the file's own ->unlocked_ioctl.
+# Requests do_vfs_ioctl() (fs/ioctl.c, 6.18) answers for every fd before the file's own
+# ->unlocked_ioctl: FIOCLEX and FIONCLEX are modelled; the model does not guess the others.
 FIONCLEX = 0x5450
 FIOCLEX = 0x5451
-_VFS_IOCTLS = (0x5421, 0x541B, 0x5452, 0x5460, 0x2, 0xC020660B, 0xC0185877, 0xC0185878,
-               0x40049409, 0x4020940D, 0xC018940E, 0x80086601, 0x40086602)
+_UNMODELLED_VFS_IOCTLS = {
+    0x1: "FIBMAP", 0x2: "FIGETBSZ", 0x5421: "FIONBIO", 0x5452: "FIOASYNC", 0x5460: "FIOQSIZE",
+    0x541B: "FIONREAD", 0xC0045877: "FIFREEZE", 0xC0045878: "FITHAW",
+    0xC020660B: "FS_IOC_FIEMAP", 0x40049409: "FICLONE", 0x4020940D: "FICLONERANGE",
+    0xC018940E: "FIDEDUPERANGE", 0x80086601: "FS_IOC_GETFLAGS", 0x40086602: "FS_IOC_SETFLAGS",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +173,8 @@ def do_vfs_ioctl(fds_owner: _Owned, request: int) -> int | None:
     if request == FIONCLEX:
         table.cloexec.discard(fd)
         return 0
-    if request in _VFS_IOCTLS:
-        raise NotImplementedError(f"generic ioctl {request:#x} is not modelled")
+    if request in _UNMODELLED_VFS_IOCTLS:
+        raise NotImplementedError(f"{_UNMODELLED_VFS_IOCTLS[request]} is not modelled")
     return None
 
 
@@ -394,7 +400,7 @@ class MemFile(_Owned):
         new = h.run(reopen(h.m, self.file, flags))
         if isinstance(new, int):
             raise KernelError(-new, "open(/proc/self/fd)")
-        fd = h.proc.fds.install(new, cloexec=bool(flags & 0o2000000))
+        fd = h.proc.fds.install(new, cloexec=bool(flags & O_CLOEXEC))
         return self._another(fd)
 
 
