@@ -154,7 +154,10 @@ def mm_populate(m: Machine, proc: Process, start: int, length: int) -> KGen[None
     """``mm_populate()`` -> ``__mm_populate(ignore_errors=1)`` after a MAP_POPULATE mmap
     (``vm_mmap_pgoff()``): each VMA's pages through ``populate_vma_page_range()``; a VMA
     GUP refuses, or a fault that fails, ends that VMA's population and nothing is
-    reported (mmap has already succeeded).  Private writable VMAs are write-faulted."""
+    reported (mmap has already succeeded).  Private writable VMAs are write-faulted.
+    ``populate_vma_page_range()``'s FOLL_FORCE for accessible VMAs is left out: it only
+    matters for the forced write of a read-only private mapping, which is never populated
+    with a write fault here."""
     for vma in vmas_in(m, proc.mm, start, start + length):
         write = vma.flags & (VM_WRITE | VM_SHARED) == VM_WRITE
         if check_vma_flags(m, vma, FOLL_WRITE if write else 0):

@@ -310,7 +310,9 @@ def split_vma(m: Machine, vma: Vma, addr: int) -> Vma:
     """``__split_vma()``: cut ``vma`` at ``addr``; returns the new upper part.
 
     The upper part takes the PTEs above ``addr`` (with their references) and its own
-    reference on the file, and joins the file's ``i_mmap``.
+    reference on the file, and joins the file's ``i_mmap``.  Our choice: VMAs are never
+    merged again (the kernel's ``vma_merge_*()`` joins equal neighbours), so after an
+    mprotect() round trip the model shows more VMAs than /proc/self/maps would.
     """
     assert vma.start < addr < vma.end and not addr & (PAGE_SIZE - 1)
     cut = (addr - vma.start) >> PAGE_SHIFT
