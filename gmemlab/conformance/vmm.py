@@ -473,7 +473,7 @@ def _ioctl_unknown(host: api.Host, _: int) -> Outcome:
             "memfd_kvm_run": attempt(lambda: f.ioctl(uapi.KVM_RUN)),
             "secret_create_vm": attempt(lambda: s.ioctl(uapi.KVM_CREATE_VM)),
         }
-        s.ioctl(0x5451)  # FIOCLEX
+        s.ioctl(uapi.FIOCLEX)
         out["FIOCLEX"] = s.fcntl(uapi.F_GETFD)
         return out
 

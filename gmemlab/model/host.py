@@ -109,6 +109,8 @@ from gmemlab.model.task import KGen
 from gmemlab.uapi import (
     F_DUPFD,
     F_DUPFD_CLOEXEC,
+    FIOCLEX,
+    FIONCLEX,
     KVM_API_VERSION,
     KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
     O_CLOEXEC,
@@ -139,8 +141,6 @@ def _check(r: int, what: str) -> int:
 
 # Requests do_vfs_ioctl() (fs/ioctl.c, 6.18) answers for every fd before the file's own
 # ->unlocked_ioctl: FIOCLEX and FIONCLEX are modelled; the model does not guess the others.
-FIONCLEX = 0x5450
-FIOCLEX = 0x5451
 _UNMODELLED_VFS_IOCTLS = {
     0x1: "FIBMAP", 0x2: "FIGETBSZ", 0x5421: "FIONBIO", 0x5452: "FIOASYNC", 0x5460: "FIOQSIZE",
     0x541B: "FIONREAD", 0xC0045877: "FIFREEZE", 0xC0045878: "FITHAW",

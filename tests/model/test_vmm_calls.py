@@ -21,6 +21,7 @@ from gmemlab.uapi import (
     F_GETFD,
     F_GETFL,
     F_SETFL,
+    FIOCLEX,
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
@@ -248,7 +249,7 @@ def test_kvm_files_answer_ioctls_they_do_not_know(h: Host) -> None:
     kvm = h.open_kvm()
     vm = kvm.create_vm()
     vcpu = vm.create_vcpu(0)
-    assert {f.ioctl(0x5451) for f in (kvm, vm, vcpu)} == {0}  # FIOCLEX: do_vfs_ioctl()
+    assert {f.ioctl(FIOCLEX) for f in (kvm, vm, vcpu)} == {0}  # do_vfs_ioctl()
     for f, err in ((kvm, errno.EINVAL), (vm, errno.ENOTTY), (vcpu, errno.EINVAL)):
         refused(h, err, lambda f=f: f.ioctl(0xAEFF))
     with pytest.raises(NotImplementedError):
