@@ -62,6 +62,10 @@ CASES: dict[str, tuple[Call, int]] = {
     "madvise REMOVE anonymous": (on_anon(lambda m: m.madvise(uapi.MADV_REMOVE)), errno.EINVAL),
     "mprotect PROT bit 0x10": (on_anon(lambda m: m.mprotect(0x10)), errno.EINVAL),
     "mprotect unaligned": (on_anon(lambda m: m.mprotect(uapi.PROT_READ, 1, P)), errno.EINVAL),
+    "mprotect GROWSDOWN": (on_anon(lambda m: m.mprotect(uapi.PROT_GROWSDOWN | 1)), errno.EINVAL),
+    "mprotect GROWSUP": (on_anon(lambda m: m.mprotect(uapi.PROT_GROWSUP | 1)), errno.EINVAL),
+    "mprotect GROWS both": (on_anon(lambda m: m.mprotect(
+        uapi.PROT_GROWSDOWN | uapi.PROT_GROWSUP | 1)), errno.EINVAL),
     "fcntl unknown command": (on_memfd(lambda f: f.fcntl(0x7777)), errno.EINVAL),
     "F_SETFL O_DIRECT": (on_memfd(lambda f: f.fcntl(uapi.F_SETFL, uapi.O_DIRECT)), errno.EINVAL),
     "F_ADD_SEALS unsealable memfd": (on_memfd(lambda f: f.fcntl(uapi.F_ADD_SEALS, 4)), errno.EPERM),
@@ -83,6 +87,15 @@ def test_bad_vmm_call_same_errno_on_both(case: str) -> None:
         with pytest.raises(api.KernelError) as e:
             call(host)
         assert e.value.errno == err, f"{host.name}: {e.value}"
+
+
+def test_prot_sem_is_accepted_and_changes_nothing_on_both() -> None:
+    """x86 keeps the generic arch_validate_prot(): PROT_SEM is a valid bit with no effect."""
+    for host in (twin_host(), model_host("base", "x86_64-kvm_pvm-6.18")):
+        with host.mmap_anonymous(P) as m:
+            m.mprotect(uapi.PROT_SEM | uapi.PROT_READ)
+            with pytest.raises(api.SigSegv):
+                m.write(0, b"x")
 
 
 def test_a_sigsegv_is_taken_in_a_child() -> None:

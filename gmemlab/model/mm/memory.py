@@ -37,8 +37,11 @@ from gmemlab.uapi import (
     PAGE_SHIFT,
     PAGE_SIZE,
     PROT_EXEC,
+    PROT_GROWSDOWN,
+    PROT_GROWSUP,
     PROT_READ,
     PROT_RW,
+    PROT_SEM,
     PROT_WRITE,
     to_u64,
 )
@@ -366,28 +369,36 @@ def do_vmi_munmap(m: Machine, proc: Process, start: int, length: int) -> KGen[in
 def do_mprotect_pkey(m: Machine, proc: Process, start: int, length: int, prot: int) -> KGen[int]:
     """``mprotect(2)`` -> ``do_mprotect_pkey()`` + ``mprotect_fixup()`` (mm/mprotect.c, 6.18).
 
-    EINVAL for an unaligned start or an unknown PROT bit (x86 ``arch_validate_prot()``),
-    ENOMEM when the range wraps or has a hole (the VMAs before the hole keep their new
-    protection, as in the kernel), EACCES for a protection the VMA may not have
-    (VM_MAY* cleared: PROT_WRITE on a read-only shared file, PROT_EXEC on a noexec one).
+    EINVAL for both PROT_GROWSDOWN and PROT_GROWSUP, an unaligned start, or a PROT bit
+    outside READ|WRITE|EXEC|SEM (generic ``arch_validate_prot()``, which x86 keeps; PROT_SEM
+    does nothing); ENOMEM when the range wraps or has a hole (the VMAs before the hole keep
+    their new protection, as in the kernel); EINVAL for PROT_GROWSDOWN/UP once a VMA is
+    found (no VMA here grows); EACCES for a protection the VMA may not have (VM_MAY*
+    cleared: PROT_WRITE on a read-only shared file, PROT_EXEC on a noexec one).
     ``change_protection()`` notifies KVM (``MMU_NOTIFY_PROTECTION_VMA``), which zaps its
-    stage-2 mappings of the range.  PROT_GROWSDOWN/UP and protection keys are not modelled.
+    stage-2 mappings of the range.  Protection keys are not modelled.
     """
     start, length = to_u64(start), to_u64(length)
-    if start & (PAGE_SIZE - 1):
+    grows = prot & (PROT_GROWSDOWN | PROT_GROWSUP)
+    prot &= ~grows
+    if grows == PROT_GROWSDOWN | PROT_GROWSUP or start & (PAGE_SIZE - 1):
         return -EINVAL
     if not length:
         return 0
     end = start + -(-length // PAGE_SIZE) * PAGE_SIZE
     if end > 0xFFFF_FFFF_FFFF_FFFF or end <= start:
         return -ENOMEM
-    if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
+    if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM):
         return -EINVAL
-    want = calc_vm_prot_bits(prot)
     covered = sorted((v for v in proc.mm.vmas if v.start < end and v.end > start),
                      key=lambda v: v.start)
-    if not covered or covered[0].start > start:
+    if not covered:
         return -ENOMEM
+    if grows:  # VM_GROWSDOWN/VM_GROWSUP: the model maps no stack
+        return -ENOMEM if not grows & PROT_GROWSDOWN and covered[0].start > start else -EINVAL
+    if covered[0].start > start:
+        return -ENOMEM
+    want = calc_vm_prot_bits(prot)
     tmp = start
     for vma in covered:
         if vma.start > tmp:
