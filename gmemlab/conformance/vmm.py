@@ -300,6 +300,22 @@ def _mmap_guest_memfd_prot(host: api.Host, flags: int) -> Outcome:
                     "maps": maps_outcome(host, rw)}
 
 
+@case("mmap.private_cow")
+def _mmap_private_cow(host: api.Host, _: int) -> Outcome:
+    """MAP_PRIVATE of a memfd: a store copies the page (wp_page_copy()), the file never
+    sees it; a later store through a shared mapping is not seen by the copy; MADV_DONTNEED
+    drops the copy, and the page cache shows through again."""
+    with filled_memfd(host, 0x11, PAGE) as f, f.mmap(PAGE, shared=False) as priv, \
+            f.mmap(PAGE) as shared:
+        priv.write(0, b"\x66")
+        out: dict[str, Outcome] = {"private": byte_at(priv, 0), "file": byte_at(shared, 0)}
+        shared.write(1, b"\x77")
+        out["private_after_shared_store"] = runs(priv.read(0, 2))
+        priv.madvise(uapi.MADV_DONTNEED)
+        out["private_after_dontneed"] = runs(priv.read(0, 2))
+        return out
+
+
 # --- MAP_FIXED ----------------------------------------------------------------------------------
 @case("mmap.fixed")
 def _mmap_fixed(host: api.Host, _: int) -> Outcome:

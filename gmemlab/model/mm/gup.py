@@ -30,6 +30,7 @@ from gmemlab.model.mm.memory import (
     Vma,
     access_error,
     get_pte_or_fault,
+    needs_cow,
     vma_has_no_direct_map,
 )
 from gmemlab.model.mm.xarray import EMPTY
@@ -103,7 +104,8 @@ def get_user_pages(m: Machine, proc: Process, addr: int, npages: int, gup_flags:
         yield ("pte", (id(mm), a))
         pfn = vma.ptes.load((a - vma.start) // PAGE_SIZE)
         # pte_access_permitted(): mprotect() made the PTEs as protected as the VMA.
-        if (pfn == EMPTY or access_error(vma, bool(gup_flags & FOLL_WRITE))
+        write = bool(gup_flags & FOLL_WRITE)
+        if (pfn == EMPTY or access_error(vma, write) or (write and needs_cow(m, vma, pfn))
                 or not gup_fast_folio_allowed(m, pfn, gup_flags)):
             break
         m.mem.refcount[pfn] += 1

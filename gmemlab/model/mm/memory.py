@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from gmemlab.model.fs import FMODE_READ, FMODE_WRITE, FdTable, File, fput, get_file
 from gmemlab.model.mm.folio import folio_put, folio_unlock
 from gmemlab.model.mm.memmap import KIND_ANON
-from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page
+from gmemlab.model.mm.page_alloc import GFP_HIGHUSER, GFP_HIGHUSER_ZERO, alloc_page
 from gmemlab.model.mm.xarray import EMPTY, XArray
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (
@@ -499,17 +499,39 @@ def unmap_mapping_folio(m: Machine, mapping: AddressSpace, pfn: int) -> KGen[Non
 
 
 def get_pte_or_fault(m: Machine, vma: Vma, addr: int, *, write: bool) -> KGen[int]:
-    """The PTE's pfn, faulting it in if absent; -VM_FAULT_* on failure."""
+    """The PTE's pfn, faulting it in if absent; -VM_FAULT_* on failure.  A write to a
+    page-cache page in a private mapping copies it first (:func:`wp_page_copy`)."""
     page = (addr - vma.start) >> PAGE_SHIFT
     yield ("pte", (id(vma.mm), addr & ~(PAGE_SIZE - 1)))
     pfn = vma.ptes.load(page)
-    if pfn != EMPTY:
-        return pfn
-    for _ in range(OOM_RETRIES):
-        pfn = yield from handle_mm_fault(m, vma, addr, write)
-        if pfn != -VM_FAULT_OOM:
-            return pfn
+    if pfn == EMPTY:
+        for _ in range(OOM_RETRIES):
+            pfn = yield from handle_mm_fault(m, vma, addr, write)
+            if pfn != -VM_FAULT_OOM:
+                break
+    if pfn >= 0 and write and needs_cow(m, vma, pfn):
+        return (yield from wp_page_copy(m, vma, page, pfn))
     return pfn
+
+
+def needs_cow(m: Machine, vma: Vma, pfn: int) -> bool:
+    """A private file mapping maps the page cache read-only until a write copies the page
+    (``do_cow_fault()`` on a write fault, ``do_wp_page()`` on a mapped page)."""
+    return vma.file is not None and not vma.flags & VM_SHARED and m.mem.kind[pfn] != KIND_ANON
+
+
+def wp_page_copy(m: Machine, vma: Vma, page: int, old: int) -> KGen[int]:
+    """``wp_page_copy()`` (mm/memory.c): a new anonymous page with the old one's bytes
+    (``__wp_page_copy_user()``) replaces the page-cache page in the PTE; the file is not
+    written.  Our choice: the copy is secret when any byte of the old page was."""
+    new = yield from alloc_page(m, GFP_HIGHUSER, kind="anon")
+    if new < 0:
+        return -VM_FAULT_OOM
+    m.mem.kind[new] = KIND_ANON
+    m.mem.write(new, 0, m.mem.read(old, 0, PAGE_SIZE), secret=m.mem.secret_bytes(old) > 0)
+    yield from zap_pte(m, vma, page)
+    _set_pte(m, vma, page, new, "wp_page_copy")
+    return new
 
 
 # --- accesses ------------------------------------------------------------------------------------
