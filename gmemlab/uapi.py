@@ -96,6 +96,18 @@ class kvm_create_guest_memfd(ctypes.Structure):
     )
 
 
+class kvm_userspace_memory_region(ctypes.Structure):
+    """The legacy region: the first 32 bytes of ``kvm_userspace_memory_region2``."""
+
+    _fields_ = (
+        ("slot", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("guest_phys_addr", ctypes.c_uint64),
+        ("memory_size", ctypes.c_uint64),
+        ("userspace_addr", ctypes.c_uint64),
+    )
+
+
 class kvm_userspace_memory_region2(ctypes.Structure):
     _fields_ = (
         ("slot", ctypes.c_uint32),
@@ -347,6 +359,7 @@ KVM_API_VERSION = 12
 
 # --- VM ioctls --------------------------------------------------------------------
 KVM_CREATE_VCPU = _io(KVMIO, 0x41)
+KVM_SET_USER_MEMORY_REGION = _iow(KVMIO, 0x46, ctypes.sizeof(kvm_userspace_memory_region))
 KVM_SET_USER_MEMORY_REGION2 = _iow(KVMIO, 0x49, ctypes.sizeof(kvm_userspace_memory_region2))
 KVM_SET_MEMORY_ATTRIBUTES = _iow(KVMIO, 0xD2, ctypes.sizeof(kvm_memory_attributes))
 KVM_CREATE_GUEST_MEMFD = _iowr(KVMIO, 0xD4, ctypes.sizeof(kvm_create_guest_memfd))
@@ -397,9 +410,17 @@ def gmem_flags_str(flags: int) -> str:
     return "|".join(names)
 
 
+def gmem_flags_parse(text: str) -> int:
+    """The flag word :func:`gmem_flags_str` named."""
+    by_name = {n: bit for bit, n in GUEST_MEMFD_FLAG_NAMES.items()}
+    return 0 if text == "0" else sum(by_name[n] for n in text.split("|"))
+
+
 # --- memslot flags ------------------------------------------------------------------
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+# The only flags the legacy KVM_SET_USER_MEMORY_REGION takes (virt/kvm/kvm_main.c).
+KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 KVM_MEM_GUEST_MEMFD = 1 << 2
 
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
@@ -451,4 +472,47 @@ FALLOC_FL_MODE_MASK = (FALLOC_FL_ALLOCATE_RANGE | FALLOC_FL_PUNCH_HOLE | FALLOC_
 
 # --- memfd_secret (include/uapi/linux/secretmem.h has none; O_CLOEXEC only) -------------------
 O_CLOEXEC = 0o2000000
+
+# --- mm and VFS calls a VMM makes (include/uapi/asm-generic/mman-common.h, fcntl.h; x86_64) ----
+PROT_NONE = 0x0
+PROT_READ = 0x1
+PROT_WRITE = 0x2
+PROT_EXEC = 0x4
+PROT_SEM = 0x8
+PROT_RW = PROT_READ | PROT_WRITE
+PROT_GROWSDOWN = 0x01000000
+PROT_GROWSUP = 0x02000000
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_POPULATE = 0x8000
+MADV_DONTNEED = 4
+MADV_REMOVE = 9
+MADV_POPULATE_READ = 22
+MADV_POPULATE_WRITE = 23
+O_RDONLY = 0o0
+O_WRONLY = 0o1
+O_RDWR = 0o2
+O_ACCMODE = 0o3
+O_APPEND = 0o2000
+O_NONBLOCK = 0o4000
+O_DIRECT = 0o40000
+O_LARGEFILE = 0o100000
+O_NOATIME = 0o1000000
+FD_CLOEXEC = 1
+F_DUPFD = 0
+F_GETFD = 1
+F_SETFD = 2
+F_GETFL = 3
+F_SETFL = 4
+F_DUPFD_CLOEXEC = 1030
+F_ADD_SEALS = 1033
+F_GET_SEALS = 1034
+F_SEAL_SEAL = 0x0001
+F_SEAL_SHRINK = 0x0002
+F_SEAL_GROW = 0x0004
+F_SEAL_WRITE = 0x0008
+FIONCLEX = 0x5450
+FIOCLEX = 0x5451
 SYS_memfd_secret = 447  # x86_64

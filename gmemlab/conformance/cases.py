@@ -121,13 +121,15 @@ def errno_name(e: OSError) -> str:
 
 
 def attempt(fn: Callable[[], object]) -> str:
-    """``"ok"``, the errno name of a :class:`KernelError`, or ``"SIGBUS"``."""
+    """``"ok"``, the errno name of a :class:`KernelError`, ``"SIGBUS"`` or ``"SIGSEGV"``."""
     try:
         fn()
     except api.KernelError as e:
         return errno_name(e)
     except api.SigBus:
         return "SIGBUS"
+    except api.SigSegv:
+        return "SIGSEGV"
     return "ok"
 
 

@@ -14,10 +14,13 @@ which must then behave as on memfd_secret (v12 patches 04-06, series-spec §4.1)
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from importlib import resources
 
 from gmemlab import guest
 from gmemlab.conformance.cases import CASES, GMEM_GPA, MMAP, NDM, PAGE, SHARED, TOTAL, Case, Outcome, runs
+from gmemlab.uapi import gmem_flags_parse
 
 RECORDED_ON = "Linux 6.18.44 kvm_pvm (nested), default VM, guest_memfd flags MMAP|INIT_SHARED"
 
@@ -161,6 +164,30 @@ EXPECTED: dict[str, Outcome | ByFlags] = {
     "mlock.past_eof": "ENOMEM",
     "mmap.anonymous_sizes": {"1M": "ok", "2^46": "ENOMEM", "2^47": "ENOMEM", "2^50": "ENOMEM"},
 }
+
+
+_VMM_CALLS = json.loads(resources.files("gmemlab.conformance").joinpath("data/vmm-calls.json")
+                       .read_text())
+# The guest_memfd cases of gmemlab.conformance.vmm: never run on a kernel with guest_memfd,
+# their outcomes derived from the source (DERIVED_FROM says which).
+DERIVED_FROM: str = _VMM_CALLS["derived_from"]
+DERIVED: frozenset[str] = frozenset(_VMM_CALLS["derived"])
+
+
+def _vmm_calls() -> dict[str, Outcome | ByFlags]:
+    """The outcomes of :mod:`gmemlab.conformance.vmm` (``data/vmm-calls.json``): the cases
+    without guest_memfd recorded live through the twin, the guest_memfd ones derived from
+    the kernel source (that kernel has none); ``{"by_flags": {"MMAP": ...}}`` is a ByFlags."""
+    out: dict[str, Outcome | ByFlags] = {}
+    for name, value in {**_VMM_CALLS["live"], **_VMM_CALLS["derived"]}.items():
+        if isinstance(value, dict) and set(value) == {"by_flags"}:
+            out[name] = ByFlags({gmem_flags_parse(k): v for k, v in value["by_flags"].items()})
+        else:
+            out[name] = value
+    return out
+
+
+EXPECTED.update(_vmm_calls())
 
 WITHOUT_GUEST_MEMFD_ON = "Linux 6.18.44-fc-v1300 (nested), KVM_CAP_GUEST_MEMFD = 0"
 # What a kernel without guest_memfd answers the cases that probe for it; every other case

@@ -117,9 +117,10 @@ def ioctl(fd: int, request: int, arg: int | ctypes.Structure | bytearray, what: 
         raise KernelError(e.errno or 0, what) from None
 
 
-def mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0, *, what: str) -> int:
-    """``mmap(2)``; returns the address."""
-    addr = _mmap(None, length, prot, flags, fd, offset)
+def mmap(length: int, prot: int, flags: int, fd: int = -1, offset: int = 0, *, what: str,
+         addr: int | None = None) -> int:
+    """``mmap(2)``; returns the address (``addr``: the hint, or the address with MAP_FIXED)."""
+    addr = _mmap(addr, length, prot, flags, fd, offset)
     if addr == MAP_FAILED or addr is None:
         raise KernelError(ctypes.get_errno(), what)
     return int(addr)
@@ -204,6 +205,10 @@ class FdOwner:
     def close(self) -> None:
         """``close(2)``; a second call does nothing."""
         self._close_fd()
+
+    def ioctl(self, request: int, arg: int = 0) -> int:
+        """``ioctl(2)`` with an integer argument: whatever the fd's file answers."""
+        return ioctl(self.fileno(), request, arg, f"ioctl({request:#x})")
 
     def _close_fd(self) -> None:
         if self._fd >= 0:

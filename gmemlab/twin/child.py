@@ -7,7 +7,8 @@ and every access "from another process", goes through :func:`run_in_child`.
 The child inherits the caller's shared mappings, so it reads and writes the
 same pages; it sends its result back over a pipe.  Before each page it touches
 it stores the page's address in a word of shared anonymous memory, so a child
-killed by SIGBUS is reported as :class:`gmemlab.api.SigBus` at that address.
+killed by SIGBUS is reported as :class:`gmemlab.api.SigBus` at that address, by SIGSEGV
+(a protection or an unmapped address) as :class:`gmemlab.api.SigSegv`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gmemlab.api import KernelError, SigBus
+from gmemlab.api import KernelError, SigBus, SigSegv
 
 _OK, _ERR, _CRASH = b"O", b"E", b"X"
 
@@ -64,6 +65,8 @@ def run_in_child(action: Callable[[Progress], bytes], what: str) -> bytes:
             sig = os.WTERMSIG(status)
             if sig == signal.SIGBUS:
                 raise SigBus(progress.get(), what)
+            if sig == signal.SIGSEGV:
+                raise SigSegv(progress.get(), what)
             raise RuntimeError(f"{what}: child killed by {signal.Signals(sig).name}")
         return _decode(reply, what)
     finally:
@@ -79,6 +82,7 @@ def _child_main(
     # The child must die of the signal itself, not of a Python-level handler.
     faulthandler.disable()
     signal.signal(signal.SIGBUS, signal.SIG_DFL)
+    signal.signal(signal.SIGSEGV, signal.SIG_DFL)
     try:
         os.close(rfd)
         try:

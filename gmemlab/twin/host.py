@@ -31,7 +31,7 @@ from gmemlab import api, uapi
 from gmemlab.twin import _sys
 from gmemlab.twin.child import run_in_child
 from gmemlab.twin.kvm import TwinKvm
-from gmemlab.twin.memory import TwinFile, TwinMapping
+from gmemlab.twin.memory import TwinFile, TwinMapping, map_memory
 
 KVM_PATH = "/dev/kvm"
 ODIRECT_DIR_ENV = "GMEMLAB_ODIRECT_DIR"
@@ -94,19 +94,48 @@ class TwinHost:
         with _sys.kernel_call("memfd_create"):
             return TwinFile(os.memfd_create(name, os.MFD_CLOEXEC), "memfd")
 
-    def mmap_anonymous(self, length: int) -> TwinMapping:
-        """``mmap(2)`` ``MAP_PRIVATE|MAP_ANONYMOUS`` (cannot SIGBUS: accessed in process)."""
-        addr = _sys.mmap(
-            length,
-            _sys.PROT_READ | _sys.PROT_WRITE,
-            _sys.MAP_PRIVATE | _sys.MAP_ANONYMOUS,
-            what="mmap(anonymous)",
-        )
-        return TwinMapping(addr, length, False, "anonymous mapping")
+    def mmap_anonymous(self, length: int, *, prot: int = uapi.PROT_RW, populate: bool = False,
+                       fixed: api.Mapping | None = None) -> TwinMapping:
+        """``mmap(2)`` ``MAP_PRIVATE|MAP_ANONYMOUS`` (read/write: accessed in process)."""
+        return map_memory(length, -1, 0, shared=False, prot=prot, populate=populate,
+                          fixed=fixed, what="anonymous")
 
     def meminfo(self) -> api.DirectMapCounters:
         """``DirectMap4k/2M/1G`` from ``/proc/meminfo`` (kB; 0 when a line is absent)."""
         return read_direct_map()
+
+    def maps(self, mapping: api.Mapping) -> list[api.MapsEntry]:
+        """The ``/proc/self/smaps`` entries of the VMAs in the mapping's range."""
+        return read_smaps(mapping.addr, mapping.addr + mapping.length)
+
+    def sendfile(self, out: api.MemFile, in_: api.MemFile, count: int,
+                 offset: int | None = None) -> int:
+        """``sendfile(2)`` from ``in_`` (at its position, or at ``offset``) to ``out``."""
+        with _sys.kernel_call("sendfile"):
+            return os.sendfile(out.fileno(), in_.fileno(), offset, count)
+
+    def splice_to_pipe(self, file: api.MemFile, count: int, offset: int | None = None) -> bytes:
+        """``splice(2)`` from the file into a fresh pipe (at most its 64 KiB); what arrived."""
+        rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            with _sys.kernel_call("splice"):
+                n = os.splice(file.fileno(), wfd, min(count, _CHUNK), offset_src=offset)
+            return _read_exactly(rfd, n)
+        finally:
+            os.close(rfd)
+            os.close(wfd)
+
+    def splice_from_pipe(self, file: api.MemFile, data: bytes, offset: int | None = None) -> int:
+        """``splice(2)`` of ``data`` (first written to a fresh pipe, at most 64 KiB) into the file."""
+        rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            data = data[:_CHUNK]
+            written = os.write(wfd, data) if data else 0
+            with _sys.kernel_call("splice"):
+                return os.splice(rfd, file.fileno(), written, offset_dst=offset)
+        finally:
+            os.close(rfd)
+            os.close(wfd)
 
     # --- kernel paths that reach user memory ----------------------------------------------
     def pipe_write_from(self, mapping: api.Mapping, offset: int, length: int) -> int:
@@ -186,6 +215,43 @@ def _through_pipe(push: _Push, start: int, length: int) -> int:
     finally:
         os.close(rfd)
         os.close(wfd)
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        out += os.read(fd, n - len(out))
+    return out
+
+
+# The VmFlags mnemonics (show_smap_vma_flags()) the model keeps; the others (sd, ac, hg...)
+# depend on the kernel's config and are left out of the comparison.
+MODELLED_VM_FLAGS = ("rd", "wr", "ex", "sh", "mr", "mw", "me", "ms", "lo", "dd")
+
+
+def read_smaps(start: int, end: int, path: str = "/proc/self/smaps") -> list[api.MapsEntry]:
+    """Parse the smaps entries of the VMAs overlapping [start, end): the maps line
+    (``start-end perms offset dev inode path``), ``Rss`` and ``VmFlags``."""
+    out: list[api.MapsEntry] = []
+    head: list[str] | None = None
+    rss = 0
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                head, rss = None, 0
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo < end and hi > start:
+                    head = line.rstrip("\n").split(None, 5)
+            elif head is not None and fields[0] == "Rss:":
+                rss = int(fields[1])
+            elif head is not None and fields[0] == "VmFlags:":
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                flags = tuple(x for x in MODELLED_VM_FLAGS if x in fields[1:])
+                out.append(api.MapsEntry(lo, hi, head[1], int(head[2], 16),
+                                         head[5] if len(head) > 5 else "", rss, flags))
+                head = None
+    return out
 
 
 def read_direct_map(path: str = "/proc/meminfo") -> api.DirectMapCounters:

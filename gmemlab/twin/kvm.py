@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gmemlab import api, uapi
@@ -105,9 +106,14 @@ class TwinVm(_sys.FdOwner):
         """``KVM_CHECK_EXTENSION`` on the VM fd (VM-scope answer, e.g. GUEST_MEMFD_FLAGS)."""
         return _sys.ioctl(self.fileno(), uapi.KVM_CHECK_EXTENSION, cap, f"KVM_CHECK_EXTENSION(vm, {cap})")
 
-    def create_guest_memfd(self, size: int, flags: int = 0) -> TwinGuestMemfd:
-        """``KVM_CREATE_GUEST_MEMFD``; ``flags`` is passed through unchecked."""
+    def create_guest_memfd(self, size: int, flags: int = 0, *,
+                           reserved: Sequence[int] = ()) -> TwinGuestMemfd:
+        """``KVM_CREATE_GUEST_MEMFD``; ``flags`` and the ``reserved`` words passed through."""
+        if len(reserved) > 6:
+            raise ValueError("struct kvm_create_guest_memfd has 6 reserved words")
         args = uapi.kvm_create_guest_memfd(size=size & (2**64 - 1), flags=flags & (2**64 - 1))
+        for i, word in enumerate(reserved):
+            args.reserved[i] = word & (2**64 - 1)
         what = f"KVM_CREATE_GUEST_MEMFD(size={size:#x}, flags={uapi.gmem_flags_str(flags)})"
         fd = _sys.ioctl(self.fileno(), uapi.KVM_CREATE_GUEST_MEMFD, args, what)
         return TwinGuestMemfd(fd, "guest_memfd", size, flags)
@@ -121,10 +127,15 @@ class TwinVm(_sys.FdOwner):
         userspace_addr: int = 0,
         guest_memfd: api.GuestMemfd | int | None = None,
         guest_memfd_offset: int = 0,
+        *,
+        pad1: int = 0,
+        pad2: Sequence[int] = (),
     ) -> None:
-        """``KVM_SET_USER_MEMORY_REGION2``; ``guest_memfd`` is a file object or a raw fd number."""
-        if self._private is not None and slot == self._private.slot:
-            raise ValueError(f"memslot {slot} is the twin's private slot")
+        """``KVM_SET_USER_MEMORY_REGION2``; ``guest_memfd`` is a file object or a raw fd
+        number; ``pad1``/``pad2`` are written into the struct as given."""
+        self._own_slot(slot)
+        if len(pad2) > 14:
+            raise ValueError("struct kvm_userspace_memory_region2 has 14 pad2 words")
         if guest_memfd is None:
             gmem_fd = 0
         elif isinstance(guest_memfd, int):
@@ -140,8 +151,25 @@ class TwinVm(_sys.FdOwner):
                 userspace_addr=userspace_addr,
                 guest_memfd_offset=guest_memfd_offset & (2**64 - 1),
                 guest_memfd=gmem_fd & 0xFFFFFFFF,
+                pad1=pad1 & 0xFFFFFFFF,
+                pad2=(ctypes.c_uint64 * 14)(*(w & (2**64 - 1) for w in pad2)),
             )
         )
+
+    def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
+                               memory_size: int, userspace_addr: int = 0) -> None:
+        """The legacy ``KVM_SET_USER_MEMORY_REGION`` (``struct kvm_userspace_memory_region``)."""
+        self._own_slot(slot)
+        region = uapi.kvm_userspace_memory_region(
+            slot=slot & 0xFFFFFFFF, flags=flags & 0xFFFFFFFF,
+            guest_phys_addr=guest_phys_addr & (2**64 - 1), memory_size=memory_size & (2**64 - 1),
+            userspace_addr=userspace_addr & (2**64 - 1))
+        what = f"KVM_SET_USER_MEMORY_REGION(slot={region.slot}, flags={region.flags:#x})"
+        _sys.ioctl(self.fileno(), uapi.KVM_SET_USER_MEMORY_REGION, region, what)
+
+    def _own_slot(self, slot: int) -> None:
+        if self._private is not None and slot == self._private.slot:
+            raise ValueError(f"memslot {slot} is the twin's private slot")
 
     def _set_region(self, region: uapi.kvm_userspace_memory_region2) -> None:
         what = (

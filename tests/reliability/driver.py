@@ -3,7 +3,8 @@
 :func:`generate` picks calls a VMM makes (VMs, guest_memfd with any offered flags,
 memslots on guest_memfd or on anonymous memory, read-only slots, mmap of guest_memfd,
 memfd and memfd_secret, VMM fills and reads, guest fills, checks and byte reports,
-GUP reads, fallocate and punch-hole, munmap, close) and bad arguments the kernel
+GUP reads, fallocate and punch-hole, madvise (DONTNEED, REMOVE, POPULATE_*), mprotect,
+MAP_POPULATE, dup, munmap, close) and bad arguments the kernel
 refuses, in an order drawn from ``random.Random(seed)``.  :class:`World` runs each
 call and holds it to an oracle: every byte that should persist reads back as written
 through the mapping, the guest and GUP; a refused call gives the kernel's errno and
@@ -22,7 +23,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from gmemlab.api import KernelError, MmioWrite, SigBus, run_program
+from gmemlab.api import KernelError, MmioWrite, SigBus, SigSegv, run_program
 from gmemlab.guest import GuestProgram
 from gmemlab.model import Host, MachineConfig
 from gmemlab.model.host import GuestMemfd, Mapping, MemFile, VcpuFd, VmFd
@@ -37,8 +38,16 @@ from gmemlab.uapi import (
     KVM_CAP_GUEST_MEMFD_FLAGS,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_READONLY,
+    MADV_DONTNEED,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+    MADV_REMOVE,
     PAGE_SIZE,
+    PROT_READ,
+    PROT_RW,
 )
+
+ADVICE = (MADV_DONTNEED, MADV_REMOVE, MADV_POPULATE_READ, MADV_POPULATE_WRITE)
 
 GPA_BASE = 1 << 32
 SLOT_SPAN = 1 << 24  # slot i of a VM lives at GPA_BASE + i * SLOT_SPAN
@@ -191,14 +200,15 @@ class World:
         g = v.vm.create_guest_memfd(pages * PAGE_SIZE, flags)
         self.gmems.append(Gmem(g, vm, Backing(bytearray(pages * PAGE_SIZE)), flags))
 
-    def op_mmap_gmem(self, gi: int) -> None:
+    def op_mmap_gmem(self, gi: int, populate: int = 0) -> None:
         g = self.gmem(gi)
         if g is None:
             return
         if not g.flags & GUEST_MEMFD_FLAG_MMAP:
             self.refused(errno.ENODEV, lambda: g.file.mmap(g.file.size), "mmap(guest_memfd)")
             return
-        mapping = g.file.mmap(g.file.size)
+        # MAP_POPULATE never fails for what it cannot populate (no INIT_SHARED, GUP refused).
+        mapping = g.file.mmap(g.file.size, populate=bool(populate))
         refuses = self.h.machine.design.mapping_refuses_gup(self.h.machine, g.file.file.inode.mapping)
         self.maps.append(Map(mapping, g.backing, "gmem", bool(g.flags & GUEST_MEMFD_FLAG_INIT_SHARED),
                              refuses))
@@ -306,6 +316,55 @@ class World:
             raise OracleMismatch(f"process_vm_readv of {mp.kind} succeeded; GUP must refuse it")
         if got != bytes(mp.backing.data[off : off + length]):
             raise OracleMismatch(f"process_vm_readv of {mp.kind} page {page} differs")
+
+    def op_madvise(self, mi: int, page: int, n: int, which: int) -> None:
+        """A balloon or a restore: what each advice does to each kind of memory."""
+        mp = self.map(mi)
+        if mp is None:
+            return
+        off, length = self._span(mp.backing, page, n)
+        advice = ADVICE[which % len(ADVICE)]
+        call = lambda: mp.mapping.madvise(advice, off, length)  # noqa: E731
+        what = f"madvise({advice}) of {mp.kind}"
+        populate = advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE)
+        # EINVAL: secretmem is VM_LOCKED and refused by GUP; anonymous memory has no file to
+        # punch; GUP refuses NO_DIRECT_MAP guest_memfd on the series.
+        if (mp.kind == "secretmem" or (advice == MADV_REMOVE and mp.kind == "anon")
+                or (populate and mp.gup_refused)):
+            self.refused(errno.EINVAL, call, what)
+        elif populate and not mp.shared_ok:  # the fault's SIGBUS
+            self.refused(errno.EFAULT, call, what)
+        else:
+            call()
+            if advice == MADV_REMOVE or (advice == MADV_DONTNEED and mp.kind == "anon"):
+                mp.backing.data[off : off + length] = bytes(length)
+
+    def op_mprotect(self, mi: int, page: int, n: int) -> None:
+        """PROT_READ on a range: writes there take SIGSEGV and change nothing, reads work;
+        then PROT_READ|PROT_WRITE again."""
+        mp = self.map(mi)
+        if mp is None or not mp.shared_ok:
+            return
+        off, length = self._span(mp.backing, page, n)
+        mp.mapping.mprotect(PROT_READ, off, length)
+        try:
+            mp.mapping.fill(off, length, 0xEE)
+        except SigSegv:
+            pass
+        else:
+            raise OracleMismatch(f"a write to a PROT_READ {mp.kind} range did not SIGSEGV")
+        if mp.mapping.read(off, length) != bytes(mp.backing.data[off : off + length]):
+            raise OracleMismatch(f"PROT_READ {mp.kind} range reads back differently")
+        mp.mapping.mprotect(PROT_RW, off, length)
+
+    def op_dup(self, i: int) -> None:
+        """The VMM keeps a memory file by a dup()ed fd and closes the first one."""
+        if not (0 <= i < len(self.files)) or self.files[i][0].closed:
+            return
+        f, backing, kind = self.files[i]
+        self.files[i] = (f.dup(), backing, kind)
+        f.close()
+        self.closed.append(f.fstat)
 
     def op_munmap(self, mi: int) -> None:
         mp = self.map(mi)
@@ -423,7 +482,7 @@ class World:
         gmems = [g for g in self.gmems if g.open]
         vms = [v for v in self.vms if v.open]
         prof = self.h.machine.profile
-        choice = which % 8
+        choice = which % 12
         if choice == 0 and gmems:
             g = gmems[arg % len(gmems)]
             self.refused(errno.EINVAL, lambda: g.file.fallocate(FALLOC_FL_KEEP_SIZE, -2 * PAGE_SIZE,
@@ -453,6 +512,26 @@ class World:
                 vcpu = v.vcpu
                 self.refused(errno.EINVAL, lambda: vcpu.kvm_clock(GPA_BASE + PAGE_SIZE - 8),
                              "kvm_clock(offset 4088)")
+        elif choice == 8 and self.maps:
+            mp = self.maps[arg % len(self.maps)]
+            if mp.mapped:
+                self.refused(errno.EINVAL, lambda: mp.mapping.madvise(999), "madvise(999)")
+                self.refused(errno.EINVAL, lambda: mp.mapping.mprotect(0x10), "mprotect(0x10)")
+        elif choice == 9 and vms:
+            v = vms[arg % len(vms)]
+            self.refused(errno.EINVAL, lambda: v.vm.set_user_memory_region(
+                MAX_SLOTS, KVM_MEM_GUEST_MEMFD, GPA_BASE, PAGE_SIZE, 0),
+                "KVM_SET_USER_MEMORY_REGION(KVM_MEM_GUEST_MEMFD)")
+        elif choice == 10 and gmems:
+            g = gmems[arg % len(gmems)]
+            self.refused(errno.EINVAL, g.file.fsync, "fsync(guest_memfd)")
+            self.refused(errno.EINVAL, lambda: g.file.fchmod(0o644), "fchmod(guest_memfd)")
+            self.refused(errno.ENXIO, g.file.reopen, "open(/proc/self/fd/guest_memfd)")
+        elif choice == 11 and gmems and self.files:
+            g, f = gmems[arg % len(gmems)], self.files[arg % len(self.files)][0]
+            if not f.closed:
+                self.refused(errno.EINVAL, lambda: self.h.sendfile(f, g.file, PAGE_SIZE),
+                             "sendfile(from guest_memfd)")
 
     # --- helpers ----------------------------------------------------------------------------
     @staticmethod
@@ -517,7 +596,7 @@ def generate(rng: random.Random, w: World) -> Op:
         (2 if len(vms) < MAX_VMS else 0, lambda: Op("create_vm")),
         (2, lambda: Op("mmap_anon", (r(1, MAX_PAGES + 1),))),
         (1, lambda: Op("memfile", (r(2), r(1, MAX_PAGES + 1)))),
-        (3, lambda: Op("bad", (r(8), r(1 << 16)))),
+        (3, lambda: Op("bad", (r(12), r(1 << 16)))),
     ]
     if vms:
         choices += [
@@ -546,7 +625,7 @@ def generate(rng: random.Random, w: World) -> Op:
         ]
     if gmems:
         choices += [
-            (3, lambda: Op("mmap_gmem", (one(gmems),))),
+            (3, lambda: Op("mmap_gmem", (one(gmems), int(r(3) == 0)))),
             (4, lambda: Op("fallocate", (one(gmems), r(MAX_PAGES), r(1, 4), r(2)))),
             (1, lambda: Op("close_gmem", (one(gmems),))),
         ]
@@ -557,9 +636,12 @@ def generate(rng: random.Random, w: World) -> Op:
             (6, lambda: Op("vmm_read", (one(maps), r(MAX_PAGES), r(1, 3)))),
             (3, lambda: Op("gup_read", (one(maps), r(MAX_PAGES)))),
             (1, lambda: Op("munmap", (one(maps),))),
+            (3, lambda: Op("madvise", (one(maps), r(MAX_PAGES), r(1, 3), r(len(ADVICE))))),
+            (1, lambda: Op("mprotect", (one(maps), r(MAX_PAGES), r(1, 3)))),
         ]
     if files:
-        choices.append((1, lambda: Op("close_memfile", (one(files),))))
+        choices += [(1, lambda: Op("close_memfile", (one(files),))),
+                    (1, lambda: Op("dup", (one(files),)))]
     total = sum(wt for wt, _ in choices)
     pick = r(total)
     for wt, make in choices:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gmemlab.api import KernelError, SigBus, run_program
+from gmemlab.api import KernelError, SigBus, SigSegv, run_program
 from gmemlab.guest import GuestProgram
 from gmemlab.model import Host
 from gmemlab.model.host import GuestMemfd, Mapping, VcpuFd, VmFd
@@ -32,7 +32,10 @@ from gmemlab.uapi import (
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
     KVM_MEM_GUEST_MEMFD,
     KVM_X86_SNP_VM,
+    MADV_DONTNEED,
+    MADV_REMOVE,
     PAGE_SIZE,
+    PROT_READ,
 )
 from tests.scale.equivalence import first_difference, run_both
 
@@ -240,6 +243,27 @@ def sigbus(h: Host) -> None:
     mapping.read(0, MIB)
 
 
+def vmm_calls(flags: int) -> Callable[[Host], None]:
+    """mprotect and MAP_FIXED split a bound mapping into VMAs the batched user access and
+    zap walk one at a time; MADV_DONTNEED/REMOVE, a SIGSEGV on the read-only part, a
+    MAP_POPULATE mapping, then munmap of the split range."""
+    def run(h: Host) -> None:
+        g = vm_with_gmem(h, 4 * MIB, flags, mapped=True)
+        g.mem.fill(0, 4 * MIB, 3)
+        g.mem.mprotect(PROT_READ, MIB, MIB)
+        with pytest.raises(SigSegv):
+            g.mem.fill(MIB - PAGE_SIZE, 2 * PAGE_SIZE, 4)
+        g.mem.read(0, 4 * MIB)
+        g.mem.madvise(MADV_DONTNEED, 0, MIB + 5 * PAGE_SIZE)
+        g.mem.madvise(MADV_REMOVE, 2 * MIB, MIB)
+        over = g.gmem.mmap(MIB, 3 * MIB, fixed=g.mem, populate=True)
+        over.fill(0, MIB, 5)
+        g.mem.read(0, 4 * MIB)
+        guest(g.vcpu, GuestProgram().touch(GPA, 4 * MIB, write=False))
+        g.mem.munmap()
+    return run
+
+
 def snp_guest(h: Host) -> None:
     g = vm_with_gmem(h, 2 * MIB, GUEST_MEMFD_FLAG_MMAP, vm_type=KVM_X86_SNP_VM)
     guest(g.vcpu, GuestProgram().touch(GPA, 2 * MIB))
@@ -298,6 +322,8 @@ CASES: dict[str, tuple[Callable[[Host], None], dict[str, object]]] = {
     "zap-failed-earlier": (zap_failed_earlier, {}),
     "split-at-region-end": (split_at_region_end, {}),
     "sigbus": (sigbus, {}),
+    "vmm-calls": (vmm_calls(NDM), {}),
+    "vmm-calls-no-flag": (vmm_calls(SHARED), {}),
     "trace-ring": (punch_refault_release(NDM), {"trace": "ring", "trace_ring": 300}),
     "trace-off": (vmm_then_guest(NDM), {"trace": "off"}),
 }

@@ -76,11 +76,18 @@ def test_child_reports_errno_and_other_crashes() -> None:
     assert e.value.errno == errno.EPERM
     assert e.value.what == "inner"
 
-    def crash(_: object) -> bytes:
+    def segv(_: object) -> bytes:
         os.kill(os.getpid(), signal.SIGSEGV)
         return b""
 
-    with pytest.raises(RuntimeError, match="SIGSEGV"):
+    with pytest.raises(api.SigSegv):  # an access the protection refused
+        run_in_child(segv, "segv")
+
+    def crash(_: object) -> bytes:
+        os.kill(os.getpid(), signal.SIGABRT)
+        return b""
+
+    with pytest.raises(RuntimeError, match="SIGABRT"):
         run_in_child(crash, "crash")
 
     def bug(_: object) -> bytes:

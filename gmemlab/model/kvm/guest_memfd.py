@@ -103,6 +103,9 @@ def folio_inode(m: Machine, pfn: int) -> Inode:
     return host
 
 
+GMEM_DEV = 2  # kvm_gmem_mnt's anonymous device (our choice of number)
+
+
 class KvmGmemFops:
     """``kvm_gmem_fops``: mmap, release, fallocate; no read/write/llseek (so VFS answers)."""
 
@@ -110,6 +113,9 @@ class KvmGmemFops:
     has_read = False
     has_write = False
     has_llseek = False
+    has_fsync = False
+    has_splice_read = False
+    has_splice_write = False
 
     def mmap(self, m: Machine, file: File, vma: Vma) -> KGen[int]:
         """``kvm_gmem_mmap()``."""
@@ -129,6 +135,11 @@ class KvmGmemFops:
 
     def setattr_size(self, m: Machine, file: File, size: int) -> KGen[int]:
         """``kvm_gmem_setattr()``: the size of a guest_memfd never changes."""
+        yield ("file", id(file))
+        return -EINVAL
+
+    def setattr_mode(self, m: Machine, file: File, mode: int) -> KGen[int]:
+        """``kvm_gmem_setattr()`` refuses every attribute, the mode too (fchmod)."""
         yield ("file", id(file))
         return -EINVAL
 
@@ -168,6 +179,8 @@ def kvm_gmem_create(m: Machine, kvm: Kvm, size: int, flags: int) -> KGen[int]:
 def __kvm_gmem_create(m: Machine, kvm: Kvm, size: int, flags: int) -> KGen[int]:
     mapping = m.new_mapping(GMEM_AOPS, GFP_HIGHUSER, "guest_memfd")
     inode = m.new_inode(0o600 | S_IFREG, size, mapping, "guest_memfd")
+    # kvm_gmem_fs is SB_I_NOEXEC | SB_I_NODEV (kvm_gmem_init_fs_context(), 6.18).
+    inode.noexec, inode.dev, inode.name = True, GMEM_DEV, "[kvm-gmem]"
     mapping_set_inaccessible(mapping)
     if m.design.series and flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP:
         mapping_set_no_direct_map(mapping)

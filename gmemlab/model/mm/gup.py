@@ -28,7 +28,9 @@ from gmemlab.model.mm.memory import (
     VM_WRITE,
     Process,
     Vma,
+    access_error,
     get_pte_or_fault,
+    needs_cow,
     vma_has_no_direct_map,
 )
 from gmemlab.model.mm.xarray import EMPTY
@@ -101,7 +103,10 @@ def get_user_pages(m: Machine, proc: Process, addr: int, npages: int, gup_flags:
             break
         yield ("pte", (id(mm), a))
         pfn = vma.ptes.load((a - vma.start) // PAGE_SIZE)
-        if pfn == EMPTY or not gup_fast_folio_allowed(m, pfn, gup_flags):
+        # pte_access_permitted(): mprotect() made the PTEs as protected as the VMA.
+        write = bool(gup_flags & FOLL_WRITE)
+        if (pfn == EMPTY or access_error(vma, write) or (write and needs_cow(m, vma, pfn))
+                or not gup_fast_folio_allowed(m, pfn, gup_flags)):
             break
         m.mem.refcount[pfn] += 1
         pages.append(pfn)

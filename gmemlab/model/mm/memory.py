@@ -20,19 +20,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from errno import EFAULT, EINVAL, ENOMEM, EOVERFLOW
+from errno import EACCES, EFAULT, EINVAL, ENOMEM, EOVERFLOW, EPERM
 from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
-from gmemlab.model.fs import FdTable, File, fput, get_file
+from gmemlab.model.fs import FMODE_READ, FMODE_WRITE, FdTable, File, fput, get_file
 from gmemlab.model.mm.folio import folio_put, folio_unlock
 from gmemlab.model.mm.memmap import KIND_ANON
-from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page
+from gmemlab.model.mm.page_alloc import GFP_HIGHUSER, GFP_HIGHUSER_ZERO, alloc_page
 from gmemlab.model.mm.xarray import EMPTY, XArray
 from gmemlab.model.task import KGen
-from gmemlab.uapi import EHWPOISON, PAGE_SHIFT, PAGE_SIZE, to_u64
+from gmemlab.uapi import (
+    EHWPOISON,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PROT_EXEC,
+    PROT_GROWSDOWN,
+    PROT_GROWSUP,
+    PROT_READ,
+    PROT_RW,
+    PROT_SEM,
+    PROT_WRITE,
+    to_u64,
+)
 
 if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
@@ -41,10 +53,13 @@ if TYPE_CHECKING:
 
 VM_READ = 0x1
 VM_WRITE = 0x2
+VM_EXEC = 0x4
 VM_SHARED = 0x8
 VM_MAYREAD = 0x10
 VM_MAYWRITE = 0x20
+VM_MAYEXEC = 0x40
 VM_MAYSHARE = 0x80
+VM_ACCESS_FLAGS = VM_READ | VM_WRITE | VM_EXEC
 VM_LOCKED = 0x2000
 VM_DONTDUMP = 0x4000000
 
@@ -52,6 +67,7 @@ VM_DONTDUMP = 0x4000000
 VM_FAULT_OOM = 0x1
 VM_FAULT_SIGBUS = 0x2
 VM_FAULT_HWPOISON = 0x10
+VM_FAULT_SIGSEGV = 0x40
 VM_FAULT_LOCKED = 0x200
 VM_FAULT_RETRY = 0x400
 VM_FAULT_ERROR = VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_HWPOISON
@@ -131,29 +147,51 @@ def vma_has_no_direct_map(m: Machine, vma: Vma) -> bool:
     return vma.file is not None and m.design.mapping_refuses_gup(m, vma.file.inode.mapping)
 
 
-# --- mmap / munmap / mlock ------------------------------------------------------------------------
+# --- mmap / munmap / mprotect -------------------------------------------------------------------
+def calc_vm_prot_bits(prot: int) -> int:
+    """``calc_vm_prot_bits()`` (include/linux/mman.h) without protection keys."""
+    return ((VM_READ if prot & PROT_READ else 0) | (VM_WRITE if prot & PROT_WRITE else 0)
+            | (VM_EXEC if prot & PROT_EXEC else 0))
+
+
+def access_error(vma: Vma, write: bool) -> bool:
+    """x86 ``access_error()`` (arch/x86/mm/fault.c): a write needs VM_WRITE; a read any of
+    VM_READ, VM_WRITE, VM_EXEC (``vma_is_accessible()``).  True means SIGSEGV."""
+    if write:
+        return not vma.flags & VM_WRITE
+    return not vma.flags & VM_ACCESS_FLAGS
+
+
 def sys_mmap(m: Machine, proc: Process, file: File | None, length: int, offset: int, *,
-             shared: bool) -> KGen[int]:
-    """x86 ``sys_mmap()`` -> ``ksys_mmap_pgoff()`` -> ``do_mmap()`` (6.18), no address hint.
+             shared: bool, prot: int = PROT_RW, fixed: int | None = None) -> KGen[int]:
+    """x86 ``sys_mmap()`` -> ``ksys_mmap_pgoff()`` -> ``do_mmap()`` (6.18).
 
     ``len`` and ``off`` are ``unsigned long``: a caller's value is converted first, so a
-    negative offset is a huge page offset, which ``file_mmap_ok()`` refuses.
+    negative offset is a huge page offset, which ``file_mmap_ok()`` refuses.  ``fixed`` is
+    the address of a MAP_FIXED mapping; without it there is no address hint.
     """
     length, offset = to_u64(length), to_u64(offset)
     if offset & (PAGE_SIZE - 1):
         return -EINVAL
-    return (yield from do_mmap(m, proc, file, length, offset >> PAGE_SHIFT, shared=shared))
+    return (yield from do_mmap(m, proc, file, length, offset >> PAGE_SHIFT, shared=shared,
+                               prot=prot, fixed=fixed))
 
 
 def do_mmap(m: Machine, proc: Process, file: File | None, length: int, pgoff: int, *,
-            shared: bool) -> KGen[int]:
+            shared: bool, prot: int = PROT_RW, fixed: int | None = None) -> KGen[int]:
     """``do_mmap()`` + ``mmap_region()`` + ``->mmap``: returns the address or -errno.
 
     The checks in the kernel's order: a zero length is EINVAL; a length whose page
     alignment wraps is ENOMEM; a page offset range that wraps is EOVERFLOW; then
-    ``get_unmapped_area()`` (ENOMEM when nothing fits below ``TASK_SIZE``), then
-    ``file_mmap_ok()`` (EOVERFLOW past ``MAX_LFS_FILESIZE``), then the overcommit charge
-    of ``__mmap_region()`` (ENOMEM).  Nothing is mapped before every check has passed.
+    ``__get_unmapped_area()`` (ENOMEM when nothing fits below ``TASK_SIZE``; for MAP_FIXED,
+    ENOMEM past ``TASK_SIZE`` and EINVAL for an unaligned address), then
+    ``file_mmap_ok()`` (EOVERFLOW past ``MAX_LFS_FILESIZE``), the ``f_mode`` checks
+    (EACCES), ``path_noexec()`` (EPERM for PROT_EXEC), then the overcommit charge of
+    ``__mmap_region()`` (ENOMEM).  Nothing is mapped before every check has passed.
+
+    MAP_FIXED over existing mappings: ``__mmap_region()`` (6.18) gathers the old VMAs,
+    clears their PTEs (``vms_clean_up_area()``) before calling ``->mmap``, and if ``->mmap``
+    fails, ``vms_abort_munmap_vmas()`` cannot put them back: the old range is left unmapped.
     """
     if not length:
         return -EINVAL
@@ -165,17 +203,38 @@ def do_mmap(m: Machine, proc: Process, file: File | None, length: int, pgoff: in
     mm = proc.mm
     if len(mm.vmas) > DEFAULT_MAX_MAP_COUNT:
         return -ENOMEM
-    addr = get_unmapped_area(mm, length)
-    if addr < 0:
-        return addr
-    if file is not None and (length > MAX_LFS_FILESIZE
-                             or pgoff > (MAX_LFS_FILESIZE - length) >> PAGE_SHIFT):
-        return -EOVERFLOW  # file_mmap_ok() of a regular file
-    # do_mmap(): PROT_READ|PROT_WRITE (the model's VMM maps nothing else) and the VM_MAY* bits.
-    flags = (VM_READ | VM_WRITE | VM_MAYREAD | VM_MAYWRITE
-             | ((VM_SHARED | VM_MAYSHARE) if shared else 0))
+    if fixed is None:
+        addr = get_unmapped_area(mm, length)
+        if addr < 0:
+            return addr
+    elif fixed > TASK_SIZE - length:
+        return -ENOMEM
+    elif fixed & (PAGE_SIZE - 1):
+        return -EINVAL
+    else:
+        addr = fixed
+    flags = calc_vm_prot_bits(prot) | VM_MAYREAD | VM_MAYWRITE | VM_MAYEXEC
+    if file is not None:
+        if length > MAX_LFS_FILESIZE or pgoff > (MAX_LFS_FILESIZE - length) >> PAGE_SHIFT:
+            return -EOVERFLOW  # file_mmap_ok() of a regular file
+        if shared:
+            if prot & PROT_WRITE and not file.f_mode & FMODE_WRITE:
+                return -EACCES
+            flags |= VM_SHARED | VM_MAYSHARE
+            if not file.f_mode & FMODE_WRITE:
+                flags &= ~(VM_MAYWRITE | VM_SHARED)
+        if not file.f_mode & FMODE_READ:
+            return -EACCES
+        if file.inode.noexec:  # path_noexec(): the pseudo filesystem is SB_I_NOEXEC
+            if flags & VM_EXEC:
+                return -EPERM
+            flags &= ~VM_MAYEXEC
+    elif shared:
+        flags |= VM_SHARED | VM_MAYSHARE
     if not vm_enough_memory(m, length, flags):
         return -ENOMEM
+    if fixed is not None:
+        yield from _unmap_range(m, proc, addr, addr + length)
     vma = Vma(mm, addr, addr + length, pgoff, flags, file, None)
     if file is not None:
         r = yield from file.f_op.mmap(m, file, vma)
@@ -230,17 +289,133 @@ def get_unmapped_area(mm: MmStruct, length: int) -> int:
 
 
 def do_munmap(m: Machine, proc: Process, addr: int) -> KGen[int]:
+    """Unmap the whole VMA that starts at ``addr`` (the model checker's munmap)."""
     vma = proc.mm.find_vma(addr)
     if vma is None or vma.start != addr:
         return -EINVAL
+    yield from remove_vma(m, proc, vma)
+    return 0
+
+
+def remove_vma(m: Machine, proc: Process, vma: Vma) -> KGen[None]:
+    """``vms_complete_munmap_vmas()`` for one VMA: zap its PTEs, unlink it, drop its file."""
     if not m.ranges.zap_user_range(m, vma):
         for page, _pfn in vma.ptes.items():
             yield from zap_pte(m, vma, page)
     proc.mm.vmas.remove(vma)
-    m.trace.emit("do_munmap", "munmap", -1, {"addr": addr})
+    m.trace.emit("do_munmap", "munmap", -1, {"addr": vma.start})
     if vma.file is not None:
         vma.file.inode.mapping.i_mmap.remove(vma)
         yield from fput(m, vma.file)
+
+
+def split_vma(m: Machine, vma: Vma, addr: int) -> Vma:
+    """``__split_vma()``: cut ``vma`` at ``addr``; returns the new upper part.
+
+    The upper part takes the PTEs above ``addr`` (with their references) and its own
+    reference on the file, and joins the file's ``i_mmap``.  Our choice: VMAs are never
+    merged again (the kernel's ``vma_merge_*()`` joins equal neighbours), so after an
+    mprotect() round trip the model shows more VMAs than /proc/self/maps would.
+    """
+    assert vma.start < addr < vma.end and not addr & (PAGE_SIZE - 1)
+    cut = (addr - vma.start) >> PAGE_SHIFT
+    upper = Vma(vma.mm, addr, vma.end, vma.pgoff + cut, vma.flags, vma.file, vma.fault)
+    for page, pfn in list(vma.ptes.items(cut)):
+        vma.ptes.erase(page)
+        upper.ptes.store(page - cut, pfn)
+    vma.end = addr
+    vma.mm.vmas.append(upper)
+    if vma.file is not None:
+        get_file(vma.file)
+        vma.file.inode.mapping.i_mmap.append(upper)
+    m.trace.emit("__split_vma", "split_vma", -1, {"addr": addr})
+    return upper
+
+
+def vmas_in(m: Machine, mm: MmStruct, start: int, end: int) -> list[Vma]:
+    """The VMAs covering [start, end), split so that each lies wholly inside, by address."""
+    out = []
+    for vma in sorted((v for v in mm.vmas if v.start < end and v.end > start),
+                      key=lambda v: v.start):
+        if vma.start < start:
+            vma = split_vma(m, vma, start)
+        if vma.end > end:
+            split_vma(m, vma, end)
+        out.append(vma)
+    return out
+
+
+def _unmap_range(m: Machine, proc: Process, start: int, end: int) -> KGen[None]:
+    for vma in vmas_in(m, proc.mm, start, end):
+        yield from remove_vma(m, proc, vma)
+
+
+def do_vmi_munmap(m: Machine, proc: Process, start: int, length: int) -> KGen[int]:
+    """``munmap(2)`` -> ``__vm_munmap()`` -> ``do_vmi_munmap()`` (mm/vma.c, 6.18).
+
+    EINVAL for an unaligned start, a zero length, or a range past ``TASK_SIZE``; the VMAs
+    at the ends are split; a range with nothing mapped is not an error.
+    """
+    start, length = to_u64(start), to_u64(length)
+    if start & (PAGE_SIZE - 1) or start > TASK_SIZE or length > TASK_SIZE - start:
+        return -EINVAL
+    length = -(-length // PAGE_SIZE) * PAGE_SIZE
+    if not length:
+        return -EINVAL
+    yield from _unmap_range(m, proc, start, start + length)
+    return 0
+
+
+def do_mprotect_pkey(m: Machine, proc: Process, start: int, length: int, prot: int) -> KGen[int]:
+    """``mprotect(2)`` -> ``do_mprotect_pkey()`` + ``mprotect_fixup()`` (mm/mprotect.c, 6.18).
+
+    EINVAL for both PROT_GROWSDOWN and PROT_GROWSUP, an unaligned start, or a PROT bit
+    outside READ|WRITE|EXEC|SEM (generic ``arch_validate_prot()``, which x86 keeps; PROT_SEM
+    does nothing); ENOMEM when the range wraps or has a hole (the VMAs before the hole keep
+    their new protection, as in the kernel); EINVAL for PROT_GROWSDOWN/UP once a VMA is
+    found (no VMA here grows); EACCES for a protection the VMA may not have (VM_MAY*
+    cleared: PROT_WRITE on a read-only shared file, PROT_EXEC on a noexec one).
+    ``change_protection()`` notifies KVM (``MMU_NOTIFY_PROTECTION_VMA``), which zaps its
+    stage-2 mappings of the range.  Protection keys are not modelled.
+    """
+    start, length = to_u64(start), to_u64(length)
+    grows = prot & (PROT_GROWSDOWN | PROT_GROWSUP)
+    prot &= ~grows
+    if grows == PROT_GROWSDOWN | PROT_GROWSUP or start & (PAGE_SIZE - 1):
+        return -EINVAL
+    if not length:
+        return 0
+    end = start + -(-length // PAGE_SIZE) * PAGE_SIZE
+    if end > 0xFFFF_FFFF_FFFF_FFFF or end <= start:
+        return -ENOMEM
+    if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM):
+        return -EINVAL
+    covered = sorted((v for v in proc.mm.vmas if v.start < end and v.end > start),
+                     key=lambda v: v.start)
+    if not covered:
+        return -ENOMEM
+    if grows:  # VM_GROWSDOWN/VM_GROWSUP: the model maps no stack
+        return -ENOMEM if not grows & PROT_GROWSDOWN and covered[0].start > start else -EINVAL
+    if covered[0].start > start:
+        return -ENOMEM
+    want = calc_vm_prot_bits(prot)
+    tmp = start
+    for vma in covered:
+        if vma.start > tmp:
+            return -ENOMEM
+        if want & ~(vma.flags >> 4) & VM_ACCESS_FLAGS:
+            return -EACCES
+        lo, hi = max(vma.start, start), min(vma.end, end)
+        part = vmas_in(m, proc.mm, lo, hi)[0]
+        notifiers = list(part.mm.notifiers)
+        for kvm in notifiers:
+            yield from kvm.mmu_notifier_invalidate_range_start(m, part.start, part.end)
+        part.flags = part.flags & ~VM_ACCESS_FLAGS | want
+        for kvm in notifiers:
+            yield from kvm.mmu_notifier_invalidate_range_end(m, part.start, part.end)
+        tmp = hi
+    if tmp < end:
+        return -ENOMEM
     return 0
 
 
@@ -324,17 +499,39 @@ def unmap_mapping_folio(m: Machine, mapping: AddressSpace, pfn: int) -> KGen[Non
 
 
 def get_pte_or_fault(m: Machine, vma: Vma, addr: int, *, write: bool) -> KGen[int]:
-    """The PTE's pfn, faulting it in if absent; -VM_FAULT_* on failure."""
+    """The PTE's pfn, faulting it in if absent; -VM_FAULT_* on failure.  A write to a
+    page-cache page in a private mapping copies it first (:func:`wp_page_copy`)."""
     page = (addr - vma.start) >> PAGE_SHIFT
     yield ("pte", (id(vma.mm), addr & ~(PAGE_SIZE - 1)))
     pfn = vma.ptes.load(page)
-    if pfn != EMPTY:
-        return pfn
-    for _ in range(OOM_RETRIES):
-        pfn = yield from handle_mm_fault(m, vma, addr, write)
-        if pfn != -VM_FAULT_OOM:
-            return pfn
+    if pfn == EMPTY:
+        for _ in range(OOM_RETRIES):
+            pfn = yield from handle_mm_fault(m, vma, addr, write)
+            if pfn != -VM_FAULT_OOM:
+                break
+    if pfn >= 0 and write and needs_cow(m, vma, pfn):
+        return (yield from wp_page_copy(m, vma, page, pfn))
     return pfn
+
+
+def needs_cow(m: Machine, vma: Vma, pfn: int) -> bool:
+    """A private file mapping maps the page cache read-only until a write copies the page
+    (``do_cow_fault()`` on a write fault, ``do_wp_page()`` on a mapped page)."""
+    return vma.file is not None and not vma.flags & VM_SHARED and m.mem.kind[pfn] != KIND_ANON
+
+
+def wp_page_copy(m: Machine, vma: Vma, page: int, old: int) -> KGen[int]:
+    """``wp_page_copy()`` (mm/memory.c): a new anonymous page with the old one's bytes
+    (``__wp_page_copy_user()``) replaces the page-cache page in the PTE; the file is not
+    written.  Our choice: the copy is secret when any byte of the old page was."""
+    new = yield from alloc_page(m, GFP_HIGHUSER, kind="anon")
+    if new < 0:
+        return -VM_FAULT_OOM
+    m.mem.kind[new] = KIND_ANON
+    m.mem.write(new, 0, m.mem.read(old, 0, PAGE_SIZE), secret=m.mem.secret_bytes(old) > 0)
+    yield from zap_pte(m, vma, page)
+    _set_pte(m, vma, page, new, "wp_page_copy")
+    return new
 
 
 # --- accesses ------------------------------------------------------------------------------------
@@ -346,21 +543,31 @@ def walk_user(m: Machine, proc: Process, addr: int, length: int, write: bool,
               op: UserOp, bulk: BulkOp | None = None) -> KGen[int]:
     """Apply ``op`` to each page-piece of [addr, addr+length) through the PTEs.
 
-    Returns 0, or the negative ``VM_FAULT_*`` code (or ``-EFAULT`` for an unmapped
-    address) of the first fault that could not be resolved; bytes before it have
+    Returns 0, or the negative ``VM_FAULT_*`` code (``-EFAULT`` for an unmapped address,
+    ``-VM_FAULT_SIGSEGV`` for one the VMA's protection refuses) of the first fault that
+    could not be resolved; bytes before it have
     been processed, as with a real access.  ``bulk``, if given, does what ``op``
     does to many whole pages at once (the batched path uses it).
     """
     done = 0
     while done < length:
-        batch, again = m.ranges.user_access(m, proc, addr, length, done, write, op, bulk)
-        done += batch
-        if again:
-            continue
         a = addr + done
         vma = proc.mm.find_vma(a)
         if vma is None:
             return -EFAULT
+        if access_error(vma, write):
+            return -VM_FAULT_SIGSEGV
+        batch, again = m.ranges.user_access(m, proc, addr, length, done, write, op, bulk)
+        done += batch
+        if again:
+            continue
+        if batch:
+            a = addr + done
+            vma = proc.mm.find_vma(a)
+            if vma is None:
+                return -EFAULT
+            if access_error(vma, write):
+                return -VM_FAULT_SIGSEGV
         pfn = yield from get_pte_or_fault(m, vma, a, write=write)
         if pfn < 0:
             return pfn
@@ -373,7 +580,8 @@ def walk_user(m: Machine, proc: Process, addr: int, length: int, write: bool,
 
 def _fault_name(ret: int) -> str:
     names = [n for bit, n in ((VM_FAULT_OOM, "OOM"), (VM_FAULT_SIGBUS, "SIGBUS"),
-                              (VM_FAULT_HWPOISON, "HWPOISON")) if ret & bit]
+                              (VM_FAULT_HWPOISON, "HWPOISON"), (VM_FAULT_SIGSEGV, "SIGSEGV"))
+             if ret & bit]
     return "|".join(names) or hex(ret)
 
 

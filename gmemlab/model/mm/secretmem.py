@@ -32,6 +32,9 @@ class SecretmemFops:
     has_read = False
     has_write = False
     has_llseek = False
+    has_fsync = False
+    has_splice_read = False
+    has_splice_write = False
 
     def mmap(self, m: Machine, file: File, vma: Vma) -> KGen[int]:
         """``secretmem_mmap()``."""
@@ -57,6 +60,12 @@ class SecretmemFops:
         file.inode.size = size
         return 0
 
+    def setattr_mode(self, m: Machine, file: File, mode: int) -> KGen[int]:
+        """``secretmem_setattr()`` -> ``simple_setattr()``: only a size change is refused."""
+        yield ("file", id(file))
+        file.inode.mode = file.inode.mode & ~0o7777 | mode
+        return 0
+
 
 class SecretmemAops:
     def free_folio(self, m: Machine, pfn: int) -> KGen[None]:
@@ -64,6 +73,7 @@ class SecretmemAops:
 
 
 SECRETMEM_FOPS = SecretmemFops()
+SECRETMEM_DEV = 3  # secretmem_mnt's anonymous device (our choice of number)
 SECRETMEM_AOPS = SecretmemAops()
 
 
@@ -80,8 +90,10 @@ def sys_memfd_secret(m: Machine, proc: Process, flags: int) -> KGen[int]:
     if m.design.secretmem_sets_no_direct_map:
         mapping_set_no_direct_map(mapping)
     inode = m.new_inode(0o600 | S_IFREG, 0, mapping, "secretmem")
+    # secretmem_mnt is noexec (measured on 6.18.44: PROT_EXEC is EPERM, VmFlags lacks "me").
+    inode.dev, inode.name, inode.noexec = SECRETMEM_DEV, "secretmem", True
     file = File(SECRETMEM_FOPS, inode, file_init_mode(SECRETMEM_FOPS, True, True))
     inode.i_count += 1
-    fd = proc.fds.install(file)
+    fd = proc.fds.install(file, cloexec=bool(flags & O_CLOEXEC))
     m.trace.emit("memfd_secret", "secretmem_create", -1, {"fd": fd})
     return fd
