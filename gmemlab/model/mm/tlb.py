@@ -137,14 +137,16 @@ def kernel_access(m: Machine, pfn: int, fn: str, *, write: bool) -> KGen[None]:
     yield ("tlb", (cpu, pfn))
     tlbs = m.tlb
     hit = tlbs.lookup(cpu, pfn)
-    if hit is None:
+    if hit is not None:
+        how = "hit " + LEVEL_NAMES[hit[0]]
+    else:
         leaf = m.dmap.leaf(pfn)
         if leaf is None or not leaf[2]:
             m.trace.emit(fn, "oops", pfn, {"access": "write" if write else "read"})
             m.inv.on_kernel_access(pfn, fn, write)
             return
         tlbs.fill(cpu, leaf[0], leaf[1])
-    how = "hit " + LEVEL_NAMES[hit[0]] if hit is not None else "fill " + LEVEL_NAMES[leaf[0]]
+        how = "fill " + LEVEL_NAMES[leaf[0]]
     m.trace.emit(fn, "kernel_write" if write else "kernel_read", pfn, {"tlb": how})
     if write and m.inv.enabled:
         m.inv.on_host_write(pfn, fn)
