@@ -120,6 +120,7 @@ def as_json(r: LifecycleResult, host: Host, note: str, plot: Path | None) -> dic
                   "per_page": [p.path for p in m.gate.paths if not p.mirror],
                   "mirror": m.gate.mirror, "why": m.gate.describe(), "differs": list(m.gate.differs)},
         "invariants": r.verdicts,
+        "rationale_not_followed": {n: k for n, k in r.departures.items() if k},
         "violations": [
             {"invariant": v.invariant.name, "message": v.message, "pfn": v.pfn, "seq": v.seq,
              "trace": [e.as_json() for e in v.trace]}
@@ -170,6 +171,10 @@ def render(r: LifecycleResult, host: Host, note: str, plot: Path | None) -> str:
     for name, k in broken.items():
         first = next(v for v in r.violations if v.invariant.name == name)
         out.append(f"  {name} ({k}x) first at #{first.seq}: {first.message}")
+    departed = {n: k for n, k in r.departures.items() if k}
+    if departed:
+        out.append("Rationale of the series not followed (its orders; not failures): "
+                   + ", ".join(f"{n} ({k}x)" for n, k in departed.items()))
     if r.violations:
         out += ["", "First violation, with the steps that led there:", r.violations[0].format()]
     if r.crashed:

@@ -97,6 +97,7 @@ class LifecycleResult:
     crashed: str | None = None
     violations: list[Violation] = field(default_factory=list)
     verdicts: dict[str, int] = field(default_factory=dict)
+    departures: dict[str, int] = field(default_factory=dict)  # rationale entries not followed
     meminfo_before: dict[str, int] = field(default_factory=dict)
     meminfo_after: dict[str, int] = field(default_factory=dict)
     splits: dict[str, int] = field(default_factory=dict)
@@ -134,8 +135,9 @@ def run_lifecycle(host: Host, cfg: LifecycleConfig) -> LifecycleResult:
     except KernelOops as oops:
         res.crashed = oops.violation.message
         rec.done("(kernel crashed)", oops.violation.message, ok=False)
-    res.violations = list(m.inv.violations)
+    res.violations = [v for v in m.inv.violations if not v.invariant.rationale]
     res.verdicts = m.inv.verdicts()
+    res.departures = m.inv.departures()
     res.meminfo_after = _meminfo(m.meminfo())
     res.splits = {"1G": m.dmap.splits_1g, "2M": m.dmap.splits_2m}
     res.not_present_pages = m.dmap.not_present_pages()

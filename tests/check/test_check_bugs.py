@@ -20,7 +20,7 @@ BUGS = {b.name: b for b in KNOWN_BUGS}
 
 
 def _find(bug: KnownBug) -> Counterexample:
-    r = explore(get_scenario(bug.scenario), bug.design, ignore=frozenset(bug.ignore))
+    r = explore(get_scenario(bug.scenario).on(bug.profile), bug.design, ignore=frozenset(bug.ignore))
     assert r.found, f"{bug}: nothing found ({r.verdict()})"
     cx = r.found[0]
     assert cx.invariant == bug.invariant, (cx.invariant, cx.message)
@@ -34,7 +34,7 @@ def test_bug_is_found_with_a_shortest_schedule(name: str) -> None:
     cx = _find(bug)
     assert len(cx.schedule) == bug.length
     # Minimal: every schedule one step shorter was explored and none breaks it.
-    shorter = explore(get_scenario(bug.scenario), bug.design, ignore=frozenset(bug.ignore),
+    shorter = explore(get_scenario(bug.scenario).on(bug.profile), bug.design, ignore=frozenset(bug.ignore),
                       bounds=Bounds(max_steps=bug.length - 1), stop_at_first=False)
     assert bug.invariant not in {c.invariant for c in shorter.found}
 
@@ -43,7 +43,8 @@ def test_bug_is_found_with_a_shortest_schedule(name: str) -> None:
 def test_counterexample_replays_with_its_kernel_functions(name: str) -> None:
     bug = BUGS[name]
     cx = _find(bug)
-    rep = replay(get_scenario(bug.scenario), bug.design, cx.schedule, ignore=frozenset(bug.ignore))
+    rep = replay(get_scenario(bug.scenario).on(bug.profile), bug.design, cx.schedule,
+                 ignore=frozenset(bug.ignore))
     assert [b.invariant for _, b in rep.broken][:1] == [bug.invariant]
     assert len(rep.records) == len(cx.schedule)
     seen = ({fn for r in rep.records for fn in r.stack + r.after}

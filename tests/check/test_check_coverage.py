@@ -82,8 +82,8 @@ def test_an_arm64_gate_without_can_set_direct_map_is_caught_on_arm64_rodata_off(
     assert r.skipped is None
     # The zap is a silent no-op there: the folio reaches the arch (and then the guest)
     # still in the direct map.
-    assert _first(r) == "zap-before-prepare"
-    assert "still in the direct map" in r.found[0].message
+    assert _first(r) == "handout-zapped"
+    assert "while its direct-map entry is present" in r.found[0].message
     _replays(off, ArmGateWithoutCanSetDirectMap, r)
 
 

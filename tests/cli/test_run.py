@@ -17,7 +17,7 @@ SMALL = ["--guest-mib", "4", "--vmm-write-mib", "1", "--punch-mib", "1", "--ram-
 def test_default_lifecycle_holds_every_invariant(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", *SMALL]) == 0
     out = capsys.readouterr().out
-    assert "Invariants: all 16 held" in out
+    assert "Invariants: all 14 held" in out
     assert "gadget on cpu1 reads a guest page" in out and "blocked" in out
     assert "DirectMap4k" in out
 

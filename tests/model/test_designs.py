@@ -33,11 +33,10 @@ DESIGNS = ["v12", "v9", "v7", "noflush", "pagecache"]
 
 EXPECTED_VIOLATIONS = {
     "v12": set(),
-    "v9": {"zap-before-prepare", "invalidate-before-restore"},
-    "v7": {"marker-matches-direct-map", "zap-before-prepare", "free-frame-in-direct-map",
-           "kernel-oops"},
+    "v9": set(),  # its orders are rationale only: departures are counted, not violations
+    "v7": {"marker-matches-direct-map", "free-frame-in-direct-map", "kernel-oops"},
     "noflush": {"handout-flushed"},
-    "pagecache": {"invalidate-before-restore"},
+    "pagecache": set(),
 }
 
 
