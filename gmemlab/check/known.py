@@ -77,7 +77,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
              "shape zeroes a removed folio before ->free_folio gives it back to the host: a "
              "kernel write to an RMP-assigned page",
              "filemap", "snp-fault-punch", (), "host-write-guest-owned", 28,
-             ("filemap_remove_folio", "clear_page"), WHAT_IF),
+             ("prep_remove_unmapped_folio", "folio_zero_segment"), WHAT_IF),
 )
 
 
