@@ -227,7 +227,7 @@ def kvm_vcpu_map(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int]:
     guest_memfd GUP refuses the mapping and the map fails with -EFAULT, as
     kvm-clock's pfncache does.  The mapping is released at once (``kvm_vcpu_unmap()``).
     """
-    pfn = yield from _hva_to_pfn(m, vcpu, gpa, "kvm_vcpu_map")
+    pfn = yield from _hva_to_pfn(m, vcpu, gpa, "kvm_vcpu_map", "gpa_map_fail")
     if pfn < 0:
         return pfn
     yield from kernel_access(m, pfn, "kvm_vcpu_map", write=False)
@@ -236,19 +236,20 @@ def kvm_vcpu_map(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int]:
     return pfn
 
 
-def _hva_to_pfn(m: Machine, vcpu: Vcpu, gpa: int, fn: str) -> KGen[int]:
-    """``gfn_to_hva_memslot()`` (writable) + ``hva_to_pfn()``: a referenced pfn or -EFAULT."""
+def _hva_to_pfn(m: Machine, vcpu: Vcpu, gpa: int, fn: str, failed: str) -> KGen[int]:
+    """``gfn_to_hva_memslot()`` (writable) + ``hva_to_pfn()``: a referenced pfn or -EFAULT
+    (traced as ``failed`` of ``fn``)."""
     slot = vcpu.kvm.gfn_to_memslot(gpa >> PAGE_SHIFT)
     if slot is None:
         return -EFAULT
     if slot.flags & KVM_MEM_READONLY:
         # gfn_to_hva_memslot() asks for a writable hva: KVM_HVA_ERR_RO_BAD, -EFAULT.
-        m.trace.emit(fn, "gpa_map_fail", -1, {"gpa": gpa, "err": "EFAULT"})
+        m.trace.emit(fn, failed, -1, {"gpa": gpa, "err": "EFAULT"})
         return -EFAULT
     hva = slot.userspace_addr + (((gpa >> PAGE_SHIFT) - slot.base_gfn) << PAGE_SHIFT)
     pages = yield from get_user_pages(m, vcpu.kvm.owner, hva, 1, FOLL_WRITE, "hva_to_pfn")
     if isinstance(pages, int):
-        m.trace.emit(fn, "gpa_map_fail", -1, {"gpa": gpa, "err": "EFAULT"})
+        m.trace.emit(fn, failed, -1, {"gpa": gpa, "err": "EFAULT"})
         return -EFAULT
     return pages[0]
 
@@ -291,24 +292,13 @@ def kvm_write_system_time(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int]:
     ``kvm_gpc_check()`` then stays false, so ``kvm_setup_guest_pvclock()`` writes nothing:
     a pvclock at an in-page offset above ``PAGE_SIZE - 32`` is never written.
     """
-    kvm = vcpu.kvm
-    if (gpa & (PAGE_SIZE - 1)) + PVCLOCK_SIZE > PAGE_SIZE:
-        m.trace.emit("kvm_gpc_refresh", "pfncache_fail", -1, {"gpa": gpa, "err": "EINVAL"})
-        return -EINVAL
-    slot = kvm.gfn_to_memslot(gpa >> PAGE_SHIFT)
     fn = "kvm_gpc_refresh"
-    if slot is None:
-        return -EFAULT
-    if slot.flags & KVM_MEM_READONLY:
-        # gfn_to_hva_memslot() asks for a writable hva: KVM_HVA_ERR_RO_BAD, -EFAULT.
-        m.trace.emit(fn, "pfncache_fail", -1, {"gpa": gpa, "err": "EFAULT"})
-        return -EFAULT
-    hva = slot.userspace_addr + (((gpa >> PAGE_SHIFT) - slot.base_gfn) << PAGE_SHIFT)
-    pages = yield from get_user_pages(m, kvm.owner, hva, 1, FOLL_WRITE, "hva_to_pfn")
-    if isinstance(pages, int):
-        m.trace.emit(fn, "pfncache_fail", -1, {"gpa": gpa, "err": "EFAULT"})
-        return -EFAULT
-    pfn = pages[0]
+    if (gpa & (PAGE_SIZE - 1)) + PVCLOCK_SIZE > PAGE_SIZE:
+        m.trace.emit(fn, "pfncache_fail", -1, {"gpa": gpa, "err": "EINVAL"})
+        return -EINVAL
+    pfn = yield from _hva_to_pfn(m, vcpu, gpa, fn, "pfncache_fail")
+    if pfn < 0:
+        return pfn
     # gpc->khva is the page's kernel mapping: the direct map.
     yield from kernel_access(m, pfn, "kvm_setup_guest_pvclock", write=True)
     m.mem.write(pfn, gpa & (PAGE_SIZE - 1), bytes(PVCLOCK_SIZE), secret=False)
