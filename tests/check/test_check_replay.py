@@ -202,3 +202,11 @@ def test_the_pool_race_the_checker_found_stays_fixed() -> None:
     schedule = (0,) * 15 + (2,) * 5 + (0,) + (2,) * 15
     rep = replay(s, "pool", schedule)
     assert not rep.broken
+
+
+def test_profile_all_is_every_real_host_and_leaves_the_what_if_out(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--design", "v12", "--scenario", "enomem-guest", "--profile", "all",
+                 "--json", "--quiet"]) == 0
+    profiles = {r["profile"] for r in json.loads(capsys.readouterr().out)["results"]}
+    assert "x86_64" in profiles and "x86_64-what-if-snp-tdx" not in profiles
