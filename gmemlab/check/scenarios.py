@@ -382,6 +382,7 @@ COCO: tuple[Scenario, ...] = (
         (Actor("vcpu0", 0, (guest_fault(),)),
          Actor("punch", 1, (punch_hole(),))),
         vm_type=KVM_X86_SNP_VM,
+        low_ram_mib=4,  # a free 2 MiB pageblock, for the designs that allocate by the block
     ),
     Scenario(
         "snp-populate",
@@ -391,6 +392,7 @@ COCO: tuple[Scenario, ...] = (
         (Actor("vmm", 0, (snp_launch_update(), guest_fault())),
          Actor("punch", 1, (punch_hole(),))),
         vm_type=KVM_X86_SNP_VM,
+        low_ram_mib=4,  # a free 2 MiB pageblock, for the designs that allocate by the block
     ),
     Scenario(
         "tdx-fault-punch",
@@ -400,6 +402,7 @@ COCO: tuple[Scenario, ...] = (
         (Actor("vcpu0", 0, (guest_fault(),)),
          Actor("punch", 1, (punch_hole(),))),
         vm_type=KVM_X86_TDX_VM,
+        low_ram_mib=4,  # a free 2 MiB pageblock, for the designs that allocate by the block
     ),
 )
 
