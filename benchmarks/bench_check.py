@@ -49,7 +49,8 @@ def main() -> int:
         times = []
         for _ in range(args.repeat):
             t = time.perf_counter()
-            r = explore(get_scenario(bug.scenario), bug.design, ignore=frozenset(bug.ignore))
+            r = explore(get_scenario(bug.scenario).on(bug.profile), bug.design,
+                        ignore=frozenset(bug.ignore))
             times.append(time.perf_counter() - t)
         cx = r.found[0] if r.found else None
         found = cx is not None and cx.invariant == bug.invariant

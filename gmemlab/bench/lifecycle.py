@@ -171,8 +171,8 @@ def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | No
         "lifecycle_wall_s": sum(op["wall_s"] for op in clock.ops.values()),
         "lifecycle_cpu_s": sum(op["cpu_s"] for op in clock.ops.values()),
         "check_all": checks,
-        "violations": sum(m.inv.counts.values()),
-        "broken": {name: n for name, n in m.inv.counts.items() if n},
+        "violations": sum(m.inv.verdicts().values()),
+        "broken": {name: n for name, n in m.inv.verdicts().items() if n},
         "splits": {"1G": m.dmap.splits_1g, "2M": m.dmap.splits_2m},
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -171,14 +171,17 @@ def make_design(design: DesignSpec) -> Design:
 class Execution:
     """A scenario on a fresh machine, ready to be stepped."""
 
-    __slots__ = ("actors", "capture", "crashed", "ignore", "m", "namer", "records", "setup_broken",
-                 "world")
+    __slots__ = ("actors", "capture", "crashed", "departures", "ignore", "m", "namer", "records",
+                 "setup_broken", "world")
 
     def __init__(self, scenario: Scenario, design: DesignSpec, *, trace: TraceMode = "off",
-                 ignore: frozenset[str] = frozenset(), capture: bool = False) -> None:
+                 ignore: frozenset[str] = frozenset(), capture: bool = False,
+                 departures: set[str] | None = None) -> None:
         self.m = m = Machine(scenario.machine_config(trace), profile=scenario.profile,
                              design=make_design(design))
         self.ignore = ignore
+        # Rationale entries (model.invariants) not followed: reported, never a failure.
+        self.departures: set[str] = set() if departures is None else departures
         self.capture = capture
         self.records: list[StepRecord] = []
         self.crashed = False
@@ -320,8 +323,10 @@ class Execution:
         out = []
         for v in self.m.inv.violations[seen:]:
             name = v.invariant.name
-            if name not in self.ignore:
-                out.append(Broken(name, v.message, v.pfn, name == "kernel-oops"))
+            if v.invariant.rationale:
+                self.departures.add(name)
+            elif name not in self.ignore:
+                out.append(Broken(name, v.message, v.pfn, v.oops))
         return out
 
     # --- end states ---------------------------------------------------------------------------

@@ -95,6 +95,7 @@ class Result:
     runs: int = 0
     profile: str = "x86_64"
     skipped: str | None = None  # why the cell did not run (the design x profile lacks the flag)
+    rationale: set[str] = field(default_factory=set)  # rationale entries some execution departed from
 
     @property
     def passed(self) -> bool:
@@ -108,6 +109,10 @@ class Result:
             where = "in setup" if first.in_setup else f"{len(first.schedule)} steps"
             more = f" (+{len(self.found) - 1} more)" if len(self.found) > 1 else ""
             return f"FAIL {first.invariant} ({where}){more}"
+        return self._pass() + (f"; rationale not followed: {', '.join(sorted(self.rationale))}"
+                               if self.rationale else "")
+
+    def _pass(self) -> str:
         if self.mode == "random":
             return f"pass ({self.runs} random runs)"
         if self.bound_hits:
@@ -144,7 +149,8 @@ class _Search:
 
     def fresh(self) -> Execution:
         self.result.stats.executions += 1
-        return Execution(self.scenario, self.design, ignore=self.ignore)
+        return Execution(self.scenario, self.design, ignore=self.ignore,
+                         departures=self.result.rationale)
 
     def replay(self, schedule: tuple[int, ...]) -> Execution:
         """A fresh execution brought to the state ``schedule`` reaches (already judged)."""

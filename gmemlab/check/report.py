@@ -303,6 +303,7 @@ def result_json(r: Result, ignore: frozenset[str], j: Judgement) -> dict[str, An
         "verdict": r.verdict(),
         "skipped": r.skipped,
         "passed": r.passed,
+        "rationale_not_followed": sorted(r.rationale),
         "catalogue": {"status": j.status, "expected": sorted(j.expected), "new": list(j.new),
                       "gone": list(j.gone), "note": j.note},
         "complete": r.complete,

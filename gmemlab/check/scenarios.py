@@ -33,6 +33,7 @@ from gmemlab.check.world import (
     mlock,
     munmap,
     punch_hole,
+    snp_launch_update,
     tlb_evict,
     user_fault,
 )
@@ -48,7 +49,12 @@ from gmemlab.uapi import (
     GUEST_MEMFD_FLAG_MMAP,
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
     KVM_MEM_GUEST_MEMFD,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_X86_DEFAULT_VM,
+    KVM_X86_SNP_VM,
+    KVM_X86_TDX_VM,
     PAGE_SIZE,
+    X86_VM_TYPE_NAMES,
 )
 
 PLAIN_FLAGS = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
@@ -68,6 +74,7 @@ class Scenario:
     profile: str = "x86_64"
     # Why the scenario cannot run on a profile (None: it can).
     requires: Callable[[ArchProfile], str | None] | None = None
+    vm_type: int = KVM_X86_DEFAULT_VM  # the VM type whose NO_DIRECT_MAP offer the cell needs
 
     def machine_config(self, trace: TraceMode) -> MachineConfig:
         # Invariants are recorded rather than raised so a violation inside a step never
@@ -88,7 +95,10 @@ class Scenario:
 
     def cannot_run(self) -> str | None:
         """Why the scenario cannot run on its profile, whatever the design (None: it can)."""
-        return None if self.requires is None else self.requires(PROFILES[self.profile])
+        p = PROFILES[self.profile]
+        if self.vm_type not in p.vm_types:
+            return f"{p.name} runs no {X86_VM_TYPE_NAMES.get(self.vm_type, str(self.vm_type))} VMs"
+        return None if self.requires is None else self.requires(p)
 
 
 # --- setup pieces ----------------------------------------------------------------------------------
@@ -123,7 +133,7 @@ def use_up_small_frames(m: Machine) -> None:
 
 
 def vmm(m: Machine, *, mmap: bool = True, second_vm: bool = False, plain: bool = False,
-        secret: bool = False) -> World:
+        secret: bool = False, vm_type: int = KVM_X86_DEFAULT_VM) -> World:
     """A VMM with one VM, one vCPU and a NO_DIRECT_MAP guest_memfd bound at gpa 0.
 
     ``mmap``: the file is mapped (``maps[0]``) and that mapping is the memslot's
@@ -133,11 +143,13 @@ def vmm(m: Machine, *, mmap: bool = True, second_vm: bool = False, plain: bool =
     ``plain``: a second guest_memfd, *without* NO_DIRECT_MAP, mapped (``maps[1]``)
     and bound in the same VM at gfn ``PLAIN_GFN`` (``gmem_fds[1]``).
     ``secret``: a one-page ``memfd_secret`` file, mapped (the last of ``maps``).
+    ``vm_type``: an SNP or TDX VM takes a private-only NO_DIRECT_MAP file (they refuse
+    ``INIT_SHARED``), unmapped, its gfns made private with ``KVM_SET_MEMORY_ATTRIBUTES``.
     """
     host = Host(m)
     kvm = host.open_kvm()
     w = World(m, host.proc)
-    vm, gmem = _add_vm(w, kvm, 0, None, mmap)
+    vm, gmem = _add_vm(w, kvm, 0, None, mmap, vm_type)
     w.gmem_mapping = gmem.file.inode.mapping
     if plain:
         _add_gmem(w, vm, 1, PLAIN_GFN, vm.create_guest_memfd(GMEM_SIZE, PLAIN_FLAGS), mmap=True)
@@ -161,12 +173,16 @@ def _add_gmem(w: World, vm: VmFd, slot: int, gfn: int, gmem: GuestMemfd, *, mmap
     w.gmem_fds.append(gmem.fileno())
 
 
-def _add_vm(w: World, kvm: Kvm, cpu: int, share: GuestMemfd | None,
-            mmap: bool) -> tuple[VmFd, GuestMemfd]:
+def _add_vm(w: World, kvm: Kvm, cpu: int, share: GuestMemfd | None, mmap: bool,
+            vm_type: int = KVM_X86_DEFAULT_VM) -> tuple[VmFd, GuestMemfd]:
     """A VM with a vCPU on ``cpu`` and a guest_memfd (new, or a file on ``share``'s inode)."""
-    vm = kvm.create_vm(0)
-    gmem = vm.create_guest_memfd(GMEM_SIZE, GMEM_FLAGS) if share is None else vm.link_guest_memfd(share)
-    _add_gmem(w, vm, 0, 0, gmem, mmap=mmap)
+    vm = kvm.create_vm(vm_type)
+    private = w.m.profile.has_private_mem(vm_type)
+    flags = GUEST_MEMFD_FLAG_NO_DIRECT_MAP if private else GMEM_FLAGS
+    gmem = vm.create_guest_memfd(GMEM_SIZE, flags) if share is None else vm.link_guest_memfd(share)
+    _add_gmem(w, vm, 0, 0, gmem, mmap=mmap and not private)
+    if private:
+        vm.set_memory_attributes(0, GMEM_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
     vcpu = vm.create_vcpu(0, cpu=cpu)
     w.vm_fds.append(vm.fileno())
     w.vcpus.append(vcpu.vcpu)
@@ -212,6 +228,14 @@ def _setup_beside(m: Machine) -> World:
 
 def _setup_secret(m: Machine) -> World:
     return vmm(m, secret=True)
+
+
+def _setup_snp(m: Machine) -> World:
+    return vmm(m, mmap=False, vm_type=KVM_X86_SNP_VM)
+
+
+def _setup_tdx(m: Machine) -> World:
+    return vmm(m, mmap=False, vm_type=KVM_X86_TDX_VM)
 
 
 def _needs_split(p: ArchProfile) -> str | None:
@@ -345,7 +369,44 @@ STANDARD: tuple[Scenario, ...] = (
     ),
 )
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in STANDARD}
+# On the confidential VM types, where the arch hooks act.  Only a design that offers
+# NO_DIRECT_MAP to the VM type runs them: v9 (no exclusion), or any design on the
+# what-if profile x86_64-what-if-snp-tdx.  They are how the checker finds why the
+# series excludes SNP and TDX, rather than being told.
+COCO: tuple[Scenario, ...] = (
+    Scenario(
+        "snp-fault-punch",
+        "SNP VM, private gfn: guest fault (zap, sev_gmem_prepare) || punch-hole of the same "
+        "index (->free_folio: sev_gmem_invalidate's clflush through __va, and the restore)",
+        _setup_snp,
+        (Actor("vcpu0", 0, (guest_fault(),)),
+         Actor("punch", 1, (punch_hole(),))),
+        vm_type=KVM_X86_SNP_VM,
+        low_ram_mib=4,  # a free 2 MiB pageblock, for the designs that allocate by the block
+    ),
+    Scenario(
+        "snp-populate",
+        "SNP VM: SNP_LAUNCH_UPDATE of gfn 0 (kvm_gmem_populate: copy through kmap_local_pfn, "
+        "rmp_make_private), then the guest fault || punch-hole of the same index",
+        _setup_snp,
+        (Actor("vmm", 0, (snp_launch_update(), guest_fault())),
+         Actor("punch", 1, (punch_hole(),))),
+        vm_type=KVM_X86_SNP_VM,
+        low_ram_mib=4,  # a free 2 MiB pageblock, for the designs that allocate by the block
+    ),
+    Scenario(
+        "tdx-fault-punch",
+        "TDX VM, private gfn: guest fault (zap, tdh_mem_page_aug's clflush through __va) || "
+        "punch-hole of the same index (tdh_mem_page_remove, tdx_quirk_reset_page)",
+        _setup_tdx,
+        (Actor("vcpu0", 0, (guest_fault(),)),
+         Actor("punch", 1, (punch_hole(),))),
+        vm_type=KVM_X86_TDX_VM,
+        low_ram_mib=4,  # a free 2 MiB pageblock, for the designs that allocate by the block
+    ),
+)
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (*STANDARD, *COCO)}
 
 
 def get_scenario(name: str) -> Scenario:

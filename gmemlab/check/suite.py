@@ -7,13 +7,19 @@ from dataclasses import dataclass, field
 
 from gmemlab.check.execution import CHECKER_PROPERTIES, DesignSpec, make_design
 from gmemlab.check.explore import Bounds, Progress, Result, explore, random_search
-from gmemlab.check.scenarios import STANDARD, Scenario
+from gmemlab.check.scenarios import SCENARIOS, Scenario
 from gmemlab.model.designs import DESIGNS
 from gmemlab.model.host import Host
 from gmemlab.model.invariants import INVARIANTS
 from gmemlab.model.kvm.arch import PROFILES
 from gmemlab.model.machine import Machine, MachineConfig
-from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS
+from gmemlab.uapi import (
+    GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    KVM_CAP_GUEST_MEMFD,
+    KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_X86_DEFAULT_VM,
+    X86_VM_TYPE_NAMES,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +42,10 @@ def property_names() -> list[str]:
     return [*INVARIANTS, *CHECKER_PROPERTIES]
 
 
-def flag_refused(design: DesignSpec, profile: str) -> str | None:
-    """Why ``design`` on ``profile`` does not offer NO_DIRECT_MAP (None: it does).
+def flag_refused(design: DesignSpec, profile: str, vm_type: int = KVM_X86_DEFAULT_VM) -> str | None:
+    """Why ``design`` on ``profile`` does not offer NO_DIRECT_MAP to ``vm_type`` (None: it does).
 
-    Asked as a VMM asks: ``KVM_CHECK_EXTENSION`` on a default VM of a model host.
+    Asked as a VMM asks: ``KVM_CHECK_EXTENSION`` on a VM of that type on a model host.
     """
     d = make_design(design)
     m = Machine(MachineConfig(ram_gib=0, low_ram_mib=2, ncpus=1, trace="off", invariants="off"),
@@ -48,10 +54,14 @@ def flag_refused(design: DesignSpec, profile: str) -> str | None:
     with Host(m).open_kvm() as kvm:
         if not kvm.check_extension(KVM_CAP_GUEST_MEMFD):
             return f"KVM on {profile} builds no guest_memfd (KVM_CAP_GUEST_MEMFD = 0)"
-        with kvm.create_vm(0) as vm:
+        with kvm.create_vm(vm_type) as vm:
             flags = vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
     if flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP:
         return None
+    if vm_type != KVM_X86_DEFAULT_VM:
+        return (f"{d.name} does not offer NO_DIRECT_MAP to {X86_VM_TYPE_NAMES[vm_type]} VMs on "
+                f"{profile} (a VM type it excludes; the what-if profile x86_64-what-if-snp-tdx "
+                f"lifts that)")
     why = ("not in this version" if not d.series else
            "can_set_direct_map() is false" if not prof.can_set_direct_map else
            "no FEAT_S2FWB" if prof.arch == "arm64" and not prof.s2fwb else
@@ -63,7 +73,7 @@ def flag_refused(design: DesignSpec, profile: str) -> str | None:
 def check_one(design: DesignSpec, scenario: Scenario, opts: Options = Options(), *,
               design_name: str | None = None, progress: Progress | None = None) -> Result:
     """One cell: ``scenario`` (on its profile) explored on ``design``, or skipped, saying why."""
-    skipped = scenario.cannot_run() or flag_refused(design, scenario.profile)
+    skipped = scenario.cannot_run() or flag_refused(design, scenario.profile, scenario.vm_type)
     if skipped is not None:
         name = design_name or (design if isinstance(design, str) else make_design(design).name)
         return Result(scenario.name, name, "random" if opts.random else "exhaustive", opts.bounds,
@@ -76,7 +86,8 @@ def check_one(design: DesignSpec, scenario: Scenario, opts: Options = Options(),
                    stop_at_first=not opts.all_violations, progress=progress)
 
 
-def check(designs: Iterable[str], scenarios: Iterable[Scenario] = STANDARD, opts: Options = Options(),
+def check(designs: Iterable[str], scenarios: Iterable[Scenario] = tuple(SCENARIOS.values()),
+          opts: Options = Options(),
           progress: Callable[[str, Scenario], Progress | None] | None = None,
           profiles: Iterable[str] = ("x86_64",)) -> list[Result]:
     """Every design against every scenario on every profile; ``progress(design, scenario)``

@@ -30,7 +30,9 @@ take them, so the checker does not explore races the kernel excludes):
 * ``kvm_clock``: the guest writes ``MSR_KVM_SYSTEM_TIME_NEW`` and KVM maps the page
   with its pfncache (``hva_to_pfn`` through the memslot's userspace address);
 * ``mlock``: ``mlock()`` of a mapping (``mlock_fixup`` skips AS_NO_DIRECT_MAP VMAs);
-* ``fallocate`` is also the populate path: the model has no ``KVM_PRE_FAULT_MEMORY``.
+* ``fallocate`` is also the populate path: the model has no ``KVM_PRE_FAULT_MEMORY``;
+* ``snp_launch_update``: ``KVM_SEV_SNP_LAUNCH_UPDATE`` of a gfn (``kvm_gmem_populate()``
+  with ``sev_gmem_post_populate()``: the initial image copied in, the page assigned).
 
 Faults and GUP reads of a guest_memfd *without* NO_DIRECT_MAP are judged by
 their result too (:func:`plain_access_failed`): the flag is opt-in, and a file
@@ -45,7 +47,7 @@ from errno import EBADF, EFAULT
 from typing import Any
 
 from gmemlab.model.fs import File, fput, get_file
-from gmemlab.model.kvm.guest_memfd import kvm_gmem_fallocate, kvm_gmem_no_direct_map
+from gmemlab.model.kvm.guest_memfd import kvm_gmem_fallocate, kvm_gmem_no_direct_map, kvm_gmem_populate
 from gmemlab.model.kvm.mmu import kvm_mmu_page_fault
 from gmemlab.model.kvm.vcpu import Vcpu, kvm_write_system_time
 from gmemlab.model.machine import Machine
@@ -59,6 +61,8 @@ from gmemlab.model.mm.tlb import kernel_access, speculative_read
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.task import KGen, Task
 from gmemlab.uapi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, PAGE_SHIFT, PAGE_SIZE
+
+SNP_IMAGE = b"\x90" * PAGE_SIZE  # what the VMM's launch image holds (any non-zero page)
 
 
 @dataclass(eq=False, slots=True)
@@ -173,6 +177,15 @@ def _fallocate(w: World, task: Task, gmem: int) -> KGen[int]:
     if file is None:
         return -EBADF
     r = yield from kvm_gmem_fallocate(w.m, file, FALLOC_FL_KEEP_SIZE, 0, file.inode.size)
+    yield from fput(w.m, file)
+    return r
+
+
+def _snp_launch_update(w: World, task: Task, vm: int, gfn: int) -> KGen[int]:
+    file = yield from fdget(w, w.vm_fds[vm])
+    if file is None:
+        return -EBADF
+    r = yield from kvm_gmem_populate(w.m, w.vcpus[vm].kvm, gfn, SNP_IMAGE)
     yield from fput(w.m, file)
     return r
 
@@ -327,6 +340,10 @@ def mlock(mapping: int = 0) -> Op:
 
 def punch_hole(gmem: int = 0, index: int = 0) -> Op:
     return Op(f"punch-hole index {index}", _punch_hole, (gmem, index))
+
+
+def snp_launch_update(vm: int = 0, gfn: int = 0) -> Op:
+    return Op(f"SNP_LAUNCH_UPDATE gfn {gfn}", _snp_launch_update, (vm, gfn))
 
 
 def fallocate(gmem: int = 0) -> Op:

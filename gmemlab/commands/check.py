@@ -45,8 +45,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--scenario", action="append", metavar="NAME[,NAME]", type=name_list,
                    help="scenario(s) to run (default: the standard ones)")
     p.add_argument("--profile", action="append", metavar="NAME[,NAME]", type=name_list,
-                   help="architecture profile(s) to run on, or 'all' (default: x86_64); a design "
-                        "that does not offer NO_DIRECT_MAP on a profile is skipped, saying why")
+                   help="architecture profile(s) to run on, or 'all' (default: x86_64; 'all' is "
+                        "every real host, a what-if profile such as x86_64-what-if-snp-tdx runs "
+                        "only when named); a design that does not offer NO_DIRECT_MAP on a "
+                        "profile is skipped, saying why")
     p.add_argument("--replay", metavar="SCHEDULE",
                    help="replay a schedule (comma-separated actor indices) of one design and "
                         "scenario, step by step")
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from gmemlab.check import report
     from gmemlab.check.explore import Bounds
     from gmemlab.check.known import judge
-    from gmemlab.check.scenarios import SCENARIOS, STANDARD
+    from gmemlab.check.scenarios import SCENARIOS
     from gmemlab.check.suite import Options, check_one, property_names, series_designs
     from gmemlab.model.kvm.arch import PROFILES
 
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         print("designs:   " + ", ".join(series_designs()))
         print("profiles:  " + ", ".join(PROFILES))
         print("scenarios:")
-        for s in STANDARD:
+        for s in SCENARIOS.values():
             print(f"  {s.name:<15} {s.summary}")
             for i, a in enumerate(s.actors):
                 print(f"      actor {i}: {a.name} on cpu{a.cpu}: " + "; ".join(o.label for o in a.ops))
@@ -131,13 +133,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     designs = _names(args.design) or series_designs()
-    scenario_names = _names(args.scenario) or [s.name for s in STANDARD]
+    scenario_names = _names(args.scenario) or list(SCENARIOS)
     for n in scenario_names:
         if n not in SCENARIOS:
             raise UsageError(f"unknown scenario {n!r}; choose from: {', '.join(SCENARIOS)}")
     profiles = _names(args.profile) or ["x86_64"]
-    if "all" in profiles:
-        profiles = list(PROFILES)
+    if "all" in profiles:  # every real host; a what-if profile is only run when named
+        profiles = [n for n, p in PROFILES.items() if not p.what_if_coco_no_direct_map]
     for p in profiles:
         if p not in PROFILES:
             raise UsageError(f"unknown profile {p!r}; choose from: all, {', '.join(PROFILES)}")

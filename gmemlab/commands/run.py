@@ -11,7 +11,16 @@ from gmemlab.cli import UsageError, design_arg, float_in, ncpus, output_file
 from gmemlab.model import DESIGNS, PROFILES, Host, Machine, MachineConfig
 from gmemlab.report import Cell, dump_json, kib, table
 from gmemlab.scenarios.lifecycle import COLUMNS, LifecycleConfig, LifecycleResult, run_lifecycle
-from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP, gmem_flags_str
+from gmemlab.uapi import (
+    GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_X86_DEFAULT_VM,
+    KVM_X86_SNP_VM,
+    KVM_X86_TDX_VM,
+    gmem_flags_str,
+)
+
+VM_TYPES = {"default": KVM_X86_DEFAULT_VM, "snp": KVM_X86_SNP_VM, "tdx": KVM_X86_TDX_VM}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -46,6 +55,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "more; 2 GiB more lie below 4 GiB)")
     p.add_argument("--cpus", type=ncpus(1), default=2, help="number of CPUs (default: 2)")
     p.add_argument("--init-on-free", action="store_true", help="boot with init_on_free=1")
+    p.add_argument("--vm-type", choices=list(VM_TYPES), default="default",
+                   help="VM type (default: default). snp and tdx take private memory only: the VMM "
+                        "populates SNP memory with SNP_LAUNCH_UPDATE, nothing maps it; the series "
+                        "refuses them NO_DIRECT_MAP unless the profile is the what-if "
+                        "x86_64-what-if-snp-tdx")
     p.add_argument("--without-flag", action="store_true",
                    help="create the guest_memfd without NO_DIRECT_MAP (the baseline)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -68,15 +82,19 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     host = Host(machine)
-    offered = host.open_kvm().create_vm().check_extension(244)
+    vm_type = VM_TYPES[args.vm_type]
+    if vm_type not in machine.profile.vm_types:
+        raise UsageError(f"profile {args.profile!r} runs no {args.vm_type} VMs")
+    offered = host.open_kvm().create_vm(vm_type).check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
     flag = not args.without_flag and bool(offered & GUEST_MEMFD_FLAG_NO_DIRECT_MAP)
     note = ""
     if not args.without_flag and not flag:
         note = (f"design {args.design!r} on profile {args.profile!r} does not offer NO_DIRECT_MAP "
-                f"(VM flags: {gmem_flags_str(offered)}); running the baseline without it")
+                f"to {args.vm_type} VMs (VM flags: {gmem_flags_str(offered)}); running the "
+                "baseline without it")
     host = Host(Machine(config, profile=args.profile, design=args.design))
     lc = LifecycleConfig(guest_mib=args.guest_mib, vmm_write_mib=args.vmm_write_mib,
-                         punch_mib=args.punch_mib, no_direct_map=flag,
+                         punch_mib=args.punch_mib, no_direct_map=flag, vm_type=vm_type,
                          gadget_cpu=1 if args.cpus > 1 else 0)
     try:
         ram_mib = sum(hi - lo for lo, hi in host.m.ram) * 4 // 1024
@@ -120,6 +138,7 @@ def as_json(r: LifecycleResult, host: Host, note: str, plot: Path | None) -> dic
                   "per_page": [p.path for p in m.gate.paths if not p.mirror],
                   "mirror": m.gate.mirror, "why": m.gate.describe(), "differs": list(m.gate.differs)},
         "invariants": r.verdicts,
+        "rationale_not_followed": {n: k for n, k in r.departures.items() if k},
         "violations": [
             {"invariant": v.invariant.name, "message": v.message, "pfn": v.pfn, "seq": v.seq,
              "trace": [e.as_json() for e in v.trace]}
@@ -170,6 +189,10 @@ def render(r: LifecycleResult, host: Host, note: str, plot: Path | None) -> str:
     for name, k in broken.items():
         first = next(v for v in r.violations if v.invariant.name == name)
         out.append(f"  {name} ({k}x) first at #{first.seq}: {first.message}")
+    departed = {n: k for n, k in r.departures.items() if k}
+    if departed:
+        out.append("Rationale of the series not followed (its orders; not failures): "
+                   + ", ".join(f"{n} ({k}x)" for n, k in departed.items()))
     if r.violations:
         out += ["", "First violation, with the steps that led there:", r.violations[0].format()]
     if r.crashed:

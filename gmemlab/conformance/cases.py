@@ -694,6 +694,17 @@ def _guest_unbacked_gpa(host: api.Host, _: int) -> Outcome:
         return program_outcome(api.run_program(vcpu, GuestProgram().report(UNBACKED_GPA)))
 
 
+@case("guest.mmio_insn_in_memory", vcpu=True)
+def _guest_mmio_insn_in_memory(host: api.Host, _: int) -> Outcome:
+    """The shape of the series' test_guest_memfd_mmio on anonymous memory: the guest writes
+    ``movabs al, [UNBACKED_GPA]; ret`` into its memslot and calls it, so KVM must fetch that
+    instruction through userspace_addr to emulate the MMIO read; then the VMM's data (none)."""
+    with vm_of(host) as vm, host.mmap_anonymous(PAGE) as mem, vm.create_vcpu(0) as vcpu:
+        vm.set_user_memory_region2(SLOT, 0, GMEM_GPA, PAGE, mem.addr, None, 0)
+        vcpu.load_program(GuestProgram().report_via(UNBACKED_GPA, GMEM_GPA + PAGE // 2))
+        return [exit_outcome(vcpu.run()) for _ in range(3)]
+
+
 # --- kernel paths that reach user memory ------------------------------------------------------
 FILL = 0x5A
 PATH_LEN = 2 * PAGE

@@ -53,7 +53,7 @@ from gmemlab.model.fs import (
     vfs_read,
     vfs_write,
 )
-from gmemlab.model.kvm.guest_memfd import kvm_gmem_create, kvm_gmem_link
+from gmemlab.model.kvm.guest_memfd import kvm_gmem_create, kvm_gmem_link, kvm_gmem_populate
 from gmemlab.model.kvm.kvm_main import (
     Kvm as KvmStruct,
 )
@@ -64,7 +64,7 @@ from gmemlab.model.kvm.kvm_main import (
     kvm_set_memory_attributes,
     kvm_set_memory_region,
 )
-from gmemlab.model.kvm.vcpu import Vcpu, kvm_arch_vcpu_ioctl_run, kvm_write_system_time
+from gmemlab.model.kvm.vcpu import Vcpu, kvm_arch_vcpu_ioctl_run, kvm_vcpu_map, kvm_write_system_time
 from gmemlab.model.machine import Machine, MachineConfig
 from gmemlab.model.mm.gup import (
     FOLL_FORCE,
@@ -485,6 +485,14 @@ class VcpuFd(_Owned):
         _check(h.m.run(self.vcpu.task, kvm_write_system_time(h.m, self.vcpu, gpa)),
                "kvm_gpc_refresh")
 
+    def kvm_vcpu_map(self, gpa: int) -> int:
+        """Model only: ``kvm_vcpu_map()`` of ``gpa`` (as nested VMX maps a vmcs12): the pfn."""
+        self.fileno()
+        h = self.host
+        pfn = h.m.run(self.vcpu.task, kvm_vcpu_map(h.m, self.vcpu, gpa))
+        _check(pfn, "kvm_vcpu_map")
+        return pfn
+
 
 class VmFd(_Owned):
     def __init__(self, host: Host, fd: int, kvm: KvmStruct) -> None:
@@ -568,6 +576,16 @@ class VmFd(_Owned):
         if isinstance(r, int):
             raise KernelError(-r, "kvm_read_guest")
         return r
+
+    def snp_launch_update(self, gpa: int, data: bytes) -> None:
+        """Model only: ``KVM_SEV_SNP_LAUNCH_UPDATE`` of one private page at ``gpa``
+        (``kvm_gmem_populate()`` with ``sev_gmem_post_populate()``): ``data`` is the source
+        page the VMM passes."""
+        self.fileno()
+        if len(data) != PAGE_SIZE or gpa % PAGE_SIZE:
+            raise KernelError(EINVAL, "snp_launch_update")
+        h = self.host
+        _check(h.run(kvm_gmem_populate(h.m, self.kvm, gpa >> PAGE_SHIFT, data)), "snp_launch_update")
 
     def set_memory_attributes(self, address: int, size: int, attributes: int) -> None:
         """``KVM_SET_MEMORY_ATTRIBUTES``: ``struct kvm_memory_attributes`` has ``__u64`` fields."""

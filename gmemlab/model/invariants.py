@@ -10,6 +10,16 @@ what its code does.
 A violation either stops the run (:class:`InvariantViolation`, mode ``stop``)
 or is recorded and the run goes on (mode ``record``, used by reports).  A
 kernel oops always stops: the modelled kernel has crashed.
+
+Some entries are the series' *rationale*, not safety: the orders v12 chose
+(zap before ``kvm_arch_gmem_prepare()``, ``kvm_arch_gmem_invalidate()`` before the
+restore) and the picture behind them (a guest-owned frame is out of the host
+direct map).  The kernel does not fault when they are not followed: SNP keeps
+RMP-assigned pages in its direct map (``rmpupdate()`` only splits it to 4K), and
+``sev_gmem_invalidate()`` flushes caches *through* the direct map, so on SNP it is
+v12's order that would fault.  A departure from a rationale entry is counted
+and reported as such, never stops a run and never fails one; what is judged
+is the consequence (``kernel-oops``, ``host-write-guest-owned``).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import numpy as np
 
 from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
-from gmemlab.model.mm.memmap import KIND_NAMES, PG_locked
+from gmemlab.model.mm.memmap import GUEST_OWNED_SNP, KIND_NAMES, PG_locked
 from gmemlab.model.ranges import checks
 from gmemlab.model.trace import TraceEvent
 
@@ -34,6 +44,7 @@ class Invariant:
     name: str
     summary: str
     source: str
+    rationale: bool = False  # a documented order or picture, not a safety property
 
 
 INVARIANTS: dict[str, Invariant] = {
@@ -78,18 +89,33 @@ INVARIANTS: dict[str, Invariant] = {
         Invariant(
             "zap-before-prepare",
             "arch prepare of a NO_DIRECT_MAP folio happens only after its zap",
-            "§8 I8; bug 13 (v12: zap then prepare)",
+            "rationale of v12 10/16 (zap then prepare; series-spec §8 I8 calls it an invariant): "
+            "sev_gmem_prepare() only updates the RMP, which needs no direct-map entry either way",
+            rationale=True,
         ),
         Invariant(
             "invalidate-before-restore",
             "->free_folio restores the direct map only after the arch invalidate",
-            "§8 I7; bug 13 (v12: invalidate then restore)",
+            "rationale of v12 10/16 (invalidate then restore; series-spec §8 I7 calls it an "
+            "invariant): sev_gmem_invalidate() clflushes through __va(), so on SNP this order "
+            "is the one that faults",
+            rationale=True,
         ),
         Invariant(
             "guest-owned-not-host-mapped",
             "a frame the arch has given to the guest (e.g. SNP RMP-assigned) is never present "
             "in the host direct map",
-            "§3.3, §3.5: why v12 reordered prepare and restore",
+            "rationale (series-spec §3.3, §3.5): mainline SNP keeps assigned pages direct-mapped "
+            "(arch/x86/virt/svm/sev.c rmpupdate() -> adjust_direct_map() only splits to 4K); "
+            "only a host write to them faults (host-write-guest-owned)",
+            rationale=True,
+        ),
+        Invariant(
+            "host-write-guest-owned",
+            "the host kernel never writes a frame the arch has assigned to the guest",
+            "SNP: a host write to an RMP-assigned page is an RMP violation #PF, fatal in the "
+            "kernel (arch/x86/mm/fault.c); TDX: a write with the host KeyID to a TD-private "
+            "page clears its TD bit and the TD takes #MC on its next read",
         ),
         Invariant(
             "gup-refuses-no-direct-map",
@@ -140,6 +166,7 @@ class Violation:
     pfn: int
     seq: int
     trace: list[TraceEvent] = field(default_factory=list)
+    oops: bool = False  # the kernel crashed here (KernelOops)
 
     def format(self) -> str:
         head = f"invariant {self.invariant.name!r} violated at #{self.seq}: {self.message}"
@@ -184,20 +211,22 @@ class Invariants:
     # --- reporting --------------------------------------------------------------------
     def fail(self, name: str, message: str, pfn: int = -1, *, oops: bool = False) -> None:
         trace = self.m.trace
-        trace.emit("invariant", "violation", pfn, {"invariant": name})
+        rationale = INVARIANTS[name].rationale
+        trace.emit("invariant", "rationale" if rationale else "violation", pfn, {"invariant": name})
         self.counts[name] += 1
-        if self.counts[name] > self.KEEP_PER_INVARIANT and not oops and self.mode != "stop":
+        keep_going = rationale or self.mode != "stop"
+        if self.counts[name] > self.KEEP_PER_INVARIANT and not oops and keep_going:
             return
         tail = trace.tail(25)
         if pfn >= 0:
             # The history of the frame at fault, and what happened just before, in order.
             mine = trace.tail(15, pfn)
             tail = sorted({e.seq: e for e in mine + tail[-10:]}.values(), key=lambda e: e.seq)
-        v = Violation(INVARIANTS[name], message, pfn, trace.seq, tail)
+        v = Violation(INVARIANTS[name], message, pfn, trace.seq, tail, oops)
         self.violations.append(v)
         if oops:
             raise KernelOops(v)
-        if self.mode == "stop":
+        if not keep_going:
             raise InvariantViolation(v)
 
     @property
@@ -205,10 +234,29 @@ class Invariants:
         return self.mode != "off"
 
     def verdicts(self) -> dict[str, int]:
-        """Number of violations per invariant (0 = held), for reports."""
-        return dict(self.counts)
+        """Number of violations per safety invariant (0 = held), for reports."""
+        return {n: k for n, k in self.counts.items() if not INVARIANTS[n].rationale}
+
+    def departures(self) -> dict[str, int]:
+        """How often each rationale entry was not followed (0 = followed), for reports."""
+        return {n: k for n, k in self.counts.items() if INVARIANTS[n].rationale}
 
     # --- hooks ----------------------------------------------------------------------------
+    def on_host_write(self, pfn: int, fn: str) -> None:
+        """A kernel write reached ``pfn`` through its direct map: judge whom the frame belongs to.
+
+        ``guest_owned`` says which arch assigned it: an SNP RMP violation in kernel mode
+        has no fixup and oopses; on TDX the write goes through and poisons the TD's
+        page, which the TD pays for later, so the run goes on.
+        """
+        owner = self.m.mem.guest_owned[pfn]
+        if not owner:
+            return
+        snp = owner == GUEST_OWNED_SNP
+        what = ("RMP violation #PF: kernel write to RMP-assigned" if snp else
+                "write with the host KeyID to TD-private (the TD takes #MC on its next read)")
+        self.fail("host-write-guest-owned", f"{what} pfn {pfn:#x} in {fn}", pfn, oops=snp)
+
     def on_kernel_access(self, pfn: int, fn: str, write: bool) -> None:
         """An architectural kernel access missed the TLB and found no present entry."""
         kind = "write" if write else "read"

@@ -144,6 +144,10 @@ class Assembler:
     def cld(self) -> None:
         self._emit(0xFC)
 
+    def stosb(self) -> None:
+        """``stosb``: store AL to [RDI], advance RDI."""
+        self._emit(0xAA)
+
     def rep_stosb(self) -> None:
         """``rep stosb``: store AL to [RDI], RCX times."""
         self._emit(0xF3, 0xAA)
@@ -162,6 +166,10 @@ class Assembler:
         """``jcc rel32`` (0F 80+cc cd)."""
         self._emit(0x0F, 0x80 | cond)
         self._rel32(target)
+
+    def call(self, reg: Reg) -> None:
+        """``call reg`` (FF /2)."""
+        self._emit(0xFF, _modrm_reg(Reg(2), reg))
 
     def ret(self) -> None:
         self._emit(0xC3)
@@ -208,6 +216,15 @@ def compile_program(program: guest.GuestProgram, target: Target) -> bytes:
         elif isinstance(op, guest.Report):
             a.mov_imm64(Reg.RSI, op.gpa)
             a.load8(Reg.RAX, Reg.RSI)
+            _out(a, target, guest.PORT_REPORT)
+        elif isinstance(op, guest.ReportVia):
+            # Write the instruction byte by byte, then call it: the load runs from guest memory.
+            a.mov_imm64(Reg.RDI, op.code_gpa)
+            for b in guest.via_code(op.gpa):
+                a.mov_al_imm8(b)
+                a.stosb()
+            a.mov_imm64(Reg.RAX, op.code_gpa)
+            a.call(Reg.RAX)
             _out(a, target, guest.PORT_REPORT)
         else:
             a.mov_al_imm8(op.value)
@@ -260,12 +277,16 @@ def _compile_touch(a: Assembler, op: guest.Touch, loop: str) -> None:
 def _check_range(op: guest.GuestOp, target: Target) -> None:
     if isinstance(op, guest.Out):
         return
-    end = op.gpa + (1 if isinstance(op, guest.Report) else op.length)
-    if end > target.limit:
-        raise ValueError(f"{op}: beyond the guest's identity map ({target.limit:#x} bytes)")
+    if isinstance(op, guest.ReportVia):
+        spans = [(op.gpa, op.gpa + 1), (op.code_gpa, op.code_gpa + guest.VIA_CODE_SIZE)]
+    else:
+        spans = [(op.gpa, op.gpa + (1 if isinstance(op, guest.Report) else op.length))]
     lo, hi = target.reserved
-    if op.gpa < hi and end > lo:
-        raise ValueError(f"{op}: touches the twin's reserved GPA range [{lo:#x}, {hi:#x})")
+    for start, end in spans:
+        if end > target.limit:
+            raise ValueError(f"{op}: beyond the guest's identity map ({target.limit:#x} bytes)")
+        if start < hi and end > lo:
+            raise ValueError(f"{op}: touches the twin's reserved GPA range [{lo:#x}, {hi:#x})")
 
 
 def touch_pages_function() -> bytes:

@@ -140,19 +140,19 @@ def test_command_skips_a_profile_without_the_flag_and_says_why(
 
 
 def test_command_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", "--design", "v9", "--scenario", "fault-punch", "--json", "--quiet"]) == 0
+    assert main(["check", "--design", "v7", "--scenario", "fault-punch", "--json", "--quiet"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["as_catalogued"]
     (res,) = data["results"]
-    assert res["verdict"].startswith("FAIL zap-before-prepare")
-    assert res["catalogue"]["status"] == "ok" and "zap-before-prepare" in res["catalogue"]["expected"]
-    assert res["counterexamples"][0]["length"] == 9
+    assert res["verdict"].startswith("FAIL marker-matches-direct-map")
+    assert res["catalogue"]["status"] == "ok" and "marker-matches-direct-map" in res["catalogue"]["expected"]
+    assert res["counterexamples"][0]["length"] == 18
     assert res["executions"] > 0 and res["states_per_second"] > 0
     sched = ",".join(map(str, res["counterexamples"][0]["schedule"]))
-    assert main(["check", "--design", "v9", "--scenario", "fault-punch", "--replay", sched,
+    assert main(["check", "--design", "v7", "--scenario", "fault-punch", "--replay", sched,
                  "--json"]) == 1
     rep = json.loads(capsys.readouterr().out)
-    assert rep["broken"][0]["invariant"] == "zap-before-prepare"
+    assert rep["broken"][0]["invariant"] == "marker-matches-direct-map"
     assert rep["steps"][0]["actor"] == "vcpu0"
 
 
@@ -202,3 +202,11 @@ def test_the_pool_race_the_checker_found_stays_fixed() -> None:
     schedule = (0,) * 15 + (2,) * 5 + (0,) + (2,) * 15
     rep = replay(s, "pool", schedule)
     assert not rep.broken
+
+
+def test_profile_all_is_every_real_host_and_leaves_the_what_if_out(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--design", "v12", "--scenario", "enomem-guest", "--profile", "all",
+                 "--json", "--quiet"]) == 0
+    profiles = {r["profile"] for r in json.loads(capsys.readouterr().out)["results"]}
+    assert "x86_64" in profiles and "x86_64-what-if-snp-tdx" not in profiles

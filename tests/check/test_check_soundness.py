@@ -72,10 +72,10 @@ CASES = [
     ("fault-gadget", "v12", ()),
     ("fault-gadget", "noflush", ("handout-flushed",)),
     ("punch-kalloc", "v12", ()),
-    ("punch-kalloc", "v7", ("marker-matches-direct-map", "zap-before-prepare")),
+    ("punch-kalloc", "v7", ("marker-matches-direct-map",)),
     ("punch-kalloc", "pagecache", ()),
     ("unmap-close", "v12", ()),
-    ("unmap-close", "v7", ("marker-matches-direct-map", "zap-before-prepare")),
+    ("unmap-close", "v7", ("marker-matches-direct-map",)),
     ("tlb-race", "noflush", ("handout-flushed",)),
 ]
 

@@ -65,7 +65,7 @@ def _result(design: str, scenario: str, found: list[str], *, mode: str = "exhaus
 
 def test_every_known_bug_is_catalogued_where_the_checker_finds_it() -> None:
     for bug in KNOWN_BUGS:
-        e = expected(bug.design, bug.scenario, "x86_64")
+        e = expected(bug.design, bug.scenario, bug.profile)
         assert e is not None and bug.invariant in e.breaks, bug.name
     # Each entry names a design and a scenario that exist, and says why.
     for e in EXPECTED:
@@ -73,26 +73,26 @@ def test_every_known_bug_is_catalogued_where_the_checker_finds_it() -> None:
 
 
 def test_a_verdict_is_judged_against_the_catalogue() -> None:
-    e = expected("v9", "fault-punch", "x86_64")
+    e = expected("v7", "fault-punch", "x86_64")
     assert e is not None
     first = sorted(e.breaks)[0]
-    assert judge(_result("v9", "fault-punch", [first])).status == "ok"
+    assert judge(_result("v7", "fault-punch", [first])).status == "ok"
     assert judge(_result("v12", "fault-punch", [])).status == "ok"
     # Something the catalogue does not list is new, even beside catalogued ones.
-    j = judge(_result("v9", "fault-punch", [first, "no-warn"]), all_violations=True)
+    j = judge(_result("v7", "fault-punch", [first, "no-warn"]), all_violations=True)
     assert j.status == "new" and j.new == ("no-warn",)
     assert judge(_result("v12", "fault-punch", ["no-warn"])).status == "new"
     # A catalogued bug that no longer shows is gone: stopping at the first, the cell passes...
-    j = judge(_result("v9", "fault-punch", []))
+    j = judge(_result("v7", "fault-punch", []))
     assert j.status == "gone" and set(j.gone) == e.breaks
     # ... with --all, any catalogued property missing.
     if len(e.breaks) > 1:
-        assert judge(_result("v9", "fault-punch", [first]), all_violations=True).status == "gone"
+        assert judge(_result("v7", "fault-punch", [first]), all_violations=True).status == "gone"
     # Ignored properties are not expected; a bounded or random search that misses one says so.
-    assert judge(_result("v9", "fault-punch", []), frozenset(e.breaks)).status == "ok"
-    j = judge(_result("v9", "fault-punch", [], bounds=Bounds(preemptions=0)))
+    assert judge(_result("v7", "fault-punch", []), frozenset(e.breaks)).status == "ok"
+    j = judge(_result("v7", "fault-punch", [], bounds=Bounds(preemptions=0)))
     assert j.status == "ok" and "not reached by this bounded search" in j.note
-    j = judge(_result("v9", "fault-punch", [], mode="random"))
+    j = judge(_result("v7", "fault-punch", [], mode="random"))
     assert j.status == "ok" and "random" in j.note
     assert judge(_result("v12", "fault-punch", [], skipped="why")).status == "skip"
 

@@ -33,11 +33,10 @@ DESIGNS = ["v12", "v9", "v7", "noflush", "pagecache"]
 
 EXPECTED_VIOLATIONS = {
     "v12": set(),
-    "v9": {"zap-before-prepare", "invalidate-before-restore"},
-    "v7": {"marker-matches-direct-map", "zap-before-prepare", "free-frame-in-direct-map",
-           "kernel-oops"},
+    "v9": set(),  # its orders are rationale only: departures are counted, not violations
+    "v7": {"marker-matches-direct-map", "free-frame-in-direct-map", "kernel-oops"},
     "noflush": {"handout-flushed"},
-    "pagecache": {"invalidate-before-restore"},
+    "pagecache": set(),
 }
 
 
@@ -140,21 +139,28 @@ def test_zap_error_on_the_guest_path(design: str, handed_out_mapped: bool) -> No
     assert bool(h.machine.inv.verdicts()["handout-zapped"]) is handed_out_mapped
 
 
-@pytest.mark.parametrize(("design", "broken"), [("v12", set()),
-                                                  ("v9", {"zap-before-prepare",
-                                                          "guest-owned-not-host-mapped",
-                                                          "invalidate-before-restore"})])
-def test_order_matters_where_prepare_assigns_the_page(design: str, broken: set[str]) -> None:
-    """Bug 13 on SNP: prepare before zap, restore before invalidate host-map a guest page."""
+@pytest.mark.parametrize(("design", "departed"), [("v12", None),
+                                                    ("v9", {"zap-before-prepare",
+                                                            "guest-owned-not-host-mapped",
+                                                            "invalidate-before-restore"})])
+def test_order_matters_where_prepare_assigns_the_page(design: str, departed: set[str] | None) -> None:
+    """Bug 13 on SNP, judged by consequence: v12's order (invalidate a page still zapped)
+    oopses in sev_gmem_invalidate()'s clflush; v9's (restore, then invalidate) departs from
+    v12's rationale and does not fault."""
     h = model_host(design, invariants="record")
     vm = h.open_kvm().create_vm(KVM_X86_SNP_VM)
     if design == "v12":
-        # SNP is not offered the flag in v12; the order is what v12 keeps for the future.
+        # SNP is not offered the flag in v12: lift the exclusion to see why.
         from gmemlab.model.designs.v12 import V12
 
         h.machine.design = type("V12WithSnp", (V12,), {"excluded_vm_types": ()})()
     g = vm.create_guest_memfd(PAGE, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_NO_DIRECT_MAP)
     vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, GPA, PAGE, 0, g, 0)
     assert run_program(vm.create_vcpu(0), GuestProgram().fill(GPA, PAGE, 1)).ok
+    if departed is None:
+        with pytest.raises(KernelOops, match="sev_gmem_invalidate"):
+            g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, PAGE)
+        return
     g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, PAGE)
-    assert {n for n, k in h.machine.inv.verdicts().items() if k} == broken
+    assert not any(h.machine.inv.verdicts().values())
+    assert {n for n, k in h.machine.inv.departures().items() if k} == departed

@@ -58,14 +58,12 @@ CONFIG = MachineConfig(ram_gib=0, low_ram_mib=24, trace="ring", invariants="reco
 
 # Designs whose posted code breaks some invariants on ordinary sequences (README, "Designs"):
 # their violations of these are expected; any other invariant must hold on every design.
+# Departures from the series' rationale (its orders) are reported, never violations.
 EXPECTED_VIOLATIONS: dict[str, frozenset[str]] = {
-    "v9": frozenset({"zap-before-prepare", "invalidate-before-restore", "handout-zapped",
-                     "marker-matches-direct-map"}),
+    "v9": frozenset({"handout-zapped", "marker-matches-direct-map"}),
     "v7": frozenset({"marker-matches-direct-map", "free-frame-in-direct-map", "kernel-oops",
-                     "zap-only-no-direct-map", "handout-zapped", "zap-before-prepare"}),
+                     "zap-only-no-direct-map", "handout-zapped"}),
     "noflush": frozenset({"handout-flushed", "gadget-blocked"}),
-    "pagecache": frozenset({"invalidate-before-restore"}),
-    "filemap": frozenset({"invalidate-before-restore"}),
     "batch": frozenset({"handout-flushed", "gadget-blocked"}),
 }
 
@@ -683,7 +681,7 @@ def judge(w: World) -> None:
     inv = w.h.machine.inv
     inv.check_all()
     allowed = EXPECTED_VIOLATIONS.get(w.design, frozenset())
-    bad = [v for v in inv.violations if v.invariant.name not in allowed]
+    bad = [v for v in inv.violations if v.invariant.name not in allowed and not v.invariant.rationale]
     if bad:
         raise AssertionError(bad[0].format())
 

@@ -164,3 +164,23 @@ def test_set_memory_attributes_reaches_the_kernel(host: twin.TwinHost) -> None:
         with pytest.raises(api.KernelError) as e:
             vm.set_memory_attributes(0, PAGE, uapi.KVM_MEMORY_ATTRIBUTE_PRIVATE)
         assert e.value.errno == errno.ENOTTY
+
+
+def test_mmio_emulation_fetches_an_instruction_from_guest_memory(host: twin.TwinHost) -> None:
+    """``GuestProgram.report_via`` on the real kernel, code in an anonymous memslot: KVM
+    fetches the instruction through ``userspace_addr`` and the model agrees.  The series'
+    ``test_guest_memfd_mmio`` puts it in NO_DIRECT_MAP guest_memfd, which this kernel lacks
+    (the model's ``tests/model/test_kvm_access_paths.py`` runs that)."""
+    from gmemlab import model
+
+    exits = []
+    for h in (host, model.Host(design="base")):
+        with h.open_kvm() as kvm, kvm.create_vm() as vm:
+            mem = h.mmap_anonymous(8192)
+            vm.set_user_memory_region2(1, 0, 1 << 32, 8192, mem.addr, None, 0)
+            with vm.create_vcpu(0) as vcpu:
+                vcpu.load_program(guest.GuestProgram().report_via(1 << 38, (1 << 32) + 0x800))
+                exits.append([vcpu.run() for _ in range(3)])
+    real, modelled = exits
+    assert real == modelled
+    assert real[0] == api.MmioRead(1 << 38, 1)

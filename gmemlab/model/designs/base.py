@@ -392,10 +392,12 @@ def arch_supports_no_direct_map(m: Machine, vm_type: int | None, *, exclude: tup
 
     x86: ``can_set_direct_map()`` minus ``exclude``; arm64: ``can_set_direct_map() &&
     cpus_have_final_cap(ARM64_HAS_STAGE2_FWB)``; other arches: not defined (false).
+    A what-if profile (``what_if_coco_no_direct_map``) lifts ``exclude``: no kernel does.
     """
     prof = m.profile
     if prof.arch == "x86_64":
-        return prof.can_set_direct_map and vm_type not in exclude
+        excluded = () if prof.what_if_coco_no_direct_map else exclude
+        return prof.can_set_direct_map and vm_type not in excluded
     if prof.arch == "arm64":
         return prof.can_set_direct_map and prof.s2fwb
     return False

@@ -61,6 +61,12 @@ class ArchProfile:
     # kvm_arch_vm_ioctl()'s answer to an ioctl it does not know (KVM_CREATE_GUEST_MEMFD
     # where guest_memfd is not built): x86 -ENOTTY, arm64 and riscv -EINVAL.
     unknown_vm_ioctl_errno: int = 25
+    # X86_BUG_TDX_PW_MCE (partial-write machine check): tdx_quirk_reset_page() zeroes
+    # pages the TDX module gives back with MOVDIR64B through the direct map.
+    tdx_pw_mce: bool = False
+    # WHAT IF, not a kernel: the series' VM-type exclusion (TDX since v10, SNP since
+    # v12) lifted, so NO_DIRECT_MAP reaches the arch hooks it was kept from.
+    what_if_coco_no_direct_map: bool = False
 
     @property
     def can_set_direct_map(self) -> bool:
@@ -107,6 +113,17 @@ PROFILES: dict[str, ArchProfile] = {
             "x86-64 host with every VM type (default, SW_PROTECTED, SEV, SEV-ES, SNP, TDX)",
             vm_types=_X86_ALL_TYPES,
             memory_attributes=True,
+        ),
+        ArchProfile(
+            "x86_64-what-if-snp-tdx",
+            "x86_64",
+            "WHAT IF (no posted kernel): x86_64 with every VM type, NO_DIRECT_MAP offered to "
+            "SNP and TDX VMs too (the series' exclusion lifted), TDX with the partial-write "
+            "erratum: shows why the series excludes them",
+            vm_types=_X86_ALL_TYPES,
+            memory_attributes=True,
+            tdx_pw_mce=True,
+            what_if_coco_no_direct_map=True,
         ),
         ArchProfile(
             "x86_64-kvm_pvm-6.18",

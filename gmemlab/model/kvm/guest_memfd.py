@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from errno import EBADF, EFAULT, EINTR, EINVAL, EIO, ENODEV, EOPNOTSUPP
 from typing import TYPE_CHECKING
 
-from gmemlab.model.fs import S_IFREG, File, Inode, file_init_mode
+from gmemlab.model.fs import S_IFREG, File, Inode, file_init_mode, fput
+from gmemlab.model.kvm.sev import sev_gmem_invalidate, sev_gmem_post_populate, sev_gmem_prepare
 from gmemlab.model.mm.filemap import (
     FGP_ACCESSED,
     FGP_CREAT,
@@ -29,7 +30,7 @@ from gmemlab.model.mm.filemap import (
     mapping_set_inaccessible,
     mapping_set_no_direct_map,
 )
-from gmemlab.model.mm.folio import folio_put, folio_unlock
+from gmemlab.model.mm.folio import folio_mark_uptodate, folio_put, folio_unlock
 from gmemlab.model.mm.locks import (
     down_read,
     down_write,
@@ -49,6 +50,7 @@ from gmemlab.uapi import (
     FALLOC_FL_PUNCH_HOLE,
     GUEST_MEMFD_FLAG_MMAP,
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    KVM_X86_SNP_VM,
     PAGE_SHIFT,
     PAGE_SIZE,
 )
@@ -235,25 +237,57 @@ def __kvm_gmem_get_pfn(m: Machine, file: File, slot: Memslot, index: int) -> KGe
 
 # --- arch hooks -------------------------------------------------------------------------------------
 def kvm_arch_gmem_prepare(m: Machine, kvm: Kvm, gfn: int, pfn: int) -> KGen[int]:
-    """``kvm_arch_gmem_prepare()``: SNP assigns the page to the guest in the RMP; else nothing."""
+    """``kvm_arch_gmem_prepare()`` -> ``kvm_x86_ops.gmem_prepare``: SNP's ``sev_gmem_prepare()``
+    (RMP-assign the page); no other VM type sets the hook."""
     yield ("folio", pfn)
     if m.inv.enabled:
         m.inv.on_arch_prepare(pfn)
-    if m.profile.has_arch_gmem_prepare(kvm.vm_type):
-        m.mem.guest_owned[pfn] = 1
+    r = sev_gmem_prepare(m, kvm, pfn)
     m.trace.emit("kvm_arch_gmem_prepare", "prepare", pfn,
                  {"gfn": gfn, "rmp": bool(m.mem.guest_owned[pfn])})
-    return 0
+    return r
 
 
 def kvm_arch_gmem_invalidate(m: Machine, pfn: int) -> KGen[None]:
-    """``kvm_arch_gmem_invalidate()``: SNP reclaims an RMP-assigned page; a stub elsewhere."""
+    """``kvm_arch_gmem_invalidate()`` from ``kvm_gmem_free_folio()``: SNP's
+    ``sev_gmem_invalidate()`` (reclaim an RMP-assigned page and clflush it through the
+    direct map); nothing for a page the RMP does not assign, and elsewhere."""
     yield ("folio", pfn)
-    mem = m.mem
-    reclaimed = bool(mem.guest_owned[pfn])
-    mem.guest_owned[pfn] = 0
-    mem.invalidated[pfn] = 1
+    reclaimed = yield from sev_gmem_invalidate(m, pfn)
+    m.mem.invalidated[pfn] = 1
     m.trace.emit("kvm_arch_gmem_invalidate", "invalidate", pfn, {"rmp_reclaim": reclaimed})
+
+
+def kvm_gmem_populate(m: Machine, kvm: Kvm, gfn: int, src: bytes) -> KGen[int]:
+    """``kvm_gmem_populate()`` with SNP's callback (``KVM_SEV_SNP_LAUNCH_UPDATE``), one page.
+
+    ``virt/kvm/guest_memfd.c`` (kvm/next): under the invalidate lock,
+    ``__kvm_gmem_get_pfn()`` (no zap: v12 zaps in ``kvm_gmem_get_pfn()`` and the user
+    fault only), the gfn must be private, then ``sev_gmem_post_populate()`` copies
+    ``src`` in and assigns the page; on success the folio is marked uptodate.
+    Returns 0 or -errno.
+    """
+    slot = kvm.gfn_to_memslot(gfn)
+    if slot is None or not slot.has_gmem() or kvm.vm_type != KVM_X86_SNP_VM:
+        return -EINVAL
+    file = yield from kvm_gmem_get_file(m, slot)
+    if file is None:
+        return -EFAULT
+    mapping = file.inode.mapping
+    yield from down_write(m, mapping.invalidate_lock)
+    folio = yield from __kvm_gmem_get_pfn(m, file, slot, gfn - slot.base_gfn + slot.gmem_pgoff)
+    r = folio if folio < 0 else 0
+    if folio >= 0:
+        yield from folio_unlock(m, folio)
+        r = -EINVAL
+        if kvm.mem_is_private(gfn):
+            r = yield from sev_gmem_post_populate(m, kvm, gfn, folio, src)
+        if not r:
+            yield from folio_mark_uptodate(m, folio)
+        yield from folio_put(m, folio)
+    yield from up_write(m, mapping.invalidate_lock)
+    yield from fput(m, file)
+    return r
 
 
 # --- invalidation of KVM mappings -------------------------------------------------------------------

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import File
 from gmemlab.model.kvm.guest_memfd import kvm_gmem_bind, kvm_gmem_unbind
+from gmemlab.model.kvm.tdx import is_td, tdx_sept_remove_private_spte
 from gmemlab.model.mm.locks import mutex_lock, mutex_unlock, spin_lock, spin_unlock
+from gmemlab.model.mm.memmap import GUEST_OWNED_TDX
 from gmemlab.model.mm.memory import Process, walk_user
 from gmemlab.model.mm.xarray import XArray
 from gmemlab.model.task import KGen
@@ -141,6 +143,9 @@ class Kvm:
             self.spte.erase(gfn)
             m.mem.s2count[pfn] -= 1
             m.trace.emit(fn, "spte_zap", pfn, {"vm": self.id, "gfn": gfn})
+            if m.mem.guest_owned[pfn] == GUEST_OWNED_TDX and is_td(m, self):
+                # remove_external_spte(): the TDX module gives the page back
+                yield from tdx_sept_remove_private_spte(m, self, gfn, pfn)
             zapped += 1
         return zapped
 

@@ -11,8 +11,10 @@
 
 Then under ``mmu_lock``: if an invalidation raced with the lookup
 (``mmu_invalidate_retry_gfn``), drop the page and retry; else install the
-stage-2 entry.  The page reference taken by the lookup is dropped after
-mapping (``kvm_release_faultin_page``): stage-2 entries hold no reference,
+stage-2 entry (for a TD's private gfn, through the TDX module:
+``tdx_sept_set_private_spte()``, ``gmemlab.model.kvm.tdx``).  The page
+reference taken by the lookup is dropped after mapping
+(``kvm_release_faultin_page``): stage-2 entries hold no reference,
 invalidation keeps them honest.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 from errno import EFAULT
 from typing import TYPE_CHECKING
 
+from gmemlab.model.kvm.tdx import is_td, tdx_sept_set_private_spte
 from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.gup import FOLL_WRITE, get_user_pages
 from gmemlab.model.mm.xarray import EMPTY
@@ -74,6 +77,9 @@ def kvm_mmu_page_fault(m: Machine, vcpu: Vcpu, gpa: int, write: bool) -> KGen[in
             continue
         yield ("spte", (kvm.id, gfn))
         if kvm.spte.load(gfn) == EMPTY:
+            if is_private and is_td(m, kvm):
+                # set_external_spte(): the TDX module maps the page in the secure EPT
+                yield from tdx_sept_set_private_spte(m, kvm, gfn, pfn)
             kvm.spte.store(gfn, pfn)
             m.mem.s2count[pfn] += 1
             m.trace.emit(fn, "spte_map", pfn, {"vm": kvm.id, "gfn": gfn})

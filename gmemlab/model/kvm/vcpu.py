@@ -9,7 +9,11 @@ where it stopped.
 
 ``kvm_write_system_time()`` is kvm-clock: the pfncache maps the guest page
 through ``hva_to_pfn()`` (GUP on ``userspace_addr``) and writes it through the
-direct map, so it fails on NO_DIRECT_MAP guest_memfd (the v5 FAQ gap).
+direct map, so it fails on NO_DIRECT_MAP guest_memfd (the v5 FAQ gap);
+``kvm_vcpu_map()`` (nested virtualization's way in) fails the same way.  The
+instruction emulator reaches guest memory by ``copy_from_user()`` on
+``userspace_addr`` instead (``kvm_fetch_guest_virt()``), which works on
+NO_DIRECT_MAP guest_memfd mapped by the VMM: the series' MMIO selftest.
 """
 
 from __future__ import annotations
@@ -19,24 +23,28 @@ from dataclasses import dataclass, field
 from errno import EFAULT, EINVAL
 from typing import TYPE_CHECKING
 
-from gmemlab.api import IoOut, MmioRead, MmioWrite, VcpuExit
+from gmemlab.api import InternalError, IoOut, MmioRead, MmioWrite, VcpuExit
 from gmemlab.guest import (
     PORT_CHECK_FAIL,
     PORT_DONE,
     PORT_REPORT,
+    VIA_CODE_SIZE,
     Check,
     Fill,
     GuestProgram,
     Out,
     Report,
+    ReportVia,
     Touch,
+    via_code,
 )
+from gmemlab.model.kvm.kvm_main import kvm_read_guest
 from gmemlab.model.kvm.mmu import MMIO, guest_translate, memory_fault_flags
 from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.gup import FOLL_WRITE, get_user_pages
 from gmemlab.model.mm.tlb import kernel_access
 from gmemlab.model.task import KGen, Task
-from gmemlab.uapi import KVM_MEM_READONLY, PAGE_SHIFT, PAGE_SIZE
+from gmemlab.uapi import KVM_INTERNAL_ERROR_EMULATION, KVM_MEM_READONLY, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
@@ -79,11 +87,22 @@ def kvm_arch_vcpu_ioctl_run(m: Machine, vcpu: Vcpu) -> KGen[VcpuExit | int]:
         if isinstance(op, Out):
             vcpu.pc += 1
             return _exit(vcpu, IoOut(op.port, bytes((op.value,))))
-        if isinstance(op, Report):
-            value = yield from _read_byte(m, vcpu, op.gpa)
-            if isinstance(value, MmioRead) or value < 0:
-                return _exit(vcpu, value) if isinstance(value, MmioRead) else value
+        if isinstance(op, Report | ReportVia):
+            code = None
+            if isinstance(op, ReportVia):
+                code = op.code_gpa
+                if not vcpu.off:  # the guest writes the instruction, then calls it
+                    r = yield from _write_bytes(m, vcpu, code, via_code(op.gpa))
+                    if r is not None:
+                        return r
+                    vcpu.off = 1
+            value = yield from _read_byte(m, vcpu, op.gpa, code)
+            if isinstance(value, MmioRead | InternalError):
+                return _exit(vcpu, value)
+            if value < 0:
+                return value
             vcpu.pc += 1
+            vcpu.off = 0
             return _exit(vcpu, IoOut(PORT_REPORT, bytes((value,))))
         if isinstance(op, Fill | Check):
             r = yield from _run_range(m, vcpu, op)
@@ -104,14 +123,23 @@ def _exit(vcpu: Vcpu, ex: VcpuExit) -> VcpuExit:
     return ex
 
 
-def _read_byte(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int | MmioRead]:
+def _read_byte(m: Machine, vcpu: Vcpu, gpa: int,
+               code_gpa: int | None = None) -> KGen[int | MmioRead | InternalError]:
+    """A guest load of ``gpa``; an MMIO one by an instruction at ``code_gpa`` makes KVM
+    fetch that instruction first (:func:`kvm_fetch_guest_virt`)."""
     if vcpu.mmio_pending == gpa:
         vcpu.mmio_pending = -1
         return 0  # the MMIO data the VMM left in kvm_run (zero: nothing filled it)
     pfn = yield from guest_translate(m, vcpu, gpa, False)
     if pfn == MMIO:
-        vcpu.mmio_pending = gpa
         vcpu.stats["insn_emulation"] += 1
+        if code_gpa is not None:
+            insn = yield from kvm_fetch_guest_virt(m, vcpu, code_gpa, VIA_CODE_SIZE)
+            if isinstance(insn, int) or insn != via_code(gpa):
+                # handle_emulation_failure(): nothing to decode.
+                m.trace.emit("x86_emulate_instruction", "emulation_failure", -1, {"rip": code_gpa})
+                return InternalError(KVM_INTERNAL_ERROR_EMULATION)
+        vcpu.mmio_pending = gpa
         return MmioRead(gpa, 1)
     if pfn < 0:
         return pfn
@@ -159,6 +187,73 @@ def _run_range(m: Machine, vcpu: Vcpu, op: Fill | Check) -> KGen[VcpuExit | int 
     return None
 
 
+def _write_bytes(m: Machine, vcpu: Vcpu, gpa: int, data: bytes) -> KGen[VcpuExit | int | None]:
+    """Guest stores of ``data`` at ``gpa`` (within one page): None when done."""
+    pfn = yield from guest_translate(m, vcpu, gpa, True)
+    if pfn == MMIO:
+        vcpu.stats["insn_emulation"] += 1
+        return _exit(vcpu, MmioWrite(gpa, data[:1]))
+    if pfn < 0:
+        return pfn
+    yield ("frame", pfn)
+    m.mem.write(pfn, gpa & (PAGE_SIZE - 1), data, secret=True)
+    return None
+
+
+def kvm_fetch_guest_virt(m: Machine, vcpu: Vcpu, gva: int, n: int) -> KGen[bytes | int]:
+    """``kvm_fetch_guest_virt()`` (``arch/x86/kvm/x86.c``): the emulator's instruction fetch.
+
+    The guest's page tables translate ``gva`` (identity-mapped here, as the twin
+    maps it), then ``kvm_vcpu_read_guest_page()`` -> ``__kvm_read_guest_page()`` ->
+    ``__copy_from_user()`` from the memslot's ``userspace_addr``: through the VMM's
+    mapping, so a NO_DIRECT_MAP guest_memfd page is read through its user PTE (the
+    user fault maps it if need be), never through the direct map.  The walk of the
+    guest's page tables reads them the same way (``paging64_walk_addr_generic()``
+    -> ``__get_user()`` on the table's hva); the model's identity map has no tables
+    in guest memory to read (our choice: the twin keeps them in its own slot).
+    Returns the bytes or -EFAULT (``X86EMUL_PROPAGATE_FAULT``/``IO_NEEDED``).
+    """
+    return (yield from kvm_read_guest(m, vcpu.kvm, gva, n))
+
+
+def kvm_vcpu_map(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int]:
+    """``kvm_vcpu_map()`` (``virt/kvm/kvm_main.c``): the pfn mapped, or -errno.
+
+    ``__kvm_vcpu_map()`` -> ``kvm_follow_pfn()`` -> ``hva_to_pfn()``: GUP on the
+    memslot's ``userspace_addr`` (a guest_memfd slot is not asked: the gmem path is
+    for the stage-2 fault only), then ``kmap()`` of the page, which on x86-64 is its
+    direct-map address.  Nested VMX maps the vmcs12 and its pages this way
+    (``nested_get_vmcs12_pages()``), SVM the nested VMCB.  On a NO_DIRECT_MAP
+    guest_memfd GUP refuses the mapping and the map fails with -EFAULT, as
+    kvm-clock's pfncache does.  The mapping is released at once (``kvm_vcpu_unmap()``).
+    """
+    pfn = yield from _hva_to_pfn(m, vcpu, gpa, "kvm_vcpu_map", "gpa_map_fail")
+    if pfn < 0:
+        return pfn
+    yield from kernel_access(m, pfn, "kvm_vcpu_map", write=False)
+    m.trace.emit("kvm_vcpu_map", "vcpu_map", pfn, {"gpa": gpa})
+    yield from folio_put(m, pfn)
+    return pfn
+
+
+def _hva_to_pfn(m: Machine, vcpu: Vcpu, gpa: int, fn: str, failed: str) -> KGen[int]:
+    """``gfn_to_hva_memslot()`` (writable) + ``hva_to_pfn()``: a referenced pfn or -EFAULT
+    (traced as ``failed`` of ``fn``)."""
+    slot = vcpu.kvm.gfn_to_memslot(gpa >> PAGE_SHIFT)
+    if slot is None:
+        return -EFAULT
+    if slot.flags & KVM_MEM_READONLY:
+        # gfn_to_hva_memslot() asks for a writable hva: KVM_HVA_ERR_RO_BAD, -EFAULT.
+        m.trace.emit(fn, failed, -1, {"gpa": gpa, "err": "EFAULT"})
+        return -EFAULT
+    hva = slot.userspace_addr + (((gpa >> PAGE_SHIFT) - slot.base_gfn) << PAGE_SHIFT)
+    pages = yield from get_user_pages(m, vcpu.kvm.owner, hva, 1, FOLL_WRITE, "hva_to_pfn")
+    if isinstance(pages, int):
+        m.trace.emit(fn, failed, -1, {"gpa": gpa, "err": "EFAULT"})
+        return -EFAULT
+    return pages[0]
+
+
 def _check_failed(vcpu: Vcpu) -> VcpuExit:
     assert vcpu.program is not None
     offset = vcpu.off
@@ -197,24 +292,13 @@ def kvm_write_system_time(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int]:
     ``kvm_gpc_check()`` then stays false, so ``kvm_setup_guest_pvclock()`` writes nothing:
     a pvclock at an in-page offset above ``PAGE_SIZE - 32`` is never written.
     """
-    kvm = vcpu.kvm
-    if (gpa & (PAGE_SIZE - 1)) + PVCLOCK_SIZE > PAGE_SIZE:
-        m.trace.emit("kvm_gpc_refresh", "pfncache_fail", -1, {"gpa": gpa, "err": "EINVAL"})
-        return -EINVAL
-    slot = kvm.gfn_to_memslot(gpa >> PAGE_SHIFT)
     fn = "kvm_gpc_refresh"
-    if slot is None:
-        return -EFAULT
-    if slot.flags & KVM_MEM_READONLY:
-        # gfn_to_hva_memslot() asks for a writable hva: KVM_HVA_ERR_RO_BAD, -EFAULT.
-        m.trace.emit(fn, "pfncache_fail", -1, {"gpa": gpa, "err": "EFAULT"})
-        return -EFAULT
-    hva = slot.userspace_addr + (((gpa >> PAGE_SHIFT) - slot.base_gfn) << PAGE_SHIFT)
-    pages = yield from get_user_pages(m, kvm.owner, hva, 1, FOLL_WRITE, "hva_to_pfn")
-    if isinstance(pages, int):
-        m.trace.emit(fn, "pfncache_fail", -1, {"gpa": gpa, "err": "EFAULT"})
-        return -EFAULT
-    pfn = pages[0]
+    if (gpa & (PAGE_SIZE - 1)) + PVCLOCK_SIZE > PAGE_SIZE:
+        m.trace.emit(fn, "pfncache_fail", -1, {"gpa": gpa, "err": "EINVAL"})
+        return -EINVAL
+    pfn = yield from _hva_to_pfn(m, vcpu, gpa, fn, "pfncache_fail")
+    if pfn < 0:
+        return pfn
     # gpc->khva is the page's kernel mapping: the direct map.
     yield from kernel_access(m, pfn, "kvm_setup_guest_pvclock", write=True)
     m.mem.write(pfn, gpa & (PAGE_SIZE - 1), bytes(PVCLOCK_SIZE), secret=False)

@@ -77,6 +77,11 @@ def _zeros(code: str, n: int) -> array:  # type: ignore[type-arg]
 Pfns = NDArray[np.int64]
 
 
+# Who a frame belongs to besides the host (MemMap.guest_owned).
+GUEST_OWNED_SNP = 1  # RMP entry assigned to an SNP guest (rmp_make_private())
+GUEST_OWNED_TDX = 2  # mapped in a TD's secure EPT (TDH.MEM.PAGE.AUG / PAGE.ADD)
+
+
 @dataclass(frozen=True, slots=True)
 class Columns:
     """Zero-copy numpy views of the memmap columns (the batched paths write through them)."""
@@ -157,8 +162,9 @@ class MemMap:
         self.mapping = _zeros("i", nr_pages)  # address_space id, 0 = NULL
         self.index = _zeros("q", nr_pages)
         self.gen = _zeros("I", nr_pages)  # bumped at each allocation: one folio lifetime
-        # Arch state of confidential-VM hooks: kvm_arch_gmem_prepare() assigns the frame
-        # to the guest (SNP RMP), kvm_arch_gmem_invalidate() takes it back.
+        # Arch state of confidential-VM hooks, GUEST_OWNED_*: sev_gmem_prepare() assigns
+        # the frame in the RMP and sev_gmem_invalidate() takes it back; TDX's
+        # tdh_mem_page_aug() gives it to the TD and tdh_mem_page_remove() takes it back.
         self.guest_owned = bytearray(nr_pages)
         self.invalidated = bytearray(nr_pages)  # arch invalidate ran in this lifetime
         # contents (see the module docstring for the three forms)

@@ -129,24 +129,28 @@ def kernel_access(m: Machine, pfn: int, fn: str, *, write: bool) -> KGen[None]:
     """An architectural kernel access to ``pfn`` through the direct map on this CPU.
 
     A TLB hit succeeds even if the PTE has since been cleared; a miss walks the
-    direct map and fills the TLB, or oopses on a not-present entry.
+    direct map and fills the TLB, or oopses on a not-present entry.  A write that
+    gets through is then judged against the frame's owner (SNP's RMP, a TD).
+    Cache maintenance (``clflush_cache_range()``) is a read here: it needs a
+    present translation and faults like a load on a not-present one.
     """
     cpu = m.current.cpu
     yield ("tlb", (cpu, pfn))
     tlbs = m.tlb
     hit = tlbs.lookup(cpu, pfn)
     if hit is not None:
-        m.trace.emit(fn, "kernel_write" if write else "kernel_read", pfn,
-                     {"tlb": "hit " + LEVEL_NAMES[hit[0]]})
-        return
-    leaf = m.dmap.leaf(pfn)
-    if leaf is not None and leaf[2]:
+        how = "hit " + LEVEL_NAMES[hit[0]]
+    else:
+        leaf = m.dmap.leaf(pfn)
+        if leaf is None or not leaf[2]:
+            m.trace.emit(fn, "oops", pfn, {"access": "write" if write else "read"})
+            m.inv.on_kernel_access(pfn, fn, write)
+            return
         tlbs.fill(cpu, leaf[0], leaf[1])
-        m.trace.emit(fn, "kernel_write" if write else "kernel_read", pfn,
-                     {"tlb": "fill " + LEVEL_NAMES[leaf[0]]})
-        return
-    m.trace.emit(fn, "oops", pfn, {"access": "write" if write else "read"})
-    m.inv.on_kernel_access(pfn, fn, write)
+        how = "fill " + LEVEL_NAMES[leaf[0]]
+    m.trace.emit(fn, "kernel_write" if write else "kernel_read", pfn, {"tlb": how})
+    if write and m.inv.enabled:
+        m.inv.on_host_write(pfn, fn)
 
 
 def speculative_read(m: Machine, cpu: int, pfn: int) -> KGen[bool]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from gmemlab.model.invariants import INVARIANTS
 from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.mm.direct_map import (
     E_LEAF_NP,
@@ -78,10 +79,11 @@ def handout_suspects(m: Machine, pfns: Pfns, cached: NDArray[np.bool_] | None = 
 
 def counted_in_bulk(m: Machine, name: str) -> bool:
     """Would ``Invariants.fail(name)`` now only count and trace, keeping no record (``record``
-    mode with this invariant's records full, or invariants off)?  Then a batch may make
+    mode, or a rationale entry, with this invariant's records full; or invariants off)?  Then a batch may make
     its violations, as events in their place; otherwise the page goes per page."""
     inv = m.inv
-    return not inv.enabled or (inv.mode == "record" and inv.counts[name] >= inv.KEEP_PER_INVARIANT)
+    return not inv.enabled or ((inv.mode == "record" or INVARIANTS[name].rationale)
+                               and inv.counts[name] >= inv.KEEP_PER_INVARIANT)
 
 
 def _in_bulk(m: Machine, name: str, hit: NDArray[np.bool_], ev: Events,
@@ -98,7 +100,8 @@ def _in_bulk(m: Machine, name: str, hit: NDArray[np.bool_], ev: Events,
     if where is not None:
         col = np.zeros(len(where), np.bool_)
         col[np.flatnonzero(where)[hit]] = True
-    ev.add("invariant", "violation", col, lambda i: {"invariant": name})
+    ev.add("invariant", "rationale" if INVARIANTS[name].rationale else "violation", col,
+           lambda i: {"invariant": name})
     return True
 
 

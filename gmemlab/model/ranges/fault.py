@@ -25,7 +25,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gmemlab.guest import Check, Fill, Touch
-from gmemlab.model.mm.memmap import PG_locked
+from gmemlab.model.kvm.tdx import is_td
+from gmemlab.model.mm.memmap import GUEST_OWNED_SNP, PG_locked
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.ranges import CHUNK, FIRST_WINDOW, checks, folios, mirror, usable
 from gmemlab.model.ranges.events import Events, listed
@@ -55,7 +56,7 @@ def guest_access(m: Machine, vcpu: Vcpu, op: Touch | Fill | Check) -> bool:
     kvm = vcpu.kvm
     gfn0 = (op.gpa + vcpu.off) >> PAGE_SHIFT
     slot = kvm.gfn_to_memslot(gfn0)
-    if slot is None or not slot.gmem_only or not slot.has_gmem():
+    if slot is None or not slot.gmem_only or not slot.has_gmem() or is_td(m, kvm):
         return False
     file = slot.gmem_file
     if (file is None or file.f_count == 0 or kvm.mmu_invalidate_in_progress
@@ -140,7 +141,7 @@ def _guest_fault(m: Machine, vcpu: Vcpu, r: folios.FolioRun, gfn0: int) -> None:
     # kvm_arch_gmem_prepare(), kvm_gmem_get_pfn_done() (unlock, fput)
     checks.on_arch_prepare(m, pfn)
     if m.profile.has_arch_gmem_prepare(kvm.vm_type):
-        v.guest_owned[pfn] = 1
+        v.guest_owned[pfn] = GUEST_OWNED_SNP
     rmp = listed(v.guest_owned[np.where(f, r.pfn, 0)] != 0)
     ev.add("kvm_arch_gmem_prepare", "prepare", f, lambda i: {"gfn": gfn0 + i, "rmp": rmp(i)})
     v.flags[pfn] &= ~np.uint8(PG_locked)

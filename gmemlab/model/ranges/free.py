@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 
 from gmemlab.model.designs.unmapped_alloc import AS_MERMAP_STALE, PAGEBLOCK_ORDER
 from gmemlab.model.kvm.guest_memfd import GMEM_AOPS, KVM_GMEM_FOLIO_NO_DIRECT_MAP
+from gmemlab.model.kvm.tdx import is_td
 from gmemlab.model.mm.direct_map import LEVEL_4K
 from gmemlab.model.mm.filemap import mapping_no_direct_map
 from gmemlab.model.mm.memmap import PG_locked
@@ -143,8 +144,9 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
         if not quiet:
             return np.zeros(len(idx), np.bool_)
         v = m.mem.views()
+        # An RMP-assigned frame's invalidate clflushes it through the direct map: per page.
         ok: Mask = (((v.flags[pfn] & PG_locked) == 0) & (v.mapping[pfn] == mapping.id)
-                    & (v.index[pfn] == idx) & (v.s2count[pfn] == 0))
+                    & (v.index[pfn] == idx) & (v.s2count[pfn] == 0) & (v.guest_owned[pfn] == 0))
         ptes = np.zeros(len(idx), np.int64)
         for vma in vmas:
             ptes += _mapped_by(vma, idx, pfn)[0]
@@ -226,11 +228,10 @@ def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr
         m.mem.zero_many(pfn)
         ev.add("folio_zero_segment", "kernel_write", None, lambda i: {"tlb": tlb[i]})
         ev.add("folio_zero_segment", "zero_page", None)
-    # ->free_folio: kvm_arch_gmem_invalidate(), then (v12) the restore of a marked folio
-    reclaim = listed(v.guest_owned[pfn] != 0)
-    v.guest_owned[pfn] = 0
+    # ->free_folio: kvm_arch_gmem_invalidate() (nothing to reclaim: regular() left the
+    # RMP-assigned frames to the per-page path), then (v12) the restore of a marked folio
     v.invalidated[pfn] = 1
-    ev.add("kvm_arch_gmem_invalidate", "invalidate", None, lambda i: {"rmp_reclaim": reclaim(i)})
+    ev.add("kvm_arch_gmem_invalidate", "invalidate", None, lambda i: {"rmp_reclaim": False})
     if zaps(m) and not mirror(m).in_page_cache:
         marked = (v.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
         pm = pfn[marked]
@@ -280,7 +281,7 @@ def _free(m: Machine, pfn: Arr, freed: Mask, ev: Events, unmapped: bool = False)
 # --- kvm_mmu_unmap_gfn_range() -------------------------------------------------------------------
 def unmap_gfn_range(m: Machine, kvm: Kvm, start: int, end: int, fn: str) -> int | None:
     """``Kvm.unmap_gfn_range()``: the entries zapped, or None if it cannot stand in."""
-    if not usable(m):
+    if not usable(m) or is_td(m, kvm):
         return None
     s2count = m.mem.views().s2count
     zapped = 0
