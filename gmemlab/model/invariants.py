@@ -209,12 +209,23 @@ class Invariants:
         self.counts: dict[str, int] = dict.fromkeys(INVARIANTS, 0)
 
     # --- reporting --------------------------------------------------------------------
+    @staticmethod
+    def event(name: str) -> str:
+        """The trace event :meth:`fail` makes for ``name``."""
+        return "rationale" if INVARIANTS[name].rationale else "violation"
+
+    def only_counts(self, name: str) -> bool:
+        """Would :meth:`fail` for ``name`` (not an oops) now only count and trace, keeping no
+        record and not stopping (its records full), or do nothing (invariants off)?  Then a
+        batched path may make its failures in bulk, as events in their place."""
+        keep_going = INVARIANTS[name].rationale or self.mode != "stop"
+        return not self.enabled or (keep_going and self.counts[name] >= self.KEEP_PER_INVARIANT)
+
     def fail(self, name: str, message: str, pfn: int = -1, *, oops: bool = False) -> None:
         trace = self.m.trace
-        rationale = INVARIANTS[name].rationale
-        trace.emit("invariant", "rationale" if rationale else "violation", pfn, {"invariant": name})
+        trace.emit("invariant", self.event(name), pfn, {"invariant": name})
         self.counts[name] += 1
-        keep_going = rationale or self.mode != "stop"
+        keep_going = INVARIANTS[name].rationale or self.mode != "stop"
         if self.counts[name] > self.KEEP_PER_INVARIANT and not oops and keep_going:
             return
         tail = trace.tail(25)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from gmemlab.model.invariants import INVARIANTS
 from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.mm.direct_map import (
     E_LEAF_NP,
@@ -77,15 +76,6 @@ def handout_suspects(m: Machine, pfns: Pfns, cached: NDArray[np.bool_] | None = 
     return bad
 
 
-def counted_in_bulk(m: Machine, name: str) -> bool:
-    """Would ``Invariants.fail(name)`` now only count and trace, keeping no record (``record``
-    mode, or a rationale entry, with this invariant's records full; or invariants off)?  Then a batch may make
-    its violations, as events in their place; otherwise the page goes per page."""
-    inv = m.inv
-    return not inv.enabled or ((inv.mode == "record" or INVARIANTS[name].rationale)
-                               and inv.counts[name] >= inv.KEEP_PER_INVARIANT)
-
-
 def _in_bulk(m: Machine, name: str, hit: NDArray[np.bool_], ev: Events,
              where: NDArray[np.bool_] | None) -> bool:
     """The violations of ``name`` at the frames ``hit`` marks (of the pages ``where`` marks
@@ -93,15 +83,14 @@ def _in_bulk(m: Machine, name: str, hit: NDArray[np.bool_], ev: Events,
     event in its place.  False if they must go through the hook (records still kept)."""
     if not hit.any():
         return True
-    if not counted_in_bulk(m, name):
+    if not m.inv.only_counts(name):
         return False
     m.inv.counts[name] += int(np.count_nonzero(hit))
     col = hit.copy()
     if where is not None:
         col = np.zeros(len(where), np.bool_)
         col[np.flatnonzero(where)[hit]] = True
-    ev.add("invariant", "rationale" if INVARIANTS[name].rationale else "violation", col,
-           lambda i: {"invariant": name})
+    ev.add("invariant", m.inv.event(name), col, lambda i: {"invariant": name})
     return True
 
 
@@ -110,7 +99,7 @@ def on_handout(m: Machine, pfns: Pfns, how: str, ev: Events | None = None,
                ) -> None:
     """``Invariants.on_handout()`` for ``pfns`` (the pages ``where`` marks of ``ev``'s batch).
 
-    Violations the hook would only count (:func:`counted_in_bulk`) become ``ev``'s
+    Violations the hook would only count (``Invariants.only_counts()``) become ``ev``'s
     events, right after the mapping's own, as the hook emits them; the others go
     through the hook.  ``cached``: as for :func:`handout_suspects`.
     """

@@ -257,7 +257,7 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
             run.prefix(first(stale))
         # Each such page breaks handout-flushed: the first ones the invariants keep a record
         # of (with the trace up to them) go per page.
-        if not checks.counted_in_bulk(m, "handout-flushed"):
+        if not m.inv.only_counts("handout-flushed"):
             run.prefix(first(stale_at_handout(run)))
     return run
 

@@ -161,7 +161,7 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
                 ok[:] = False  # the first removal flushes the mermap (clears the flag): per page
         elif on_removal:
             ok &= ~marked & (level == LEVEL_4K) & ~present
-            if not checks.counted_in_bulk(m, "invalidate-before-restore"):
+            if not m.inv.only_counts("invalidate-before-restore"):
                 ok[:] = False  # each removal breaks it, and its first ones are kept: per page
         else:
             ok &= ~marked & present
