@@ -45,6 +45,7 @@ class Node:
     enabled: tuple[int, ...]
     last: int = -1
     preemptions: int = 0
+    digests: tuple[int | None, ...] = ()  # each actor's part of the fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ class Outcome:
     preemptions: int
     enabled: tuple[int, ...] | None  # None: this expander had already reported the state
     end: list[Broken] = field(default_factory=list)  # judged when nothing is enabled
+    digests: tuple[int | None, ...] = ()
 
 
 @dataclass(slots=True)
@@ -113,7 +115,7 @@ class Expander:
         if ex.setup_broken or ex.crashed:
             return Root(ex.setup_broken, True, 0, Node(0, (), ()), [], set(ex.namer.unknown))
         fp = ex.fingerprint()
-        node = Node(self.key(fp, -1, 0), (), tuple(ex.enabled()))
+        node = Node(self.key(fp, -1, 0), (), tuple(ex.enabled()), digests=ex.actor_digests())
         self.known.add(node.key)
         if node.enabled:
             self.live[node.key] = ex
@@ -146,6 +148,8 @@ class Expander:
                     executions += 1
                     for b in node.schedule:
                         ex.step(b, judge=False)
+                    # The actors that do not move keep their part of the node's fingerprint.
+                    ex.set_actor_digests(node.digests)
                 broken = ex.step(a)
                 fp = ex.fingerprint()
                 unknown |= ex.namer.unknown
@@ -157,7 +161,8 @@ class Expander:
                     known.add(key)
                     enabled = tuple(ex.enabled())
                     end = [] if enabled else ex.end_state()
-                    out.append(Outcome(schedule, broken, key, fp, pre, enabled, end))
+                    out.append(Outcome(schedule, broken, key, fp, pre, enabled, end,
+                                       ex.actor_digests()))
                     if enabled and len(schedule) < max_steps and len(self.live) < LIVE_MAX:
                         self.live[key] = ex
                 if self.tick is not None and len(out) % TICK_EVERY == 0:

@@ -272,7 +272,8 @@ def _breadth_first(s: _Search, pool: Pool, collect: bool) -> None:
                 res.bound_hits += 1
             else:
                 owner[o.key] = w
-                frontier.append(Node(o.key, o.schedule, o.enabled, o.schedule[-1], o.preemptions))
+                frontier.append(Node(o.key, o.schedule, o.enabled, o.schedule[-1], o.preemptions,
+                                     o.digests))
         s.tick(force=True)
 
 
