@@ -263,9 +263,9 @@ class Namer:
 
     def machine(self, m: Machine) -> tuple[Any, ...]:
         """The machine state, as a hashable key."""
-        h = hashlib.blake2b(digest_size=16)
-        small = [self._fields(m.mem, h, MEM_NOT_STATE), self._fields(m.dmap, h),
-                 self._fields(m.alloc, h)]
+        bufs: list[Any] = []  # hashed in one call: a few dozen small updates cost more
+        small = [self._fields(m.mem, bufs, MEM_NOT_STATE), self._fields(m.dmap, bufs),
+                 self._fields(m.alloc, bufs)]
         name = self.canon
         kvms = tuple(
             (kid, kvm.users, kvm.destroyed, kvm.mmu_invalidate_seq, kvm.mmu_invalidate_in_progress,
@@ -290,12 +290,14 @@ class Namer:
         )
         other = tuple((k, name(v)) for k, v in sorted(vars(m).items())
                       if k not in MACHINE_NOT_STATE and k not in _MACHINE_SPECIAL)
-        return (h.digest(), tuple(small), kvms, mappings, objects, m.tlb.state(), m.locks.state(),
+        columns = hashlib.blake2b(b"".join(bufs), digest_size=16).digest()
+        return (columns, tuple(small), kvms, mappings, objects, m.tlb.state(), m.locks.state(),
                 self._faults(m), self._instance(m.design), other)
 
-    def _fields(self, obj: object, h: Any, skip: frozenset[str] = frozenset()) -> tuple[Any, ...]:
-        """Every slot of ``obj`` but ``skip``: buffers (and dicts of them) into ``h``, the rest
-        canonicalised."""
+    def _fields(self, obj: object, bufs: list[Any], skip: frozenset[str] = frozenset()
+                ) -> tuple[Any, ...]:
+        """Every slot of ``obj`` but ``skip``: buffers (and dicts of them) onto ``bufs``, the
+        rest canonicalised."""
         key = (type(obj), skip)
         slots = _SLOTS.get(key)
         if slots is None:
@@ -305,11 +307,11 @@ class Namer:
             value = getattr(obj, slot)
             vt = type(value)
             if vt in _BUFFERS:
-                h.update(value)
+                bufs.append(value)
             elif vt is dict and value and type(next(iter(value.values()))) in _BUFFERS:
                 for k in sorted(value):
-                    h.update(repr(k).encode())
-                    h.update(value[k])
+                    bufs.append(repr(k).encode())
+                    bufs.append(value[k])
             else:
                 rest.append(self.canon(value))
         return tuple(rest)

@@ -92,3 +92,12 @@ def test_ray_actors_find_what_one_process_finds() -> None:
                                                              many.stats.transitions)
     finally:
         ray.shutdown()
+
+
+def test_the_command_shards_with_workers_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    from gmemlab.cli import main
+
+    assert main(["check", "--design", "noflush", "--scenario", "fault-punch", "--workers", "2",
+                 "--quiet"]) == 0  # noflush's handout-flushed is catalogued
+    out = capsys.readouterr().out
+    assert "2 worker processes" in out and "handout-flushed" in out
