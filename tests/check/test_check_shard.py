@@ -101,3 +101,17 @@ def test_the_command_shards_with_workers_and_says_so(capsys: pytest.CaptureFixtu
                  "--quiet"]) == 0  # noflush's handout-flushed is catalogued
     out = capsys.readouterr().out
     assert "2 worker processes" in out and "handout-flushed" in out
+
+
+def test_the_command_refuses_ray_where_it_is_missing(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import gmemlab.check.shard
+    import gmemlab.check.suite
+    from gmemlab.cli import main
+
+    monkeypatch.setattr(gmemlab.check.shard, "ray_available", lambda: "Ray is not installed")
+    monkeypatch.setattr(gmemlab.check.suite, "check_one", None)  # no work may start
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--ray", "local"])
+    assert e.value.code == 2
+    assert "--ray: Ray is not installed" in capsys.readouterr().err
