@@ -29,6 +29,10 @@ an object the namer does not know and the canonicaliser cannot take apart is
 counted in :attr:`Namer.unknown` (the tests require zero for every standard
 scenario) and identified by ``id()``, which may keep equal states apart but
 never merges different ones within a run.
+
+Fingerprints are comparable between processes that share the string hash
+seed: forked workers inherit it, and Ray actors all start with
+``PYTHONHASHSEED`` fixed (``shard.py``), so a sharded search merges their states.
 """
 
 from __future__ import annotations
@@ -69,21 +73,39 @@ MACHINE_NOT_STATE = frozenset({"trace", "inv", "current", "step_hook", "config",
 # Machine attributes machine() digests in its own way.
 _MACHINE_SPECIAL = frozenset({"mem", "dmap", "alloc", "tlb", "locks", "kvms", "mappings", "faults",
                               "design"})
-_ATOMS = (int, str, bool, float, bytes, type(None))
+_ATOMS = (int, str, bool, float, bytes)
 # Iterators whose __reduce__ gives what is left to iterate (plus their wrappers).
 _ITERABLES: tuple[Iterable[Any], ...] = ([], (), range(1), {}, {}.items(), {}.values(), set(), "", b"",
                                          bytearray())
 _ITERATOR_TYPES: tuple[type, ...] = (*(type(iter(x)) for x in _ITERABLES),
                                      enumerate, zip, map, filter, reversed)
-_code_ids: dict[CodeType, int] = {}
+_code_ids: dict[CodeType, str] = {}
 _BUFFERS = (bytearray, array)
 _SLOTS: dict[tuple[type, frozenset[str]], tuple[str, ...]] = {}  # per class: the slots to digest
 
 
-def _code_id(code: CodeType) -> int:
+class _DigestNone:
+    """None in a digest.  ``hash(None)`` is None's address in Python 3.11, which differs
+    between processes not forked from one another (Ray workers); this hashes alike in all."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:
+        return 0x6E6F6E65
+
+    def __repr__(self) -> str:
+        return "None"
+
+
+NONE = _DigestNone()
+
+
+def _code_id(code: CodeType) -> str:
+    """A name for a function's code that every process gives it alike (sharded searches
+    compare fingerprints made in different workers)."""
     cid = _code_ids.get(code)
     if cid is None:
-        cid = _code_ids[code] = len(_code_ids)
+        cid = _code_ids[code] = f"{code.co_filename}:{code.co_firstlineno}:{code.co_qualname}"
     return cid
 
 
@@ -207,6 +229,8 @@ class Namer:
         t = type(v)
         if t in _ATOMS:
             return v
+        if v is None:
+            return NONE
         name = self.names.get(id(v))
         if name is not None:
             return name
@@ -239,9 +263,9 @@ class Namer:
 
     def machine(self, m: Machine) -> tuple[Any, ...]:
         """The machine state, as a hashable key."""
-        h = hashlib.blake2b(digest_size=16)
-        small = [self._fields(m.mem, h, MEM_NOT_STATE), self._fields(m.dmap, h),
-                 self._fields(m.alloc, h)]
+        bufs: list[Any] = []  # hashed in one call: a few dozen small updates cost more
+        small = [self._fields(m.mem, bufs, MEM_NOT_STATE), self._fields(m.dmap, bufs),
+                 self._fields(m.alloc, bufs)]
         name = self.canon
         kvms = tuple(
             (kid, kvm.users, kvm.destroyed, kvm.mmu_invalidate_seq, kvm.mmu_invalidate_in_progress,
@@ -266,12 +290,14 @@ class Namer:
         )
         other = tuple((k, name(v)) for k, v in sorted(vars(m).items())
                       if k not in MACHINE_NOT_STATE and k not in _MACHINE_SPECIAL)
-        return (h.digest(), tuple(small), kvms, mappings, objects, m.tlb.state(), m.locks.state(),
+        columns = hashlib.blake2b(b"".join(bufs), digest_size=16).digest()
+        return (columns, tuple(small), kvms, mappings, objects, m.tlb.state(), m.locks.state(),
                 self._faults(m), self._instance(m.design), other)
 
-    def _fields(self, obj: object, h: Any, skip: frozenset[str] = frozenset()) -> tuple[Any, ...]:
-        """Every slot of ``obj`` but ``skip``: buffers (and dicts of them) into ``h``, the rest
-        canonicalised."""
+    def _fields(self, obj: object, bufs: list[Any], skip: frozenset[str] = frozenset()
+                ) -> tuple[Any, ...]:
+        """Every slot of ``obj`` but ``skip``: buffers (and dicts of them) onto ``bufs``, the
+        rest canonicalised."""
         key = (type(obj), skip)
         slots = _SLOTS.get(key)
         if slots is None:
@@ -281,11 +307,11 @@ class Namer:
             value = getattr(obj, slot)
             vt = type(value)
             if vt in _BUFFERS:
-                h.update(value)
+                bufs.append(value)
             elif vt is dict and value and type(next(iter(value.values()))) in _BUFFERS:
                 for k in sorted(value):
-                    h.update(repr(k).encode())
-                    h.update(value[k])
+                    bufs.append(repr(k).encode())
+                    bufs.append(value[k])
             else:
                 rest.append(self.canon(value))
         return tuple(rest)

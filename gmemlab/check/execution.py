@@ -390,6 +390,17 @@ class Execution:
         return hash((self.crashed, namer.machine(self.m), *actors))
 
 
+    def actor_digests(self) -> tuple[int | None, ...]:
+        """Each actor's part of the last fingerprint (None: it moved since)."""
+        return tuple(a.digest for a in self.actors)
+
+    def set_actor_digests(self, digests: tuple[int | None, ...]) -> None:
+        """Take the actors' parts of the fingerprint of the state a replay reached (computed
+        by the execution that found it: equal states have equal parts)."""
+        for a, d in zip(self.actors, digests, strict=True):
+            a.digest = d
+
+
 def crash_report(e: BaseException, where: str) -> Broken:
     """An exception out of a kernel path (``kernel-crash``, an oops) or the checker's own code.
 

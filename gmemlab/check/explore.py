@@ -4,12 +4,15 @@ Exhaustive search is a breadth-first search over *states*: a state is an
 execution's fingerprint (``digest.py``), plus the running actor and the
 preemptions spent when preemptions are bounded.  Every transition from every
 reachable state is taken once; schedules that reach a state already seen
-stop there (state hashing: the reduction).  Breadth-first order makes the
-first schedule found to break a property a shortest one.
+stop there (state hashing: the reduction).  Breadth-first order, with the
+actors of a state tried in increasing order, reaches every state first by its
+shortest, then lexicographically smallest, schedule; so the counterexample
+reported for a property is the shortest, then smallest, schedule that breaks it.
 
-States are reached by replaying their schedule on a fresh execution.  A state
-found by a step keeps that execution alive (up to ``LIVE_MAX`` of them) so
-its first expansion continues in place; only its other transitions replay.
+The search goes level by level: the frontier is shared between expanders
+(``expand.py``: they replay schedules and take the steps) in this process, in
+forked workers or on Ray (``shard.py``), and their transitions are merged in
+schedule order, which keeps the result independent of the sharding.
 
 Bounds: the number of actors and operations is the scenario's; the
 preemption bound (a switch away from an actor that could have gone on)
@@ -26,18 +29,22 @@ at a time while the same property still breaks) before it is reported.
 
 from __future__ import annotations
 
+import gc
+import heapq
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
 from gmemlab.check.execution import Broken, DesignSpec, Execution
+from gmemlab.check.expand import Limits, Node
 from gmemlab.check.scenarios import Scenario
+from gmemlab.check.shard import LocalPool, Pool, open_pool, share
 
-LIVE_MAX = 2048  # executions kept alive for their state's first expansion (~40 KB each)
 PROGRESS_EVERY = 500  # transitions between progress callbacks
+GC_THRESHOLD = 50_000  # allocations between young collections while exploring (default 700)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,16 +129,6 @@ class Result:
         return "pass (exhaustive)"
 
 
-@dataclass(slots=True)
-class _Node:
-    parent: Hashable | None
-    actor: int
-    depth: int
-    enabled: list[int]
-    last: int  # actor that ran last (-1 at the root)
-    preemptions: int
-
-
 class _Search:
     """Shared plumbing: fresh executions, counterexample bookkeeping, progress."""
 
@@ -183,96 +180,123 @@ class _Search:
         if self.progress is not None and (force or stats.transitions % PROGRESS_EVERY == 0):
             self.progress(stats)
 
+    def tick_at(self, base: int, more: int) -> None:
+        """Progress in the middle of a level: ``more`` transitions since ``base``."""
+        self.result.stats.transitions = base + more
+        self.tick(force=True)
+
     def finish(self, ex: Execution | None) -> Result:
         if ex is not None:
             self.result.unknown |= ex.namer.unknown
         self.tick(force=True)
         return self.result
 
-    def ended(self, ex: Execution, fp: int, schedule: Callable[[], tuple[int, ...]],
-              collect: bool) -> bool:
-        """An execution that can go no further: judge its end state; True: stop searching."""
+    def ended(self, fp: int, broken: list[Broken], schedule: tuple[int, ...], collect: bool) -> bool:
+        """A state that can go no further, and what its end broke; True: stop searching."""
         if collect:
             self.result.finals.add(fp)
-        broken = ex.end_state()
-        return bool(broken) and self.note(broken, schedule(), at_end=True)
+        return bool(broken) and self.note(broken, schedule, at_end=True)
 
 
 def explore(scenario: Scenario, design: DesignSpec, *, design_name: str | None = None,
             bounds: Bounds = Bounds(), ignore: frozenset[str] = frozenset(),
             stop_at_first: bool = True, collect_finals: bool = False,
-            progress: Progress | None = None) -> Result:
-    """Breadth-first exhaustive search of ``scenario`` on ``design`` within ``bounds``."""
+            progress: Progress | None = None, workers: int = 1,
+            ray_address: str | None = None) -> Result:
+    """Breadth-first exhaustive search of ``scenario`` on ``design`` within ``bounds``.
+
+    ``workers`` expanders share each level (forked processes, or Ray actors on the
+    cluster at ``ray_address``); the result is the same whatever the sharding.
+    """
     s = _Search(scenario, design, design_name or _name(design), bounds, ignore, stop_at_first,
                 progress, "exhaustive")
+    pool = open_pool(scenario, design, ignore, Limits(bounds.preemptions, bounds.max_steps),
+                     workers, ray_address)
+    try:
+        with _gc_deferred():
+            _breadth_first(s, pool, collect_finals)
+    finally:
+        pool.close()
+    return s.finish(None)
+
+
+def _breadth_first(s: _Search, pool: Pool, collect: bool) -> None:
+    """Level by level: every worker expands its share of the frontier, then the transitions are
+    merged in schedule order, as one process expanding the frontier in order would see them.
+
+    Breadth-first order with actors tried in increasing order reaches each state first by
+    its shortest, then lexicographically smallest, schedule; merging in schedule order keeps
+    that, so a property's counterexample is that schedule however the levels were sharded.
+    """
     res = s.result
     stats = res.stats
-    root = s.fresh()
-    if root.setup_broken or root.crashed:
+    root = pool.root()
+    stats.executions = 1
+    res.unknown |= root.unknown
+    if root.crashed:
         s.note(root.setup_broken, (), in_setup=True)
-        return s.finish(root)
-    limit = bounds.preemptions
-    nodes: dict[Hashable, _Node] = {}
-
-    def key(ex: Execution, last: int, pre: int) -> tuple[int, Hashable]:
-        # Under a preemption bound, what may still happen depends on who ran last and
-        # on the preemptions left: they are part of the state.
-        fp = ex.fingerprint()
-        return fp, (fp if limit is None else (fp, last, pre))
-
-    def schedule(k: Hashable) -> tuple[int, ...]:
-        out = []
-        node = nodes[k]
-        while node.parent is not None:
-            out.append(node.actor)
-            node = nodes[node.parent]
-        return tuple(reversed(out))
-
-    fp0, k0 = key(root, -1, 0)
-    nodes[k0] = _Node(None, -1, 0, root.enabled(), -1, 0)
+        return
+    seen: set[Hashable] = {root.node.key}
     stats.states = 1
-    if not nodes[k0].enabled:
-        s.ended(root, fp0, tuple, collect_finals)
-        return s.finish(root)
-    live: dict[Hashable, Execution] = {k0: root}
-    frontier: deque[Hashable] = deque([k0])
-    ex = root
+    if not root.node.enabled:
+        s.ended(root.fp, root.end, (), collect)
+        return
+    owner: dict[Hashable, int] = {root.node.key: 0}  # the worker that keeps a node's execution
+    frontier = [root.node]
     while frontier:
-        k = frontier.popleft()
-        node = nodes[k]
-        for a in node.enabled:
-            pre = node.preemptions
-            if node.last >= 0 and a != node.last and node.last in node.enabled:
-                pre += 1
-                if limit is not None and pre > limit:
-                    res.complete = False
-                    continue
-            ex = live.pop(k) if k in live else s.replay(schedule(k))
-            broken = ex.step(a)
-            stats.transitions += 1
-            s.tick()
-            if broken and s.note(broken, (*schedule(k), a)):
+        base = stats.transitions
+        if isinstance(pool, LocalPool):  # in this process: progress within a level too
+            pool.expander.tick = partial(s.tick_at, base)
+        batches = pool.expand(share(frontier, owner, pool.size), s.stop_at_first)
+        stats.transitions = base  # counted again below, as they are merged
+        owner = {}
+        frontier = []
+        for b in batches:
+            stats.executions += b.executions
+            res.unknown |= b.unknown
+            if b.cut:
                 res.complete = False
-                return s.finish(ex)
-            fp, ck = key(ex, a, pre)
-            if ck in nodes:
+        merged = heapq.merge(*[[(o, w) for o in b.outcomes] for w, b in enumerate(batches)],
+                             key=lambda ow: ow[0].schedule)
+        for o, w in merged:
+            stats.transitions += 1
+            if o.broken and s.note(o.broken, o.schedule):
+                res.complete = False
+                return
+            if o.key in seen:
                 continue
-            depth = node.depth + 1
-            enabled = ex.enabled()
-            nodes[ck] = _Node(k, a, depth, enabled, a, pre)
-            stats.states = len(nodes)
+            assert o.enabled is not None, "an expander skipped a state the explorer never saw"
+            seen.add(o.key)
+            depth = len(o.schedule)
+            stats.states = len(seen)
             stats.depth = max(stats.depth, depth)
-            if not enabled:
-                if s.ended(ex, fp, partial(schedule, ck), collect_finals):
+            if not o.enabled:
+                if s.ended(o.fp, o.end, o.schedule, collect):
                     res.complete = False
-                    return s.finish(ex)
-            elif depth >= bounds.max_steps:
+                    return
+            elif depth >= res.bounds.max_steps:
                 res.bound_hits += 1
             else:
-                frontier.append(ck)
-                if len(live) < LIVE_MAX:
-                    live[ck] = ex
-    return s.finish(ex)
+                owner[o.key] = w
+                frontier.append(Node(o.key, o.schedule, o.enabled, o.schedule[-1], o.preemptions,
+                                     o.digests))
+        s.tick(force=True)
+
+
+@contextmanager
+def _gc_deferred() -> Iterator[None]:
+    """Collect garbage less often while exploring.
+
+    Every replay builds a machine of thousands of objects; with the default
+    thresholds the collector runs several times per replay and, once the
+    explorer's own records have grown, spends a third of the time walking them.
+    """
+    old = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
 
 
 def enumerate_all(scenario: Scenario, design: DesignSpec, *, ignore: frozenset[str] = frozenset(),

@@ -414,3 +414,19 @@ def get_scenario(name: str) -> Scenario:
     if s is None:
         raise KeyError(f"unknown scenario {name!r}; choose one of: {', '.join(SCENARIOS)}")
     return s
+
+# Scenarios beyond one process's minute: for ``--workers``/``--ray``, not in the default suite.
+LARGE: tuple[Scenario, ...] = (
+    Scenario(
+        "two-vms-gadget",
+        "two VMs on one inode: guest faults in VM A and in VM B (each zaps, flushes, maps) || "
+        "a speculative gadget on CPU 1 || a TLB eviction on CPU 0",
+        _setup_two_vms,
+        (Actor("vcpuA", 0, (guest_fault(0),)),
+         Actor("vcpuB", 1, (guest_fault(1),)),
+         Actor("gadget1", 1, (gadget(),)),
+         Actor("evict0", 0, (tlb_evict(),))),
+    ),
+)
+
+SCENARIOS.update((s.name, s) for s in LARGE)

@@ -31,6 +31,8 @@ class Options:
     seed: int = 0
     runs: int = 300
     pct_depth: int = 3
+    workers: int = 1  # expanders per exhaustive search (0 with Ray: one per cluster CPU)
+    ray: str | None = None  # Ray cluster address ("local": start one), None: no Ray
 
 
 def series_designs() -> list[str]:
@@ -83,7 +85,8 @@ def check_one(design: DesignSpec, scenario: Scenario, opts: Options = Options(),
                              design_name=design_name, bounds=opts.bounds, ignore=opts.ignore,
                              stop_at_first=not opts.all_violations, progress=progress)
     return explore(scenario, design, design_name=design_name, bounds=opts.bounds, ignore=opts.ignore,
-                   stop_at_first=not opts.all_violations, progress=progress)
+                   stop_at_first=not opts.all_violations, progress=progress, workers=opts.workers,
+                   ray_address=opts.ray)
 
 
 def check(designs: Iterable[str], scenarios: Iterable[Scenario] = tuple(SCENARIOS.values()),

@@ -62,6 +62,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help="bound on preemptions per schedule (default: unbounded)")
     p.add_argument("--max-steps", type=int, default=400,
                    help="longest schedule explored (default 400)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="expand each level of the search in N forked worker processes (default 1: "
+                        "this process); with --ray, N Ray actors (default: one per cluster CPU); "
+                        "verdicts and counterexamples are the same for every N")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="shard the search on the Ray cluster at ADDRESS ('local': start a Ray "
+                        "instance here; needs pip install 'gmemlab[ray]')")
     p.add_argument("--ignore", action="append", metavar="INVARIANT[,INVARIANT]", type=name_list,
                    help="do not judge these properties (to look past a bug already found)")
     p.add_argument("--all", action="store_true", dest="all_violations",
@@ -153,15 +160,34 @@ def run(args: argparse.Namespace) -> int:
     if args.preemptions is not None and args.preemptions < 0:
         raise UsageError("--preemptions must not be negative")
 
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.random and (args.ray is not None or (args.workers or 1) > 1):
+        raise UsageError("--workers and --ray shard the exhaustive search; --random runs in one "
+                         "process")
+    if args.ray is not None:
+        from gmemlab.check.shard import ray_available
+
+        why = ray_available()
+        if why is not None:
+            raise UsageError(f"--ray: {why}")
+
     if args.replay is not None:
         return _replay(args, designs, scenario_names, profiles, ignore)
 
     opts = Options(Bounds(args.preemptions, args.max_steps), ignore, args.all_violations, args.random,
-                   args.seed, args.runs, args.pct_depth)
+                   args.seed, args.runs, args.pct_depth,
+                   workers=args.workers if args.workers is not None else (0 if args.ray else 1),
+                   ray=args.ray)
     cells = [(d, SCENARIOS[n].on(p)) for d in designs for p in profiles for n in scenario_names]
     if not args.json:
         mode = (f"random PCT, seed {args.seed}, {args.runs} runs per cell, depth {args.pct_depth}"
                 if args.random else "every interleaving (breadth-first, states hashed)")
+        if args.ray is not None:
+            mode += f"; sharded on Ray at {args.ray}" + (f", {args.workers} actors" if args.workers
+                                                       else ", one actor per cluster CPU")
+        elif opts.workers > 1:
+            mode += f"; {opts.workers} worker processes"
         print(f"gmemlab check: {len(designs)} design(s) x {len(scenario_names)} scenario(s) x "
               f"{len(profiles)} profile(s) = {len(cells)} cells; {mode}")
         print(f"  designs:   {', '.join(designs)}\n  profiles:  {', '.join(profiles)}")
