@@ -291,7 +291,13 @@ CASES: dict[str, tuple[Callable[[Host], None], dict[str, object]]] = {
     "hwpoison": (hwpoison, {}),
     "two-vmas-two-vms": (two_vmas_two_vms, {}),
     "snp": (snp_guest, {}),
-    "v9-falls-back": (punch_refault_release(NDM), {"design": "v9"}),
+    # v9: zero and prepare, marker, then zap; restore, then invalidate (both orders counted
+    # as rationale past the first ones).
+    "v9-punch-refault-release": (punch_refault_release(NDM), {"design": "v9"}),
+    "v9-guest-touch": (guest_touch(NDM), {"design": "v9"}),
+    "v9-vmm-then-guest": (vmm_then_guest(NDM), {"design": "v9", "ncpus": 3}),
+    "v9-no-flag": (punch_refault_release(SHARED), {"design": "v9"}),
+    "v9-tlb-full": (tlb_full, {"design": "v9", "tlb_entries": 8}),
     # Without the zap's flush every zeroed page is still cached when handed out: the first
     # violations (kept with their trace) go per page, the rest are counted in the batch.
     "noflush-guest-touch": (guest_touch(NDM), {"design": "noflush"}),

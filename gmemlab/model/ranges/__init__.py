@@ -30,7 +30,7 @@ vectorised versions of the ``Invariants.on_*`` hooks, at the same points.
 They run only where they can be shown to follow the code in front of them
 (:mod:`.gate`): the machine's design and the shared kernel code must be,
 function for function, the code ``tests/scale`` held them to (that of a design
-in :data:`MIRRORS`: v12, mainline, noflush, filemap, unmapped); any other
+in :data:`MIRRORS`: v12, mainline, noflush, filemap, unmapped, v9); any other
 design, a subclass that overrides anything, a ``--design-file``, a test's
 monkeypatch, runs every page through its per-page
 path, and ``Machine.gate`` says why.  Then, per call, only when nothing can
@@ -101,6 +101,10 @@ class Mirror:
     # (already out of the direct map), are zeroed through the mermap, and go back to that
     # list on free, never restored (designs.unmapped_alloc).
     unmapped_alloc: bool = False
+    # The v7..v9 bases: the guest fault zeroes and prepares a folio that is not uptodate
+    # (kvm_gmem_prepare_folio()), then zaps; the marker is set before the zap; ->free_folio
+    # restores, then invalidates (v9 01/13 and 07/13, bugs 3, 4 and 13).
+    prepare_first: bool = False
 
 
 MIRRORS: dict[str, Mirror] = {
@@ -109,6 +113,7 @@ MIRRORS: dict[str, Mirror] = {
     "noflush": Mirror("noflush", zaps=True, flushes=False),
     "filemap": Mirror("filemap", zaps=True, in_page_cache=True),
     "unmapped": Mirror("unmapped", zaps=True, in_page_cache=True, unmapped_alloc=True),
+    "v9": Mirror("v9", zaps=True, prepare_first=True),
 }
 MAINLINE = MIRRORS["base"]
 

@@ -194,10 +194,15 @@ def on_direct_map_change(m: Machine, pfns: Pfns, valid: bool) -> None:
     _report(pfns, bad, m.inv.on_direct_map_change, valid)
 
 
-def on_arch_prepare(m: Machine, pfns: Pfns) -> None:
+def on_arch_prepare(m: Machine, pfns: Pfns, ev: Events | None = None,
+                    where: NDArray[np.bool_] | None = None) -> None:
+    """``Invariants.on_arch_prepare()``; with ``ev``, as :func:`on_handout` does."""
     if not m.inv.enabled or not len(pfns):
         return
-    _report(pfns, no_direct_map(m, pfns) & m.dmap.present_many(pfns), m.inv.on_arch_prepare)
+    bad = no_direct_map(m, pfns) & m.dmap.present_many(pfns)
+    if ev is not None and _in_bulk(m, "zap-before-prepare", bad, ev, where):
+        return
+    _report(pfns, bad, m.inv.on_arch_prepare)
 
 
 def on_restore(m: Machine, pfns: Pfns, ev: Events | None = None,

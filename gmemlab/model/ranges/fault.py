@@ -136,14 +136,24 @@ def _guest_fault(m: Machine, vcpu: Vcpu, r: folios.FolioRun, gfn0: int) -> None:
     f = r.fault
     pfn = r.pfn[f]
     ev = Events(m, r.pfn)
-    folios.run(m, r, ev, "kvm_gmem_get_pfn")
     v = m.mem.views()
-    # kvm_arch_gmem_prepare(), kvm_gmem_get_pfn_done() (unlock, fput)
-    checks.on_arch_prepare(m, pfn)
-    if m.profile.has_arch_gmem_prepare(kvm.vm_type):
-        v.guest_owned[pfn] = GUEST_OWNED_SNP
-    rmp = listed(v.guest_owned[np.where(f, r.pfn, 0)] != 0)
-    ev.add("kvm_arch_gmem_prepare", "prepare", f, lambda i: {"gfn": gfn0 + i, "rmp": rmp(i)})
+
+    def prepare(where: NDArray[np.bool_]) -> None:
+        """``kvm_arch_gmem_prepare()`` for the pages ``where`` marks."""
+        pp = r.pfn[where]
+        checks.on_arch_prepare(m, pp, ev, where)
+        if m.profile.has_arch_gmem_prepare(kvm.vm_type):
+            v.guest_owned[pp] = GUEST_OWNED_SNP
+        rmp = listed(v.guest_owned[np.where(where, r.pfn, 0)] != 0)
+        ev.add("kvm_arch_gmem_prepare", "prepare", where, lambda i: {"gfn": gfn0 + i, "rmp": rmp(i)})
+
+    if mirror(m).prepare_first:
+        # kvm_gmem_prepare_folio() for a folio not uptodate: zero, prepare; then the zap
+        folios.run(m, r, ev, "kvm_gmem_prepare_folio", before_zap=lambda: prepare(r.zero))
+    else:
+        folios.run(m, r, ev, "kvm_gmem_get_pfn")
+        prepare(f)
+    # kvm_gmem_get_pfn_done() (unlock, fput)
     v.flags[pfn] &= ~np.uint8(PG_locked)
     checks.on_folio_unlock(m, pfn)
     ev.add("kvm_gmem_get_pfn", "get_pfn", f)

@@ -241,9 +241,11 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
                    pt2m[:n], taken[:n], unmapped, None if flip is None else flip[:n])
     if not ndm:
         return run
+    if mirror(m).prepare_first and not m.inv.only_counts("zap-before-prepare"):
+        run.prefix(first(run.zero & run.zap))  # prepared while mapped: its first ones per page
     if mirror(m).flushes:
         # Before the first split the TLBs hold whatever they hold; see tlbsim.access_flush().
-        before = run.zap & (np.arange(n) < first(run.pt2m >= 0))
+        before = run.zap & (np.arange(run.n) < first(run.pt2m >= 0))
         if before.any() and not tlbsim.can_access_flush(m, m.current.cpu, run.pfn[before]):
             run.prefix(first(run.zap))
     else:
@@ -269,10 +271,12 @@ def stale_at_handout(r: FolioRun) -> Mask:
     return r.zero & (r.pt2m < 0)
 
 
-def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
+def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str,
+        before_zap: Callable[[], None] | None = None) -> None:
     """Do the folio steps of ``r`` (:func:`plan`), adding their events to ``ev``.
 
-    The folios come back locked, with the reference the fault takes.
+    ``before_zap``: what the fault does between the zeroing and the zap (v9's
+    prepare).  The folios come back locked, with the reference the fault takes.
     """
     v = m.mem.views()
     mapping = r.inode.mapping
@@ -313,7 +317,7 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     inserted()
     # zero_if_not_uptodate(): the faulting CPU writes the folio through the direct map.
     if zap.any():
-        _zap(m, r, ev, zero_fn, "kvm_gmem_folio_zap_direct_map")
+        _zap(m, r, ev, zero_fn, "kvm_gmem_folio_zap_direct_map", before_zap)
         return
     pz = pfn[zero]
     details = dict(zip(np.flatnonzero(zero).tolist(), tlbsim.access_seq(m, m.current.cpu, pz),
@@ -322,6 +326,8 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str) -> None:
     v.flags[pz] |= PG_uptodate
     ev.add(zero_fn, "kernel_write", zero, lambda i: {"tlb": details[i]})
     ev.add(zero_fn, "zero_page", zero)
+    if before_zap is not None:
+        before_zap()
 
 
 def _unmapped_stream(m: Machine, wanted: int) -> tuple[Arr, Arr]:
@@ -443,7 +449,8 @@ def _mermap_clear(m: Machine, r: FolioRun, ev: Events) -> None:
     ev.add(fn, "mermap_unmap", r.zero, lambda i: {"cpu": cpu})
 
 
-def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str) -> None:
+def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str,
+         before_zap: Callable[[], None] | None = None) -> None:
     """Zeroing and the zap together (v12's in ``fn``, or the page cache's), splits included.
 
     Every zeroed page is zapped here (plan() lets no other through).  With the
@@ -508,6 +515,8 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str) -> None:
     ev.add(zero_fn, "kernel_write", zero, lambda i: {
         "tlb": zeroed.get(i) or (tlbsim.HIT_4K if hit(i) else tlbsim.FILL_4K)})
     ev.add(zero_fn, "zero_page", zero)
+    if before_zap is not None:
+        before_zap()
     # kvm_gmem_folio_zap_direct_map() -> folio_zap_direct_map()
     pzap = pfn[zap]
     m.dmap.set_ptes(pzap, False)
@@ -524,6 +533,9 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str) -> None:
     trace.count("flush_tlb_all", nsplits)
     if ipis:
         trace.count("ipi", ipis * (zap_flushes + nsplits))
+    marker_first = marker and mirror(m).prepare_first  # v9: the marker before the zap (bug 4)
+    if marker_first:
+        ev.add(fn, "marker_set", zap)
     ev.add(fn, "zap", zap)
     pl = listed(pfn)
     for where, pt, level, event in ((r.pt1g >= 0, listed(r.pt1g), "1G", "dmap_split_1g"),
@@ -534,7 +546,7 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str) -> None:
         dl = listed(dropped)
         ev.add("folio_zap_direct_map", "tlb_flush", zap,
                lambda i: {"pages": 1, "full": False, "ipis": ipis, "dropped": dl(i)})
-    if marker:
+    if marker and not marker_first:
         ev.add(fn, "marker_set", zap)
 
 

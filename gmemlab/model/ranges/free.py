@@ -134,6 +134,7 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
     # leaves; v12's ->free_folio restores the marked ones.
     on_removal = zaps(m) and mirror(m).in_page_cache and mapping_no_direct_map(mapping)
     on_free = zaps(m) and not mirror(m).in_page_cache
+    restore_first = mirror(m).prepare_first
     # With ALLOC_UNMAPPED the folio is neither restored nor zeroed: it goes back to the
     # unmapped free list as it is.
     unmapped = on_removal and mirror(m).unmapped_alloc
@@ -155,6 +156,9 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
         marked = (v.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
         if on_free:
             ok &= np.where(marked, (level == LEVEL_4K) & ~present, present)
+            if (restore_first and marked.any()
+                    and not m.inv.only_counts("invalidate-before-restore")):
+                ok &= ~marked  # restored before the invalidate: its first ones per page
         elif unmapped:
             ok &= ~marked & ~present & np.isin(pfn >> PAGEBLOCK_ORDER, blocks)
             if mapping.test(AS_MERMAP_STALE) or m.config.init_on_free:
@@ -229,24 +233,34 @@ def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr
         ev.add("folio_zero_segment", "kernel_write", None, lambda i: {"tlb": tlb[i]})
         ev.add("folio_zero_segment", "zero_page", None)
     # ->free_folio: kvm_arch_gmem_invalidate() (nothing to reclaim: regular() left the
-    # RMP-assigned frames to the per-page path), then (v12) the restore of a marked folio
+    # RMP-assigned frames to the per-page path), then (v12) the restore of a marked folio;
+    # v9 restores first.
+    restores = zaps(m) and not mirror(m).in_page_cache
+    if restores and mirror(m).prepare_first:
+        _restore_marked(m, pfn, ev)
     v.invalidated[pfn] = 1
     ev.add("kvm_arch_gmem_invalidate", "invalidate", None, lambda i: {"rmp_reclaim": False})
-    if zaps(m) and not mirror(m).in_page_cache:
-        marked = (v.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
-        pm = pfn[marked]
-        checks.on_restore(m, pm)
-        m.dmap.set_ptes(pm, True)
-        checks.on_direct_map_change(m, pm, True)
-        v.private[pm] &= ~np.uint8(KVM_GMEM_FOLIO_NO_DIRECT_MAP)
-        fn = "kvm_gmem_folio_restore_direct_map"
-        ev.add(fn, "restore", marked)
-        ev.add("set_direct_map_valid_noflush", "dmap_set", marked, lambda i: {"level": "4K"})
-        ev.add(fn, "marker_clear", marked)
+    if restores and not mirror(m).prepare_first:
+        _restore_marked(m, pfn, ev)
     # references: truncation's +1, each PTE's, the page cache's, truncation's own put
     v.refcount[pfn] -= (ptes + 1).astype(np.int32)
     _free(m, pfn, v.refcount[pfn] == 0, ev, unmapped)
     ev.emit()
+
+
+def _restore_marked(m: Machine, pfn: Arr, ev: Events) -> None:
+    """``kvm_gmem_folio_restore_direct_map()`` for the marked ones of ``pfn``."""
+    v = m.mem.views()
+    marked = (v.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
+    pm = pfn[marked]
+    fn = "kvm_gmem_folio_restore_direct_map"
+    ev.add(fn, "restore", marked)
+    checks.on_restore(m, pm, ev, marked)
+    m.dmap.set_ptes(pm, True)
+    checks.on_direct_map_change(m, pm, True)
+    v.private[pm] &= ~np.uint8(KVM_GMEM_FOLIO_NO_DIRECT_MAP)
+    ev.add("set_direct_map_valid_noflush", "dmap_set", marked, lambda i: {"level": "4K"})
+    ev.add(fn, "marker_clear", marked)
 
 
 def _free(m: Machine, pfn: Arr, freed: Mask, ev: Events, unmapped: bool = False) -> None:
