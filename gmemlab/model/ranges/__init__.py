@@ -30,8 +30,8 @@ vectorised versions of the ``Invariants.on_*`` hooks, at the same points.
 They run only where they can be shown to follow the code in front of them
 (:mod:`.gate`): the machine's design and the shared kernel code must be,
 function for function, the code ``tests/scale`` held them to (that of a design
-in :data:`MIRRORS`: v12, mainline, noflush, filemap, unmapped, v9); any other
-design, a subclass that overrides anything, a ``--design-file``, a test's
+in :data:`MIRRORS`: v12, mainline, noflush, filemap, unmapped, v9, v7); any
+other design, a subclass that overrides anything, a ``--design-file``, a test's
 monkeypatch, runs every page through its per-page
 path, and ``Machine.gate`` says why.  Then, per call, only when nothing can
 tell the difference (:func:`usable`): a path run straight through by
@@ -105,6 +105,9 @@ class Mirror:
     # (kvm_gmem_prepare_folio()), then zaps; the marker is set before the zap; ->free_folio
     # restores, then invalidates (v9 01/13 and 07/13, bugs 3, 4 and 13).
     prepare_first: bool = False
+    # v7: the marker is "set" with '&' (never set), the flush follows it in
+    # kvm_gmem_folio_zap_direct_map(), and nothing is ever restored (v7 06/12, bug 1).
+    marker_and: bool = False
 
 
 MIRRORS: dict[str, Mirror] = {
@@ -114,6 +117,7 @@ MIRRORS: dict[str, Mirror] = {
     "filemap": Mirror("filemap", zaps=True, in_page_cache=True),
     "unmapped": Mirror("unmapped", zaps=True, in_page_cache=True, unmapped_alloc=True),
     "v9": Mirror("v9", zaps=True, prepare_first=True),
+    "v7": Mirror("v7", zaps=True, prepare_first=True, marker_and=True),
 }
 MAINLINE = MIRRORS["base"]
 

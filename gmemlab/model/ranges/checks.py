@@ -130,9 +130,14 @@ def unlock_suspects(m: Machine, pfns: Pfns) -> NDArray[np.bool_]:
     return bad
 
 
-def on_folio_unlock(m: Machine, pfns: Pfns) -> None:
+def on_folio_unlock(m: Machine, pfns: Pfns, ev: Events | None = None,
+                    where: NDArray[np.bool_] | None = None) -> None:
+    """``Invariants.on_folio_unlock()``; with ``ev``, as :func:`on_handout` does."""
     if m.inv.enabled and len(pfns):
-        _report(pfns, unlock_suspects(m, pfns), m.inv.on_folio_unlock)
+        bad = unlock_suspects(m, pfns)
+        if ev is not None and _in_bulk(m, "marker-matches-direct-map", bad, ev, where):
+            return
+        _report(pfns, bad, m.inv.on_folio_unlock)
 
 
 def not_present_blocks(dmap: DirectMap, block: int = 1 << 18) -> Iterator[Pfns]:
@@ -215,10 +220,16 @@ def on_restore(m: Machine, pfns: Pfns, ev: Events | None = None,
         _report(pfns, bad, m.inv.on_restore)
 
 
-def on_free_to_allocator(m: Machine, pfns: Pfns) -> None:
+def on_free_to_allocator(m: Machine, pfns: Pfns, ev: Events | None = None,
+                         where: NDArray[np.bool_] | None = None) -> None:
+    """``Invariants.on_free_to_allocator()``; with ``ev``, a frame whose only fault is its
+    missing direct-map entry as :func:`on_handout` does."""
     if not m.inv.enabled or not len(pfns):
         return
     v = m.mem.views()
-    bad = (~m.dmap.present_many(pfns) | ((v.private[pfns] & 1) != 0) | (v.mapcount[pfns] != 0)
-           | (v.s2count[pfns] != 0))
-    _report(pfns, bad, m.inv.on_free_to_allocator)
+    absent = ~m.dmap.present_many(pfns)
+    other = (((v.private[pfns] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0) | (v.mapcount[pfns] != 0)
+             | (v.s2count[pfns] != 0))
+    if ev is not None and _in_bulk(m, "free-frame-in-direct-map", absent & ~other, ev, where):
+        absent &= other
+    _report(pfns, absent | other, m.inv.on_free_to_allocator)

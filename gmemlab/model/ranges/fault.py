@@ -155,7 +155,7 @@ def _guest_fault(m: Machine, vcpu: Vcpu, r: folios.FolioRun, gfn0: int) -> None:
         prepare(f)
     # kvm_gmem_get_pfn_done() (unlock, fput)
     v.flags[pfn] &= ~np.uint8(PG_locked)
-    checks.on_folio_unlock(m, pfn)
+    checks.on_folio_unlock(m, pfn, ev, f)
     ev.add("kvm_gmem_get_pfn", "get_pfn", f)
     # the stage-2 entry, then kvm_release_faultin_page()
     kvm.spte.store_range(gfn0, np.where(f, r.pfn, EMPTY))
@@ -233,7 +233,7 @@ def _user_run(m: Machine, vma: Vma, r: folios.FolioRun, ptes: NDArray[np.int64],
     ev.add("finish_fault", "pte_map", f, lambda i: {"addr": base + (i << PAGE_SHIFT)})
     checks.on_handout(m, pfn, "user PTE", ev, f, _cached_at_handout(m, r))
     v.flags[pfn] &= ~np.uint8(PG_locked)
-    checks.on_folio_unlock(m, pfn)
+    checks.on_folio_unlock(m, pfn, ev, f)
     ev.emit()
 
 

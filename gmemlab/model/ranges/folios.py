@@ -232,6 +232,8 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
             bad |= zap & old & ((level != LEVEL_4K) | ~present)
     elif ndm:
         bad |= fault & ~marked & ~present  # out of step at the unlock
+    if zaps(m) and mirror(m).marker_and and not ndm:
+        bad |= fault  # v7 zaps the folios of every guest_memfd (bug 2): per page
     n = first(bad)
     flip = None
     if unmapped:
@@ -243,6 +245,8 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
         return run
     if mirror(m).prepare_first and not m.inv.only_counts("zap-before-prepare"):
         run.prefix(first(run.zero & run.zap))  # prepared while mapped: its first ones per page
+    if mirror(m).marker_and and not m.inv.only_counts("marker-matches-direct-map"):
+        run.prefix(first(run.zap))  # unlocked unmarked but zapped: its first ones per page
     if mirror(m).flushes:
         # Before the first split the TLBs hold whatever they hold; see tlbsim.access_flush().
         before = run.zap & (np.arange(run.n) < first(run.pt2m >= 0))
@@ -521,9 +525,12 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str,
     pzap = pfn[zap]
     m.dmap.set_ptes(pzap, False)
     checks.on_direct_map_change(m, pzap, False)
-    marker = not mirror(m).in_page_cache
+    marker = not mirror(m).in_page_cache and not mirror(m).marker_and
     if marker:
         v.private[pzap] |= KVM_GMEM_FOLIO_NO_DIRECT_MAP
+    elif mirror(m).marker_and:
+        v.private[pzap] &= KVM_GMEM_FOLIO_NO_DIRECT_MAP  # sic: v7's '&'
+        after = listed(v.private[np.where(zap, pfn, 0)])
     ipis = 0 if m.profile.tlb_broadcast else m.tlb.ncpus - 1
     trace = m.trace
     zap_flushes = len(pzap) if flushes else 0
@@ -542,9 +549,13 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str,
                                     (split, listed(r.pt2m), "2M", "dmap_split_2m")):
         _split_events(ev, where, pt, pl, level, event, table_tlb, flushed, ipis)
     ev.add("set_direct_map_valid_noflush", "dmap_clear", zap, lambda i: {"level": "4K"})
+    flusher = "folio_zap_direct_map"
+    if mirror(m).marker_and:
+        ev.add(fn, "marker_and", zap, lambda i: {"private": after(i)})
+        flusher = fn  # v7 flushes in kvm_gmem_folio_zap_direct_map(), after the marker
     if flushes:
         dl = listed(dropped)
-        ev.add("folio_zap_direct_map", "tlb_flush", zap,
+        ev.add(flusher, "tlb_flush", zap,
                lambda i: {"pages": 1, "full": False, "ipis": ipis, "dropped": dl(i)})
     if marker and not marker_first:
         ev.add(fn, "marker_set", zap)

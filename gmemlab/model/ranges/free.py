@@ -155,7 +155,9 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
         level, present = m.dmap.lookup_many(pfn)
         marked = (v.private[pfn] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
         if on_free:
-            ok &= np.where(marked, (level == LEVEL_4K) & ~present, present)
+            # v7 restores nothing: its frames go back to the allocator out of the direct map.
+            leaked = mirror(m).marker_and and m.inv.only_counts("free-frame-in-direct-map")
+            ok &= np.where(marked, (level == LEVEL_4K) & ~present, present | leaked)
             if (restore_first and marked.any()
                     and not m.inv.only_counts("invalidate-before-restore")):
                 ok &= ~marked  # restored before the invalidate: its first ones per page
@@ -278,7 +280,7 @@ def _free(m: Machine, pfn: Arr, freed: Mask, ev: Events, unmapped: bool = False)
             design.nr_free[b] = design.nr_free.get(b, 0) + c
         ev.add("free_unref_folios", "free_page", freed, lambda i: {"freetype": "unmapped"})
         return
-    checks.on_free_to_allocator(m, pf)
+    checks.on_free_to_allocator(m, pf, ev, freed)
     if m.config.init_on_free:
         details = tlbsim.access_seq(m, m.current.cpu, pf)
         m.mem.zero_many(pf)
