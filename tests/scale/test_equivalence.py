@@ -309,6 +309,13 @@ CASES: dict[str, tuple[Callable[[Host], None], dict[str, object]]] = {
     "v9-vmm-then-guest": (vmm_then_guest(NDM), {"design": "v9", "ncpus": 3}),
     "v9-no-flag": (punch_refault_release(SHARED), {"design": "v9"}),
     "v9-tlb-full": (tlb_full, {"design": "v9", "tlb_entries": 8}),
+    # batch: the zap's flush deferred to one per 32 zaps, over the queue's span.
+    "batch-guest-touch": (guest_touch(NDM), {"design": "batch"}),
+    "batch-guest-touch-3cpus": (guest_touch(NDM), {"design": "batch", "ncpus": 3}),
+    "batch-vmm-then-guest": (vmm_then_guest(NDM), {"design": "batch"}),
+    "batch-punch-refault-release": (punch_refault_release(NDM), {"design": "batch"}),
+    "batch-tlb-full": (tlb_full, {"design": "batch", "tlb_entries": 8}),
+    "batch-tlb-elsewhere": (tlb_entries_elsewhere, {"design": "batch", "ncpus": 3}),
     # v7: never marked, so every fault zaps again and every free leaks an unmapped frame.
     "v7-guest-touch": (guest_touch(NDM), {"design": "v7"}),
     "v7-vmm-then-guest": (vmm_then_guest(NDM), {"design": "v7"}),

@@ -30,7 +30,7 @@ vectorised versions of the ``Invariants.on_*`` hooks, at the same points.
 They run only where they can be shown to follow the code in front of them
 (:mod:`.gate`): the machine's design and the shared kernel code must be,
 function for function, the code ``tests/scale`` held them to (that of a design
-in :data:`MIRRORS`: v12, mainline, noflush, filemap, unmapped, v9, v7); any
+in :data:`MIRRORS`: v12, mainline, noflush, filemap, unmapped, v9, v7, batch); any
 other design, a subclass that overrides anything, a ``--design-file``, a test's
 monkeypatch, runs every page through its per-page
 path, and ``Machine.gate`` says why.  Then, per call, only when nothing can
@@ -108,6 +108,9 @@ class Mirror:
     # v7: the marker is "set" with '&' (never set), the flush follows it in
     # kvm_gmem_folio_zap_direct_map(), and nothing is ever restored (v7 06/12, bug 1).
     marker_and: bool = False
+    # The zap's flush is deferred: queued, one flush_tlb_kernel_range() over the queue's span
+    # when it holds `batch` folios (designs.batched).
+    deferred_flush: bool = False
 
 
 MIRRORS: dict[str, Mirror] = {
@@ -118,6 +121,7 @@ MIRRORS: dict[str, Mirror] = {
     "unmapped": Mirror("unmapped", zaps=True, in_page_cache=True, unmapped_alloc=True),
     "v9": Mirror("v9", zaps=True, prepare_first=True),
     "v7": Mirror("v7", zaps=True, prepare_first=True, marker_and=True),
+    "batch": Mirror("batch", zaps=True, flushes=False, deferred_flush=True),
 }
 MAINLINE = MIRRORS["base"]
 

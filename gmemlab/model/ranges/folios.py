@@ -39,12 +39,14 @@ from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP, kvm_gmem
 from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K
 from gmemlab.model.mm.memmap import KIND_FILE, KIND_KERNEL, KIND_PGTABLE, PG_hwpoison, PG_locked, PG_uptodate
 from gmemlab.model.mm.mermap import MERMAP_CPU_SLOTS
+from gmemlab.model.mm.tlb import TLB_SINGLE_PAGE_FLUSH_CEILING
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.ranges import checks, mirror, tlbsim, zaps
 from gmemlab.model.ranges.events import Events, listed
 from gmemlab.uapi import PAGES_PER_PMD
 
 if TYPE_CHECKING:
+    from gmemlab.model.designs.batched import BatchedFlush
     from gmemlab.model.designs.unmapped_alloc import UnmappedAlloc
     from gmemlab.model.fs import Inode
     from gmemlab.model.machine import Machine
@@ -70,6 +72,7 @@ class FolioRun:
     taken: Arr  # frames taken from the allocator by this page and the ones before
     mermap: bool = False  # new folios come off the unmapped free list, zeroed via the mermap
     flip: Arr | None = None  # (mermap) the pageblock this page's allocation unmaps first, or -1
+    stale: Mask | None = None  # cached by a CPU when handed out, where the run worked it out
 
     def prefix(self, n: int) -> None:
         """Keep only the first ``n`` pages (``n`` <= ``self.n``)."""
@@ -270,9 +273,10 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
 
 def stale_at_handout(r: FolioRun) -> Mask:
     """The pages of a run of a mirror without the zap's flush (:func:`plan`) that a CPU still
-    caches when they are handed out: those zeroed here, save the ones whose zap split a
-    large leaf (``flush_tlb_all()`` came after their zeroing)."""
-    return r.zero & (r.pt2m < 0)
+    caches when they are handed out: as the run found them (a deferred flush), or those
+    zeroed here, save the ones whose zap split a large leaf (``flush_tlb_all()`` came after
+    their zeroing)."""
+    return r.zero & (r.pt2m < 0) if r.stale is None else r.stale
 
 
 def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str,
@@ -453,6 +457,66 @@ def _mermap_clear(m: Machine, r: FolioRun, ev: Events) -> None:
     ev.add(fn, "mermap_unmap", r.zero, lambda i: {"cpu": cpu})
 
 
+@dataclass(slots=True)
+class _Deferred:
+    """What the deferred flushes of a run did, page by page (:func:`_deferred_flushes`)."""
+
+    pending: dict[int, int]  # page -> folios queued after its zap
+    flushed: dict[int, tuple[int, int, bool, int, int]]  # page -> (lo, span, full, dropped, zaps)
+
+    def add_events(self, ev: Events, zap: Mask, ipis: int) -> None:
+        fn = "folio_zap_direct_map"
+        pending, flushed = self.pending, self.flushed
+        ev.add(fn, "flush_deferred", zap, lambda i: {"pending": pending[i]})
+        where = np.zeros(len(zap), np.bool_)
+        where[list(flushed)] = True
+        ev.add(fn, "batch_flush", where, lambda i: {"zaps": flushed[i][4], "span": flushed[i][1]},
+               lambda i: flushed[i][0])
+        ev.add(fn, "tlb_flush", where, lambda i: {"pages": flushed[i][1], "full": flushed[i][2],
+                                                  "ipis": ipis, "dropped": flushed[i][3]},
+               lambda i: flushed[i][0])
+
+
+def _deferred_flushes(m: Machine, r: FolioRun, split_at: Callable[[int], None],
+                      zeroed: dict[int, str]) -> _Deferred:
+    """The batch design's zaps, page by page: each zeroing's access, the splits, the
+    queueing and, when the queue is full, ``flush_pending()``'s one
+    ``flush_tlb_kernel_range()`` over its span (everything above the ceiling), so that
+    what each CPU caches at each handout is known (``r.stale``)."""
+    design = cast("BatchedFlush", m.design)
+    tlbs = m.tlb
+    cpu = m.current.cpu
+    out = _Deferred({}, {})
+    stale = np.zeros(r.n, np.bool_)
+    ipis = 0 if m.profile.tlb_broadcast else tlbs.ncpus - 1
+    pl = r.pfn.tolist()
+    zero, zap, split = r.zero.tolist(), r.zap.tolist(), (r.pt2m >= 0).tolist()
+    for i in range(r.n):
+        p = pl[i]
+        if split[i]:
+            split_at(i)
+        elif zero[i]:
+            zeroed[i] = tlbsim.access(m, cpu, p)[0]
+        if not zap[i]:
+            continue
+        design.pending.append(p)
+        out.pending[i] = len(design.pending)
+        if len(design.pending) >= design.batch:
+            queued = design.pending
+            design.pending = []
+            lo, hi = min(queued), max(queued) + 1
+            full = hi - lo > TLB_SINGLE_PAGE_FLUSH_CEILING
+            dropped = sum(tlbs.invalidate_all(c) if full else tlbs.invalidate(c, lo, hi)
+                          for c in range(tlbs.ncpus))
+            out.flushed[i] = (lo, hi - lo, full, dropped, len(queued))
+            m.trace.count("flush_tlb_kernel_range")
+            if ipis:
+                m.trace.count("ipi", ipis)
+        stale[i] = tlbs.cached_anywhere(p)
+    r.stale = stale
+    return out
+
+
 def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str,
          before_zap: Callable[[], None] | None = None) -> None:
     """Zeroing and the zap together (v12's in ``fn``, or the page cache's), splits included.
@@ -501,6 +565,8 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str,
         dropped[c] = tlbsim.flush_only(m, pfn[c])
         for i in tables.tolist():
             split_at(i)
+    elif mirror(m).deferred_flush:
+        deferred = _deferred_flushes(m, r, split_at, zeroed)
     else:
         start = 0
         for i in [*tables.tolist(), r.n]:
@@ -549,6 +615,8 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str,
                                     (split, listed(r.pt2m), "2M", "dmap_split_2m")):
         _split_events(ev, where, pt, pl, level, event, table_tlb, flushed, ipis)
     ev.add("set_direct_map_valid_noflush", "dmap_clear", zap, lambda i: {"level": "4K"})
+    if mirror(m).deferred_flush:
+        deferred.add_events(ev, zap, ipis)
     flusher = "folio_zap_direct_map"
     if mirror(m).marker_and:
         ev.add(fn, "marker_and", zap, lambda i: {"private": after(i)})
