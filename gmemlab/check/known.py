@@ -66,9 +66,9 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug("v9-restore-before-invalidate", "<= v11: restore before the arch invalidate",
              "v9", "fault-punch", ("zap-before-prepare",), "invalidate-before-restore", 26,
              ("kvm_gmem_free_folio", "kvm_gmem_folio_restore_direct_map")),
-    KnownBug("pagecache-restore-before-invalidate", "the page-cache-level proposal restores on "
-             "removal, before ->free_folio's invalidate",
-             "pagecache", "fault-punch", (), "invalidate-before-restore", 24,
+    KnownBug("filemap-restore-before-invalidate", "the page-cache-level shape as posted restores "
+             "on removal, before ->free_folio's invalidate",
+             "filemap", "fault-punch", (), "invalidate-before-restore", 24,
              ("filemap_free_folio",)),
 )
 
@@ -164,8 +164,6 @@ WHY = {
           "files without NO_DIRECT_MAP leave the direct map too (§8 bug 2); <= v11 order (§8 bug 13)",
     "noflush": "no kernel TLB flush after the zap (§8 bug 10, Firecracker's opt-out): a stale "
                "translation outlives the handout; on arm64 set_memory_valid() flushes anyway",
-    "pagecache": "the page-cache-level proposal restores the direct map on removal, before "
-                 "->free_folio's arch invalidate (the order v12 fixed, §8 bug 13)",
     "filemap": "the posted page-cache-level slow path (docs/next-shape.md) restores the direct "
                "map in filemap_remove_folio(), before ->free_folio's arch invalidate (the order "
                "v12 fixed, §8 bug 13; issue 11 asks whether that order is a safety rule at all)",
@@ -179,7 +177,7 @@ def _e(design: str, scenario: str, breaks: str, profiles: tuple[str, ...] = ALL_
 
 
 # Found by ``gmemlab check --all`` on every design, scenario and profile that offers the flag
-# (x86_64, x86_64-kvm_pvm-6.18, arm64); falloc, zap2m and pool break nothing.  The cells of
+# (x86_64, x86_64-kvm_pvm-6.18, arm64); falloc, zap2m and unmapped break nothing.  The cells of
 # free-reuse that fail do so in its setup (the guest's first fault), before any actor runs.
 EXPECTED: tuple[Expected, ...] = (
     _e("v9", "fault-punch", "invalidate-before-restore zap-before-prepare"),
@@ -216,14 +214,8 @@ EXPECTED: tuple[Expected, ...] = (
     _e("noflush", "lifecycle", "handout-flushed", X86),
     _e("noflush", "teardown", "handout-flushed", X86),
     _e("noflush", "mlock-secretmem", "handout-flushed", X86),
-    _e("pagecache", "fault-punch", "invalidate-before-restore"),
-    _e("pagecache", "ufault-release", "invalidate-before-restore"),
-    _e("pagecache", "two-vms", "invalidate-before-restore"),
-    _e("pagecache", "free-reuse", "invalidate-before-restore"),
-    _e("pagecache", "lifecycle", "invalidate-before-restore"),
-    _e("pagecache", "teardown", "invalidate-before-restore"),
     # filemap (found on x86_64 after the designs posted after v12 landed; unmapped breaks
-    # nothing there): the same cells as pagecache, and the ENOMEM split and fallocate ones.
+    # nothing there): every cell with a removal, and the ENOMEM split and fallocate ones.
     *(_e("filemap", s, "invalidate-before-restore", ("x86_64",)) for s in (
         "fault-punch", "ufault-release", "two-vms", "free-reuse", "enomem-split", "fallocate-fault",
         "lifecycle", "teardown")),

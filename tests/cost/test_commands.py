@@ -47,13 +47,13 @@ def test_cost_usage_errors(bad: list[str]) -> None:
 
 
 def test_expose_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["expose", "--designs", "base,v12,pool", "--workloads", "guest-boot", "--pages", "8",
+    assert main(["expose", "--designs", "base,v12,filemap", "--workloads", "guest-boot", "--pages", "8",
                  "--init-on-free", "off", "--plot-dir", str(tmp_path), "--json", "--quiet",
                  "--timeline"]) == 0
     out = json.loads(capsys.readouterr().out)
     res = {r["design"]: r for r in out["results"]}
     assert res["base"]["peak_bytes"] == 8 * 4096 and not res["base"]["no_direct_map"]
-    assert res["pool"]["peak_bytes"] == 0 and res["pool"]["no_direct_map"]
+    assert res["filemap"]["peak_bytes"] == 4096 and res["filemap"]["no_direct_map"]
     assert res["v12"]["timeline"][0] == [0, 0.0, 0, 0, 0]
     assert [Path(p).name for p in out["plots"]] == ["expose-guest-boot.png"]
 

@@ -55,7 +55,6 @@ EXPECTED_VIOLATIONS: dict[str, frozenset[str]] = {
     "v7": frozenset({"marker-matches-direct-map", "free-frame-in-direct-map", "kernel-oops",
                      "zap-only-no-direct-map", "handout-zapped", "zap-before-prepare"}),
     "noflush": frozenset({"handout-flushed", "gadget-blocked"}),
-    "pagecache": frozenset({"invalidate-before-restore"}),
     "filemap": frozenset({"invalidate-before-restore"}),
     "batch": frozenset({"handout-flushed", "gadget-blocked"}),
 }
