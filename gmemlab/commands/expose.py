@@ -63,13 +63,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from gmemlab.cost.calibrate import CalibrationError, calibrate, load_measurement
+    from gmemlab.cost.calibrate import CalibrationError, calibrate, load_measurement, load_primitives
     from gmemlab.expose.analysis import ExposeConfig, phase_table, plot_timelines, run_all, summary_table
     from gmemlab.report import dump_json
 
     iof = {"off": (False,), "on": (True,), "both": (False, True)}[args.init_on_free]
     try:
-        calibration = calibrate(args.calibration or load_measurement())
+        calibration = calibrate(args.calibration or load_measurement(), primitives=load_primitives())
     except CalibrationError as e:
         raise UsageError(str(e)) from None
     cfg = ExposeConfig(designs=args.designs, workloads=args.workloads, pages=args.pages, init_on_free=iof,

@@ -21,6 +21,9 @@ def test_cost_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert rows["boot", "v12"]["flushes"] >= 65536
     assert rows["boot", "v12"]["exposure"]["peak_share"] == 0.0
     assert rows["boot", "base"]["exposure"]["peak_share"] == 1.0
+    sources = out["calibration"]["param_sources"]
+    assert sources["split"]["kind"] == "measured" and sources["alloc_block"]["kind"] == "prior"
+    assert sum(rows["boot", "v12"]["priced_by"].values()) == pytest.approx(1.0)
     checks = {c["name"]: c for c in out["calibration"]["checks"]}
     assert abs(checks["memfd_secret fault"]["error"]) < 0.2
     assert len(rows["boot", "v12"]["slowdown_by_cpus"]["scaled"]) == len(out["config"]["sweep"])
@@ -35,6 +38,10 @@ def test_cost_table(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "memfd_secret per-page fault: model" in out
     assert "teardown" in out and "v12" in out
+    # Every per-event figure says where it comes from; each row how much of its time priors price.
+    figures = out[out.index("Per-event costs"):out.index("IPI round trip")]
+    assert "pte_change" in figures and figures.count("measured") >= 5 and " prior " in figures
+    assert "m/f/p %" in out
 
 
 @pytest.mark.parametrize("bad", [["--model-pages", "100"], ["--strategies", "nope"],
