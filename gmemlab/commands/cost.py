@@ -198,8 +198,8 @@ def render(cal: Any, rows: Any, cfg: Any, plots: list[Path]) -> str:
                 else f"{100 * r.exposure_peak:.0f} / {100 * (r.exposure_mean or 0):.0f}")
         trows.append([r.workload, r.strategy, r.time_us / 1e6, r.per_page_us, r.slowdown, round(r.flushes),
                       round(r.ipis), round(r.splits_2m), dm[0] / (1 << 20), dm[1] / (1 << 20),
-                      dm[2] / (1 << 20), expo, r.priced_by_text(), ", ".join(f"{k} x{v}" for k, v in r.violations.items())
-                      or "-"])
+                      dm[2] / (1 << 20), expo, r.priced_by_text(),
+                      ", ".join(f"{k} x{v}" for k, v in r.violations.items()) or "-"])
     out.append(table(headers, trows, align="llrrrrrrrrrrrl"))
     out += ["", "Where the series' figures are reached (CPU count at which the slowdown gets there; "
             "IPI cost fitted here / bare-metal IPI prior):"]
