@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "gmemlab.commands.expose",
     "gmemlab.commands.cost",
     "gmemlab.commands.churn",
+    "gmemlab.commands.compare",
     "gmemlab.commands.bench",
 )
 
