@@ -41,21 +41,16 @@ from dataclasses import dataclass, field
 
 from gmemlab.churn.rules import RegionRule
 from gmemlab.churn.schedule import LOW_RAM_MIB, Schedule
+from gmemlab.model.machine import MachineConfig, ram_ranges
 from gmemlab.model.mm.direct_map import E_LEAF, PFN_PMD_SHIFT, PFN_PUD_SHIFT, DirectMap
+from gmemlab.model.mm.page_alloc import _NORMAL_START, _RESERVED_END
 from gmemlab.uapi import PAGES_PER_PMD
 
 Run = tuple[int, int]  # (first, last): handed out from last towards first
-_NORMAL_START = 1 << 20  # pfn of 4 GiB
-_RESERVED_END = 0x100  # the first 1 MiB, reserved at boot
 
 
 class ChurnError(RuntimeError):
     """The modelled host ran out of what a step needs (the model would fail with ENOMEM)."""
-
-
-def ram_ranges(high_gib: float) -> list[tuple[int, int]]:
-    """e820 RAM in pfns, as ``Machine._ram_ranges`` lays it out: [4K, 636K), [1M, 2G), [4G, ...)."""
-    return [(1, 0x9F), (0x100, LOW_RAM_MIB << 8), (1 << 20, (1 << 20) + int(high_gib * (1 << 18)))]
 
 
 class RunStack:
@@ -154,7 +149,7 @@ class RegionSim:
         if rule.unsupported:
             raise ChurnError(rule.describe())
         self.rule = rule
-        ram = ram_ranges(high_gib)
+        ram = ram_ranges(MachineConfig(ram_gib=high_gib, low_ram_mib=LOW_RAM_MIB))
         self.dmap = DirectMap(ram[-1][1], ram, "x86")
         self.alloc = RunStack(ram)
         self.unmapped = RunStack([])  # the design's unmapped free list
