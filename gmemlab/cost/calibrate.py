@@ -366,6 +366,11 @@ class Calibration:
         """``measured``, ``fitted`` or ``prior`` for a CostParams field (``ipi``: the fitted round trip)."""
         return source_kind(self.sources["ipi_base" if param == "ipi" else param])
 
+    def kinds_line(self) -> str:
+        """``N measured, N fitted, N prior``: how many per-event figures are of each kind."""
+        counts = Counter(self.kind(k) for k in self.sources)
+        return ", ".join(f"{counts[k]} {k}" for k in KINDS)
+
     def priced_by(self, breakdown: Mapping[str, float]) -> dict[str, float]:
         """The share of a :meth:`CostModel.breakdown` priced by measured, fitted and prior figures."""
         total = sum(breakdown.values())

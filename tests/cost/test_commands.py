@@ -70,6 +70,7 @@ def test_expose_table(capsys: pytest.CaptureFixture[str]) -> None:
                  "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "secretmem: peak reachable kB per phase" in out
+    assert "5 measured, 5 fitted, 4 prior per-event figures" in out  # the committed primitives
 
 
 def test_expose_usage_errors() -> None:
