@@ -209,8 +209,8 @@ class Primitives:
     source: str
     kernel: str
     cpus: int
-    pte_change: float
-    flush_local: float
+    pte_change: float | None  # None: not measured (noise larger than the effect)
+    flush_local: float | None
     copy_page: float
     split_fault_extra: float | None  # None: no fault split while measuring
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -240,8 +240,8 @@ class Primitives:
             raise CalibrationError(f"{source}: missing field machine.kernel or machine.cpus")
         provenance = d.get("provenance", {})
         return cls(source, machine["kernel"], machine["cpus"],
-                   pte_change=ns("mprotect", "pte_change_ns") or 0.0,
-                   flush_local=ns("mprotect", "flush_local_ns") or 0.0,
+                   pte_change=ns("mprotect", "pte_change_ns", required=False),
+                   flush_local=ns("mprotect", "flush_local_ns", required=False),
                    copy_page=ns("copy_page_ns", "median") or 0.0,
                    split_fault_extra=ns("split_2m", "extra_ns", required=False),
                    provenance=dict(provenance) if isinstance(provenance, Mapping) else {})
@@ -428,16 +428,20 @@ def calibrate(meas: Measurement, comp: Composition | None = None,
     p = replace(p, alloc_block=PAGES_PER_PMD * p.alloc_page)
     if primitives is not None:
         where = f"{primitives.source}, kernel {primitives.kernel}"
-        p = replace(p, pte_change=primitives.pte_change, flush_local=primitives.flush_local,
-                    user_copy_page=primitives.copy_page,
-                    mermap=2 * primitives.pte_change + primitives.flush_local)
-        sources |= {
-            "pte_change": f"measured: mprotect of anonymous memory, per PTE ({where}); a user PTE "
-                          "change standing for CPA's",
-            "flush_local": f"measured: mprotect of one page less one PTE change: INVLPG ({where})",
-            "user_copy_page": f"measured: memmove of 64 MiB, per 4 KiB ({where})",
-            "mermap": "measured: two measured PTE changes and a measured local flush",
-        }
+        p = replace(p, user_copy_page=primitives.copy_page)
+        sources["user_copy_page"] = f"measured: memmove of 64 MiB, per 4 KiB ({where})"
+        if primitives.pte_change is not None and primitives.flush_local is not None:
+            p = replace(p, pte_change=primitives.pte_change, flush_local=primitives.flush_local,
+                        mermap=2 * primitives.pte_change + primitives.flush_local)
+            sources |= {
+                "pte_change": f"measured: mprotect of anonymous memory, per PTE ({where}); a user PTE "
+                              "change standing for CPA's",
+                "flush_local": f"measured: mprotect of one page less one PTE change: INVLPG ({where})",
+                "mermap": "measured: two measured PTE changes and a measured local flush",
+            }
+        else:
+            notes.append(f"pte_change, flush_local: {primitives.source} has no usable mprotect figures; "
+                         "priors kept")
 
     def solve(p: CostParams, field_: str, event: str, measured: float, kind: str) -> CostParams:
         events = comp[kind]

@@ -37,7 +37,7 @@ Times are medians over repetitions, in ns, pinned to one CPU as
      "split_2m": {"fault_ns": {median, min, max}, "split_fault_ns": STATS, "splits": int, "faults": int,
                   "extra_ns": float} | {"unavailable": str},
      "mprotect": {"pages": [int, ...], "delta_ns": {str(pages): float, ...},
-                  "pte_change_ns": float, "flush_local_ns": float},
+                  "pte_change_ns": float, "flush_local_ns": float} | {..., "unavailable": str},
      "copy_page_ns": STATS,
      "provenance": {...}}
 """
@@ -144,8 +144,12 @@ def measure_mprotect(host: TwinHost, iterations: int, reps: int) -> dict[str, An
         populated.munmap()
         empty.munmap()
     pte = (delta[512] - delta[256]) / 256
-    return {"pages": list(MPROTECT_PAGES), "delta_ns": {str(n): d for n, d in delta.items()},
-            "pte_change_ns": pte, "flush_local_ns": delta[1] - pte}
+    out: dict[str, Any] = {"pages": list(MPROTECT_PAGES), "delta_ns": {str(n): d for n, d in delta.items()}}
+    if pte <= 0 or delta[1] - pte <= 0:
+        # Noise larger than the effect (a loaded or nested host): no figure rather than a wrong one.
+        out["unavailable"] = "the populated - unpopulated differences were not positive (noise)"
+        return out
+    return out | {"pte_change_ns": pte, "flush_local_ns": delta[1] - pte}
 
 
 def measure_copy(host: TwinHost, reps: int) -> dict[str, Any]:
@@ -200,11 +204,12 @@ def format_primitives(r: dict[str, Any]) -> str:
                      f"faults split): a split adds {s['extra_ns']:.0f} ns")
     else:
         lines.append(f"direct-map split: not measured: {s['unavailable']}")
+    lines.append("mprotect (populated - unpopulated), ns: " + ", ".join(
+        f"{n} pages {d:.0f}" for n, d in p["delta_ns"].items()))
+    lines.append(f"  not measured: {p['unavailable']}" if "unavailable" in p else
+                 f"  PTE change {p['pte_change_ns']:.0f} ns (slope 256 -> 512 pages); local flush (INVLPG) "
+                 f"{p['flush_local_ns']:.0f} ns (1 page less one PTE change)")
     lines += [
-        "mprotect (populated - unpopulated), ns: " + ", ".join(
-            f"{n} pages {d:.0f}" for n, d in p["delta_ns"].items()),
-        f"  PTE change {p['pte_change_ns']:.0f} ns (slope 256 -> 512 pages); local flush (INVLPG) "
-        f"{p['flush_local_ns']:.0f} ns (1 page less one PTE change)",
         f"page copy (memmove of {COPY_BYTES >> 20} MiB): {c['median']:.0f} ns per 4 KiB "
         f"(min {c['min']:.0f}, max {c['max']:.0f})",
     ]
