@@ -41,6 +41,11 @@ PROBE_PAGES = 2 * PAGES_PER_PMD
 Source = Literal["pages", "blocks"]
 Touch = Literal["none", "split", "clear2m"]
 Free = Literal["allocator", "design"]
+# What gmemlab.churn.regions knows how to run: per-frame designs that split (or leave the direct
+# map alone) and free to the allocator; pageblock designs that clear whole 2 MiB leaves and keep
+# their frames.
+STATED: frozenset[tuple[str, str, str]] = frozenset({
+    ("pages", "split", "allocator"), ("pages", "none", "allocator"), ("blocks", "clear2m", "design")})
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,4 +100,7 @@ def learn_rule(design: str | Design) -> RegionRule:
         odd.append(f"teardown freed {freed} and the design kept {kept} of {len(frames)} frames")
     if source == "blocks" and free == "allocator":
         odd.append("blocks taken whole but freed frame by frame to the page allocator")
+    elif (source, touch, free) not in STATED and not odd:
+        odd.append(f"frames from {source}, first touch {touch}, freed to the {free}: a combination "
+                   "the region level does not state")
     return RegionRule(d.name, sc.no_direct_map, source, touch, free, "; ".join(odd) or None)
