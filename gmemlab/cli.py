@@ -24,6 +24,8 @@ COMMAND_MODULES = (
     "gmemlab.commands.conformance",
     "gmemlab.commands.expose",
     "gmemlab.commands.cost",
+    "gmemlab.commands.churn",
+    "gmemlab.commands.compare",
     "gmemlab.commands.bench",
 )
 

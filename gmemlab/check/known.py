@@ -208,10 +208,10 @@ _BATCHED_COCO = dict.fromkeys(_OOPS_ALL, "zapped-frame-flushed handout-flushed k
 
 # Found by ``gmemlab check --all`` on every design, scenario and profile that offers the flag
 # (x86_64, x86_64-kvm_pvm-6.18, arm64, and the what-if profile for the SNP/TDX scenarios);
-# falloc, zap2m, pool and unmapped break nothing on real hosts.  The cells of free-reuse that fail do so
+# falloc, zap2m and unmapped break nothing on real hosts.  The cells of free-reuse that fail do so
 # in its setup (the guest's first fault), before any actor runs.  The series' orders
 # (zap-before-prepare, invalidate-before-restore, guest-owned-not-host-mapped) are rationale,
-# reported but never expected or failed: v9, pagecache and filemap break nothing on the
+# reported but never expected or failed: v9 and filemap break nothing on the
 # default VM type, where no arch hook acts.
 EXPECTED: tuple[Expected, ...] = (
     _e("v9", "enomem-split", "handout-zapped marker-matches-direct-map"),
@@ -249,10 +249,9 @@ EXPECTED: tuple[Expected, ...] = (
     _e("batch", "lifecycle", "handout-flushed zapped-frame-flushed", X86),
     _e("batch", "teardown", "handout-flushed zapped-frame-flushed", X86),
     # The what-if profile: what the series' VM-type exclusion keeps from happening.
-    *(x for d in ("v12", "falloc", "zap2m", "pool", "unmapped") for x in _what_if(d, _OOPS_ALL)),
+    *(x for d in ("v12", "falloc", "zap2m", "unmapped") for x in _what_if(d, _OOPS_ALL)),
     *_what_if("noflush", dict.fromkeys(_OOPS_ALL, "handout-flushed kernel-oops")),
     *_what_if("batch", _BATCHED_COCO),
-    *_what_if("pagecache", {"snp-populate": "kernel-oops", "tdx-fault-punch": "kernel-oops"}),
     *_what_if("filemap", {"snp-populate": "kernel-oops", "tdx-fault-punch": "kernel-oops"}),
     *_what_if("filemap", {"snp-fault-punch": "host-write-guest-owned"}, "what-if-filemap"),
 )

@@ -97,7 +97,7 @@ def _measurement(args: argparse.Namespace) -> Any:
 
 def main(args: argparse.Namespace) -> int:
     from gmemlab.cost.analysis import CostConfig, analyse
-    from gmemlab.cost.calibrate import CalibrationError, calibrate
+    from gmemlab.cost.calibrate import CalibrationError, calibrate, load_primitives
     from gmemlab.cost.plots import plot_exposure_cost, plot_fragmentation, plot_slowdown
     from gmemlab.cost.strategies import BASELINE
     from gmemlab.report import dump_json
@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
     meas = _measurement(args)
     say(f"calibrating on {meas.source}")
     try:
-        cal = calibrate(meas)
+        cal = calibrate(meas, primitives=load_primitives())
     except CalibrationError as e:
         raise UsageError(str(e)) from None
     rows = analyse(cfg, cal, say)
@@ -139,6 +139,15 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print(render(cal, rows, cfg, plots))
     return 0
+
+
+def param_table(cal: Any) -> str:
+    """The cost model's per-event figures, each marked measured, fitted or prior, and how."""
+    from gmemlab.report import table
+
+    return table(["figure", "µs", "source", "how"],
+                 [[k, v, cal.kind(k), cal.sources[k].split(": ", 1)[-1]]
+                  for k, v in cal.params.as_dict().items()], align="lrll")
 
 
 def render(cal: Any, rows: Any, cfg: Any, plots: list[Path]) -> str:
@@ -165,7 +174,9 @@ def render(cal: Any, rows: Any, cfg: Any, plots: list[Path]) -> str:
                "fault (fitted) plus the removal and flush (fitted against memfd); memfd, the memfd_secret "
                "free and the IPI count are predictions too.")
     p = cal.params
-    out.append("  per-event costs (µs): " + ", ".join(f"{k} {v:.3g}" for k, v in p.as_dict().items()))
+    out += ["", "Per-event costs (measured: timed on a kernel; fitted: solved from measured times; "
+            "prior: a published or assumed figure)"]
+    out.append(param_table(cal))
     prior = p.with_ipi_model("prior")
     out.append("  IPI round trip of a kernel TLB flush, fitted shape 1 + 0.2/CPU scaled to the measured "
                f"{meas.cpus}-CPU figure (prior unscaled): "
@@ -176,9 +187,10 @@ def render(cal: Any, rows: Any, cfg: Any, plots: list[Path]) -> str:
     out.extend(f"  {s:<10} {describe(s)}" for s in cfg.strategies)
     out += ["", "Side by side (time scaled to the workload size; IPIs = flushes x (CPUs - 1); "
             "DirectMap after = this machine's counters before plus the splits; exposure = share of "
-            "the secret bytes a gadget reaches, peak / mean over the measured phases, from the model run)"]
+            "the secret bytes a gadget reaches, peak / mean over the measured phases, from the model run; "
+            "m/f/p % = share of the time priced by measured / fitted / prior figures)"]
     headers = ["workload", "strategy", "time s", "us/page", "slowdown", "flushes", "IPIs", "2M splits",
-               "DM4k GiB", "DM2M GiB", "DM1G GiB", "exposed %", "broken invariants (whole run)"]
+               "DM4k GiB", "DM2M GiB", "DM1G GiB", "exposed %", "m/f/p %", "broken invariants (whole run)"]
     trows: list[list[Cell]] = []
     for r in rows:
         dm = r.dm_after_kb or (math.nan, math.nan, math.nan)
@@ -186,9 +198,9 @@ def render(cal: Any, rows: Any, cfg: Any, plots: list[Path]) -> str:
                 else f"{100 * r.exposure_peak:.0f} / {100 * (r.exposure_mean or 0):.0f}")
         trows.append([r.workload, r.strategy, r.time_us / 1e6, r.per_page_us, r.slowdown, round(r.flushes),
                       round(r.ipis), round(r.splits_2m), dm[0] / (1 << 20), dm[1] / (1 << 20),
-                      dm[2] / (1 << 20), expo, ", ".join(f"{k} x{v}" for k, v in r.violations.items())
-                      or "-"])
-    out.append(table(headers, trows, align="llrrrrrrrrrrl"))
+                      dm[2] / (1 << 20), expo, r.priced_by_text(),
+                      ", ".join(f"{k} x{v}" for k, v in r.violations.items()) or "-"])
+    out.append(table(headers, trows, align="llrrrrrrrrrrrl"))
     out += ["", "Where the series' figures are reached (CPU count at which the slowdown gets there; "
             "IPI cost fitted here / bare-metal IPI prior):"]
     for workload in cfg.workloads:

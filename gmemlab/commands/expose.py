@@ -63,13 +63,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from gmemlab.cost.calibrate import CalibrationError, calibrate, load_measurement
+    from gmemlab.cost.calibrate import CalibrationError, calibrate, load_measurement, load_primitives
     from gmemlab.expose.analysis import ExposeConfig, phase_table, plot_timelines, run_all, summary_table
     from gmemlab.report import dump_json
 
     iof = {"off": (False,), "on": (True,), "both": (False, True)}[args.init_on_free]
     try:
-        calibration = calibrate(args.calibration or load_measurement())
+        calibration = calibrate(args.calibration or load_measurement(), primitives=load_primitives())
     except CalibrationError as e:
         raise UsageError(str(e)) from None
     cfg = ExposeConfig(designs=args.designs, workloads=args.workloads, pages=args.pages, init_on_free=iof,
@@ -83,13 +83,15 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         dump_json({
             "config": {"pages": cfg.pages, "cpus": cfg.ncpus, "tlb_entries": cfg.tlb_entries,
-                       "calibration": calibration.measurement.source},
+                       "calibration": calibration.measurement.source,
+                       "param_sources": {k: calibration.kind(k) for k in calibration.sources}},
             "results": [r.as_json(timeline=args.timeline) for r in results],
             "plots": [str(p) for p in plots],
         })
         return 0
     print(f"gmemlab expose: {cfg.pages} pages per VM, {cfg.ncpus} CPUs, {cfg.tlb_entries} TLB entries "
-          f"per CPU; time priced with {calibration.measurement.source}")
+          f"per CPU; time priced with {calibration.measurement.source} ({calibration.kinds_line()} "
+          "per-event figures: gmemlab cost lists which)")
     print("Reachable secret bytes (peak; integrated over steps and over modelled time); via = share of "
           "kB*ms through a present direct-map entry / a stale TLB entry / a temporary mapping; windows "
           "= per-frame spans of reachability that closed; open@end = frames still reachable at the end.")

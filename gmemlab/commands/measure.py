@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from gmemlab.cli import host_cpu, int_in, output_file
 from gmemlab.report import dump_json
@@ -27,6 +28,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--iterations", type=int_in(1, 10**9), help="KVM_RUN round trips per repetition")
     p.add_argument("--cpu", type=host_cpu, default="0", help="CPU to pin to (default 0; -1: no pinning)")
     p.add_argument("--quick", action="store_true", help="small and fast: 8 MiB, 3 reps")
+    p.add_argument("--primitives", action="store_true",
+                   help="measure the cost model's primitives instead: a direct-map split (memfd_secret "
+                        "faults that split against those that did not), a PTE change and the local flush "
+                        "(mprotect), a page copy; see gmemlab.twin.primitives")
     p.add_argument("--out", metavar="FILE", type=output_file, help="write the JSON result to FILE")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -47,15 +52,17 @@ def run(args: argparse.Namespace) -> int:
     if args.iterations is not None:
         config = replace(config, roundtrip_iterations=args.iterations)
     config = replace(config, cpu=args.cpu)
+    def progress(message: str) -> None:
+        print(f"measure: {message}", file=sys.stderr, flush=True)
+
+    say = None if args.quiet else progress
+    if args.primitives:
+        return _primitives(args, config, say)
     ok, reason = available()
     if not ok:
         print(f"gmemlab measure: {reason}", file=sys.stderr)
         return 1
-
-    def progress(message: str) -> None:
-        print(f"measure: {message}", file=sys.stderr, flush=True)
-
-    result = run_measurement(config, progress=None if args.quiet else progress)
+    result = run_measurement(config, progress=say)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -64,4 +71,22 @@ def run(args: argparse.Namespace) -> int:
         dump_json(result)
     else:
         print(format_report(result))
+    return 0
+
+
+def _primitives(args: argparse.Namespace, config: Any, say: Any) -> int:
+    """``--primitives``: needs no /dev/kvm, only memfd_secret and /proc/vmstat."""
+    from gmemlab.cost.calibrate import with_provenance
+    from gmemlab.twin.primitives import format_primitives, measure_primitives
+
+    result = with_provenance(measure_primitives(reps=config.reps, cpu=config.cpu, progress=say),
+                             "gmemlab measure --primitives")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    if args.json:
+        dump_json(result)
+    else:
+        print(format_primitives(result))
     return 0

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gmemlab.cost.calibrate import Calibration
+from gmemlab.cost.calibrate import KINDS, Calibration
 from gmemlab.cost.model import FLUSH_EVENT, CostModel
 from gmemlab.cost.strategies import BASELINE, STRATEGIES, make_design
 from gmemlab.cost.workloads import COST_WORKLOADS
@@ -86,6 +86,11 @@ class CostRow:
     breakdown: dict[str, float]
     violations: dict[str, int]
     sweep: dict[str, list[float]] = field(default_factory=dict)  # IPI model -> slowdown per CPU count
+    priced_by: dict[str, float] = field(default_factory=dict)  # share of time_us: measured/fitted/prior
+
+    def priced_by_text(self) -> str:
+        """``m/f/p`` percentages of the time priced by measured, fitted and prior figures."""
+        return "/".join(f"{100 * self.priced_by.get(k, 0.0):.0f}" for k in KINDS)
 
     @property
     def per_page_us(self) -> float:
@@ -114,6 +119,7 @@ class CostRow:
             "counts": self.counts,
             "violations": self.violations,
             "slowdown_by_cpus": self.sweep,
+            "priced_by": self.priced_by,
         }
 
 
@@ -180,6 +186,7 @@ def analyse(cfg: CostConfig, cal: Calibration,
             ipis=cost.ipis(counts), dm_after_kb=direct_map_after(cal.measurement.direct_map_kb, total),
             exposure_peak=small.exposure_peak, exposure_mean=small.exposure_mean,
             breakdown=cost.breakdown(counts), violations=small.violations,
+            priced_by=cal.priced_by(cost.breakdown(counts)),
         ))
     _relate(rows, cal, cfg)
     return rows

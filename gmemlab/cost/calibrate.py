@@ -26,12 +26,24 @@ machine with the measured number of CPUs.  The fit, in order:
    the prior's shape (1 µs + 0.2 µs per receiving CPU) is scaled to it.  That
    is the extrapolation to other CPU counts.
 
-What stays a prior (anchors §E.4 unless noted): the direct-map PTE change
-(0.3 µs), a split's table fill (1 µs), the local INVLPG (0.1 µs, the
-``arch/x86/mm/tlb.c`` estimate), the VMM's 4 KiB memcpy (0.4 µs, ~10 GB/s), an
-order-9 allocation handed out as 512 folios (512 order-0 allocations: the
-per-folio work, not the buddy list operation, is what an allocation costs
-[assumption]), a mermap map+unmap (two PTE changes and an INVLPG).
+Measured directly when a ``gmemlab measure --primitives`` result is given
+(:class:`Primitives`; the one committed for this machine is
+:data:`PRIMITIVES_FILE`, see :mod:`gmemlab.twin.primitives` for how): the PTE
+change and the local flush (``mprotect()`` of anonymous memory), the VMM's page
+copy (``memmove()``), and a direct-map split (a memfd_secret fault that split,
+less one that did not), from which the split's own ``flush_tlb_all()`` (the
+local flush and the fitted IPI round trip at the measured CPU count) is taken
+out, since the model counts that flush apart.  A mermap map+unmap is then two
+measured PTE changes and a measured local flush.
+
+What stays a prior (anchors §E.4 unless noted), and every one of the above
+when no primitives are given: the direct-map PTE change (0.3 µs), a split's
+table fill (1 µs), the local INVLPG (0.1 µs, the ``arch/x86/mm/tlb.c``
+estimate), the VMM's 4 KiB memcpy (0.4 µs, ~10 GB/s), an order-9 allocation
+handed out as 512 folios (512 order-0 allocations: the per-folio work, not the
+buddy list operation, is what an allocation costs [assumption]), a mermap
+map+unmap (two PTE changes and an INVLPG).  :attr:`Calibration.sources` says,
+for every figure, which it is.
 
 The checks then compare what the fitted model predicts for each measured kind
 with the measurement.  The memfd_secret fault is predicted as the model prices
@@ -59,7 +71,9 @@ from gmemlab.cost.model import IPI_PRIOR_BASE_US, IPI_PRIOR_PER_CPU_US, CostMode
 from gmemlab.uapi import PAGE_SIZE, PAGES_PER_PMD
 
 SCHEMA = "gmemlab.measure/1"
+PRIMITIVES_SCHEMA = "gmemlab.primitives/1"
 DEFAULT_FILE = "calibration-6.18.44-fc-v657.json"  # measured on this project's machines
+PRIMITIVES_FILE = "primitives-6.18.44-fc-v1300.json"  # gmemlab measure --primitives, this machine
 REFERENCE_FILE = "calibration-realkernel-md.json"  # realkernel.md §4, transcribed
 
 # realkernel.md §4.2: a guest fault through kvm_gmem_get_pfn on this kind of machine.
@@ -83,6 +97,32 @@ PRIORS = CostParams(
     mermap=0.7,  # two PTE changes and a local INVLPG
 )
 SCALED = ("alloc_page", "pagecache_add", "zero_page")  # measured shares of a guest fault
+
+# Where each CostParams figure comes from, before any primitive is measured.
+PRIOR_SOURCES: dict[str, str] = {
+    "user_fault": "fitted: measured guest_memfd fault less the priced rest",
+    "guest_fault": "fitted: measured guest first touch less the priced rest",
+    "alloc_page": "prior share (realkernel §4.2) scaled to the measured guest fault",
+    "alloc_block": "prior: 512 x alloc_page",
+    "pagecache_add": "prior share (realkernel §4.2) scaled to the measured guest fault",
+    "zero_page": "prior share (realkernel §4.2) scaled to the measured guest fault",
+    "pte_change": "prior: anchors §E.4, 0.1-0.5 µs",
+    "split": "prior: anchors §E.4 [unverified]",
+    "flush_local": "prior: arch/x86/mm/tlb.c, ~100 ns per INVLPG",
+    "ipi_base": "fitted: measured memfd_secret - memfd fault, prior shape 1 + 0.2/CPU",
+    "ipi_per_cpu": "fitted: measured memfd_secret - memfd fault, prior shape 1 + 0.2/CPU",
+    "free_page": "fitted: measured guest_memfd free",
+    "user_copy_page": "prior: 4 KiB at ~10 GB/s [unverified]",
+    "mermap": "prior: two PTE changes and a local INVLPG",
+}
+
+
+KINDS = ("measured", "fitted", "prior")
+
+
+def source_kind(source: str) -> str:
+    """``measured``, ``fitted`` or ``prior``: the first word of a :data:`PRIOR_SOURCES` entry."""
+    return source.split(":", 1)[0].split(" ", 1)[0]
 
 
 class CalibrationError(ValueError):
@@ -159,6 +199,64 @@ class Measurement:
             and dm[2] is not None else None,
             provenance=dict(provenance) if isinstance(provenance, Mapping) else {},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Primitives:
+    """The primitives measured by ``gmemlab measure --primitives`` (:mod:`gmemlab.twin.primitives`),
+    in µs."""
+
+    source: str
+    kernel: str
+    cpus: int
+    pte_change: float | None  # None: not measured (noise larger than the effect)
+    flush_local: float | None
+    copy_page: float
+    split_fault_extra: float | None  # None: no fault split while measuring
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: object, source: str) -> Primitives:
+        """Parse a ``gmemlab.primitives/1`` result; CalibrationError names what is wrong."""
+        if not isinstance(d, Mapping) or d.get("schema") != PRIMITIVES_SCHEMA:
+            raise CalibrationError(f"{source}: not a {PRIMITIVES_SCHEMA} result")
+
+        def ns(*path: str, required: bool = True) -> float | None:
+            value: Any = d
+            for key in path:
+                if not isinstance(value, Mapping) or key not in value:
+                    if required:
+                        raise CalibrationError(f"{source}: missing field {'.'.join(path)}")
+                    return None
+                value = value[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                    or value <= 0:
+                raise CalibrationError(f"{source}: {'.'.join(path)} = {value!r} is not a positive number")
+            return float(value) / 1000
+
+        machine = d.get("machine")
+        if not isinstance(machine, Mapping) or not isinstance(machine.get("kernel"), str) \
+                or not isinstance(machine.get("cpus"), int):
+            raise CalibrationError(f"{source}: missing field machine.kernel or machine.cpus")
+        provenance = d.get("provenance", {})
+        return cls(source, machine["kernel"], machine["cpus"],
+                   pte_change=ns("mprotect", "pte_change_ns", required=False),
+                   flush_local=ns("mprotect", "flush_local_ns", required=False),
+                   copy_page=ns("copy_page_ns", "median") or 0.0,
+                   split_fault_extra=ns("split_2m", "extra_ns", required=False),
+                   provenance=dict(provenance) if isinstance(provenance, Mapping) else {})
+
+
+def load_primitives(path: str | Path | None = None) -> Primitives:
+    """Primitives from ``path``, or the ones committed for this machine (:data:`PRIMITIVES_FILE`)."""
+    if path is None:
+        text = resources.files("gmemlab.cost").joinpath("data").joinpath(PRIMITIVES_FILE).read_text()
+        return Primitives.from_json(json.loads(text), f"gmemlab/cost/data/{PRIMITIVES_FILE}")
+    p = Path(path)
+    try:
+        return Primitives.from_json(json.loads(p.read_text(encoding="utf-8")), str(p))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CalibrationError(f"{p}: {e}") from e
 
 
 def load_measurement(path: str | Path | None = None) -> Measurement:
@@ -261,6 +359,25 @@ class Calibration:
     params: CostParams
     checks: tuple[Check, ...]
     notes: tuple[str, ...] = ()
+    sources: dict[str, str] = field(default_factory=lambda: dict(PRIOR_SOURCES))  # CostParams field -> how
+    primitives: Primitives | None = None
+
+    def kind(self, param: str) -> str:
+        """``measured``, ``fitted`` or ``prior`` for a CostParams field (``ipi``: the fitted round trip)."""
+        return source_kind(self.sources["ipi_base" if param == "ipi" else param])
+
+    def kinds_line(self) -> str:
+        """``N measured, N fitted, N prior``: how many per-event figures are of each kind."""
+        counts = Counter(self.kind(k) for k in self.sources)
+        return ", ".join(f"{counts[k]} {k}" for k in KINDS)
+
+    def priced_by(self, breakdown: Mapping[str, float]) -> dict[str, float]:
+        """The share of a :meth:`CostModel.breakdown` priced by measured, fitted and prior figures."""
+        total = sum(breakdown.values())
+        out = dict.fromkeys(KINDS, 0.0)
+        for param, us in breakdown.items():
+            out[self.kind(param)] += us / total if total else 0.0
+        return out
 
     def model(self, ncpus: int | None = None) -> CostModel:
         return CostModel(self.params, self.measurement.cpus if ncpus is None else ncpus)
@@ -279,6 +396,10 @@ class Calibration:
             "cpus": meas.cpus,
             "provenance": meas.provenance,
             "params_us": self.params.as_dict(),
+            "param_sources": {k: {"kind": self.kind(k), "how": v} for k, v in self.sources.items()},
+            "primitives": None if self.primitives is None else {
+                "source": self.primitives.source, "kernel": self.primitives.kernel,
+                "cpus": self.primitives.cpus, "provenance": self.primitives.provenance},
             "ipi_round_us": {str(n): self.params.ipi_round(n) for n in (2, 4, 8, 16, 32, 64, 128)},
             "checks": [
                 {"name": c.name, "measured": c.measured, "predicted": c.predicted, "role": c.role,
@@ -293,15 +414,34 @@ def _priced(model: CostModel, events: Mapping[str, float], *, without: tuple[str
     return model.time_us({k: v for k, v in events.items() if k not in without})
 
 
-def calibrate(meas: Measurement, comp: Composition | None = None) -> Calibration:
-    """Fit :class:`CostParams` to ``meas`` (see the module docstring for the steps)."""
+def calibrate(meas: Measurement, comp: Composition | None = None,
+              primitives: Primitives | None = None) -> Calibration:
+    """Fit :class:`CostParams` to ``meas`` (see the module docstring for the steps), with the
+    measured ``primitives`` in place of their priors."""
     comp = comp if comp is not None else compositions(meas.cpus)
     notes: list[str] = []
+    sources = dict(PRIOR_SOURCES)
     scale = meas.guest_fault / REF_GUEST_FAULT_US
     shares = {"alloc_page": REF_SHARES["alloc_insert"] / 2, "pagecache_add": REF_SHARES["alloc_insert"] / 2,
               "zero_page": REF_SHARES["zero_page"]}
     p = replace(PRIORS, **{k: shares[k] * scale for k in SCALED}, ipi_base=0.0, ipi_per_cpu=0.0)
     p = replace(p, alloc_block=PAGES_PER_PMD * p.alloc_page)
+    if primitives is not None:
+        where = f"{primitives.source}, kernel {primitives.kernel}"
+        p = replace(p, user_copy_page=primitives.copy_page)
+        sources["user_copy_page"] = f"measured: memmove of 64 MiB, per 4 KiB ({where})"
+        if primitives.pte_change is not None and primitives.flush_local is not None:
+            p = replace(p, pte_change=primitives.pte_change, flush_local=primitives.flush_local,
+                        mermap=2 * primitives.pte_change + primitives.flush_local)
+            sources |= {
+                "pte_change": f"measured: mprotect of anonymous memory, per PTE ({where}); a user PTE "
+                              "change standing for CPA's",
+                "flush_local": f"measured: mprotect of one page less one PTE change: INVLPG ({where})",
+                "mermap": "measured: two measured PTE changes and a measured local flush",
+            }
+        else:
+            notes.append(f"pte_change, flush_local: {primitives.source} has no usable mprotect figures; "
+                         "priors kept")
 
     def solve(p: CostParams, field_: str, event: str, measured: float, kind: str) -> CostParams:
         events = comp[kind]
@@ -333,7 +473,20 @@ def calibrate(meas: Measurement, comp: Composition | None = None) -> Calibration
     else:
         factor = round_trip / shape
     p = replace(p, ipi_base=IPI_PRIOR_BASE_US * factor, ipi_per_cpu=IPI_PRIOR_PER_CPU_US * factor)
-    return Calibration(meas, p, _checks(meas, p, comp), tuple(notes))
+    if primitives is not None and primitives.split_fault_extra is not None:
+        # The split fault also ran split_large_page()'s flush_tlb_all(), which the model counts as
+        # a tlb_flush of its own: take it out at the CPU count the primitives were measured on.
+        flush = p.flush_local + p.ipi_round(primitives.cpus)
+        split = primitives.split_fault_extra - flush
+        if split < 0:
+            notes.append(f"split: the measured split fault adds {primitives.split_fault_extra:.2f} µs, "
+                         f"below its flush ({flush:.2f} µs); set to 0")
+        p = replace(p, split=max(split, 0.0))
+        sources["split"] = (f"measured: memfd_secret fault that split less one that did not, less its "
+                            f"flush_tlb_all() ({primitives.source}, kernel {primitives.kernel})")
+    elif primitives is not None:
+        notes.append(f"split: {primitives.source} saw no fault split the direct map; prior kept")
+    return Calibration(meas, p, _checks(meas, p, comp), tuple(notes), sources, primitives)
 
 
 def _checks(meas: Measurement, p: CostParams, comp: Composition) -> tuple[Check, ...]:

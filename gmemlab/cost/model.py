@@ -42,7 +42,6 @@ EVENT_PARAM: dict[str, str] = {
     "dmap_split_1g": "split",
     "tlb_flush": "flush_local",
     "free_page": "free_page",
-    "pool_free": "free_page",
     "mermap_map": "mermap",
     "user_copy_page": "user_copy_page",
 }

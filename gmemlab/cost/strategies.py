@@ -7,12 +7,12 @@ makes a fresh design instance: the strategies keep per-machine state.
 
 from __future__ import annotations
 
-from gmemlab.model.designs import DESIGNS, Design, UnknownDesign, get_design
+from gmemlab.model.designs import DESIGNS, Design, UnknownDesign, canonical_name, get_design
 from gmemlab.model.designs.batched import BatchedFlush
 from gmemlab.model.designs.falloc import FallocRange
 
 # The strategies issue 5 compares, in table order; ``base`` is "no removal".
-STRATEGIES = ("base", "v12", "noflush", "batch", "batch:512", "falloc", "zap2m", "pool", "pagecache")
+STRATEGIES = ("base", "v12", "noflush", "batch", "batch:512", "falloc", "zap2m", "unmapped", "filemap")
 BASELINE = "base"
 
 STRATEGY_TITLES = {
@@ -22,8 +22,8 @@ STRATEGY_TITLES = {
     "batch": "flush batched per N zaps",
     "falloc": "zap + flush per fallocate chunk",
     "zap2m": "2 MiB fault-around, one flush",
-    "pool": "unmapped pageblock pool + mermap",
-    "pagecache": "page-cache-level zap on insert",
+    "unmapped": "ALLOC_UNMAPPED pageblocks + mermap",
+    "filemap": "page-cache-level zap on insert",
 }
 
 _PARAMETRIZED = {"batch": BatchedFlush, "falloc": FallocRange}
@@ -56,7 +56,7 @@ def make_design(spec: str) -> Design:
         except UnknownDesign as e:
             raise UnknownStrategy(str(e)) from None
     if not arg:
-        if name not in DESIGNS:
+        if canonical_name(name) not in DESIGNS:
             raise UnknownStrategy(f"unknown design {name!r}; choose one of: {', '.join(DESIGNS)}")
         return get_design(name)
     factory = _PARAMETRIZED.get(name)
@@ -73,7 +73,7 @@ def make_design(spec: str) -> Design:
 
 def describe(spec: str) -> str:
     name, _, arg = spec.partition(":")
-    title = STRATEGY_TITLES.get(name) or make_design(spec).title
+    title = STRATEGY_TITLES.get(canonical_name(name)) or make_design(spec).title
     if name == "batch":
         return f"{title} (N={arg or BatchedFlush().batch})"
     if name == "falloc":

@@ -78,6 +78,15 @@ class _Registry:
     next_vm: int = 1
 
 
+def ram_ranges(c: MachineConfig) -> list[tuple[int, int]]:
+    """e820 RAM in pfns: [4K, 636K), [1M, low_ram), [4G, 4G + ram)."""
+    ranges = [(1, 0x9F), (0x100, c.low_ram_mib << 8)]
+    high = int(c.ram_gib * GIB_PAGES)
+    if high:
+        ranges.append((1 << 20, (1 << 20) + high))
+    return ranges
+
+
 class Machine:
     def __init__(self, config: MachineConfig | None = None, *,
                  profile: str | ArchProfile = "x86_64", design: str | Design = "v12") -> None:
@@ -89,7 +98,7 @@ class Machine:
             profile = PROFILES[profile]
         self.profile: ArchProfile = profile
         self.design: Design = get_design(design)
-        self.ram = self._ram_ranges()
+        self.ram = ram_ranges(config)
         nr_pages = self.ram[-1][1]
         self.mem = MemMap(nr_pages)
         self.alloc = PageAllocator(self.mem, self.ram)
@@ -112,15 +121,6 @@ class Machine:
         self.ranges: PerPage = PER_PAGE
         self._gate: Gate | None = None
         self._batched: PerPage = PER_PAGE
-
-    def _ram_ranges(self) -> list[tuple[int, int]]:
-        """e820 RAM in pfns: [4K, 636K), [1M, low_ram), [4G, 4G + ram)."""
-        c = self.config
-        ranges = [(1, 0x9F), (0x100, c.low_ram_mib << 8)]
-        high = int(c.ram_gib * GIB_PAGES)
-        if high:
-            ranges.append((1 << 20, (1 << 20) + high))
-        return ranges
 
     # --- running kernel paths ----------------------------------------------------------
     def run(self, task: Task, gen: KGen[T]) -> T:

@@ -195,15 +195,6 @@ def test_command_lists_what_it_can_check(capsys: pytest.CaptureFixture[str]) -> 
     assert "arm64-rodata-off" in out and "free-frame-unmarked" in out and "§8 bug 5" in out
 
 
-def test_the_pool_race_the_checker_found_stays_fixed() -> None:
-    """A pool folio that lost the page-cache insertion went back to the page allocator still
-    unmapped (found by the checker in ufault-release); the free path now returns it to the pool."""
-    s = get_scenario("ufault-release")
-    schedule = (0,) * 15 + (2,) * 5 + (0,) + (2,) * 15
-    rep = replay(s, "pool", schedule)
-    assert not rep.broken
-
-
 def test_profile_all_is_every_real_host_and_leaves_the_what_if_out(
         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--design", "v12", "--scenario", "enomem-guest", "--profile", "all",

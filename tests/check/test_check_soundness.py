@@ -73,7 +73,7 @@ CASES = [
     ("fault-gadget", "noflush", ("handout-flushed",)),
     ("punch-kalloc", "v12", ()),
     ("punch-kalloc", "v7", ("marker-matches-direct-map",)),
-    ("punch-kalloc", "pagecache", ()),
+    ("punch-kalloc", "filemap", ()),
     ("unmap-close", "v12", ()),
     ("unmap-close", "v7", ("marker-matches-direct-map",)),
     ("tlb-race", "noflush", ("handout-flushed",)),

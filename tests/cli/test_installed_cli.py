@@ -34,6 +34,10 @@ RUNS: dict[str, tuple[list[str], int, str]] = {
                 "--init-on-free", "off", "--quiet"], 0, "timelines: plots/expose-guest-boot.png"),
     "cost": (["cost", "--strategies", "v12", "--workloads", "boot", "--gib", "0.01", "--no-plot", "--quiet"],
              0, "Calibration: gmemlab/cost/data/calibration-6.18.44-fc-v657.json"),
+    "churn": (["churn", "--host-gib", "4", "--vms", "10", "--sizes-gib", "1-1", "--designs", "v12",
+               "--quiet"], 0, "DM4k GiB"),
+    "compare": (["compare", "v12", "filemap", "--quick", "--churn-host-gib", "4", "--churn-vms", "6",
+                 "--churn-sizes-gib", "1-1", "--quiet"], 1, "B breaks 1 property A holds"),
 }
 
 

@@ -13,9 +13,11 @@ from gmemlab.cost.calibrate import (
     CalibrationError,
     Composition,
     Measurement,
+    Primitives,
     calibrate,
     compositions,
     load_measurement,
+    load_primitives,
 )
 from gmemlab.cost.model import CostModel, CostParams
 
@@ -81,6 +83,51 @@ def test_fit_by_hand() -> None:
     assert free.predicted == pytest.approx(0.5 + PRIORS.pte_change + 0.25 * scale)
     assert free.error == pytest.approx((free.predicted - 1.1) / 1.1)
     assert cal.check("memfd fault").predicted == pytest.approx(3.0)
+
+
+def primitives_json(split_extra_ns: float | None = 30_000.0) -> dict[str, object]:
+    split: dict[str, object] = {"unavailable": "no split"} if split_extra_ns is None else {
+        "extra_ns": split_extra_ns}
+    return {"schema": "gmemlab.primitives/1", "machine": {"kernel": "test", "cpus": 2},
+            "split_2m": split, "mprotect": {"pte_change_ns": 150.0, "flush_local_ns": 900.0},
+            "copy_page_ns": {"median": 1000.0}}
+
+
+def test_measured_primitives_replace_their_priors_and_say_so() -> None:
+    meas = Measurement.from_json(measurement_json(), "test")
+    priors = calibrate(meas, HAND)
+    assert {priors.kind(k) for k in PRIORS.as_dict()} == {"fitted", "prior"}
+    assert priors.kind("pte_change") == priors.kind("split") == "prior"
+    cal = calibrate(meas, HAND, Primitives.from_json(primitives_json(), "prims"))
+    p = cal.params
+    assert (p.pte_change, p.flush_local, p.user_copy_page) == pytest.approx((0.15, 0.9, 1.0))
+    assert p.mermap == pytest.approx(2 * 0.15 + 0.9)
+    # The split fault's own flush_tlb_all() is counted apart by the model: taken out.
+    assert p.split == pytest.approx(30.0 - 0.9 - p.ipi_round(2))
+    for k in ("pte_change", "flush_local", "user_copy_page", "mermap", "split"):
+        assert cal.kind(k) == "measured", k
+        assert "prims" in cal.sources[k] or k == "mermap", k  # mermap: from the measured figures
+    assert cal.kind("alloc_block") == "prior" and cal.kind("ipi") == "fitted"
+    shares = cal.priced_by({"split": 1.0, "ipi": 2.0, "alloc_block": 1.0})
+    assert shares == pytest.approx({"measured": 0.25, "fitted": 0.5, "prior": 0.25})
+    # No fault split while measuring: the split stays a prior, and the notes say why.
+    none = calibrate(meas, HAND, Primitives.from_json(primitives_json(None), "prims"))
+    assert none.kind("split") == "prior" and none.params.split == PRIORS.split
+    assert any("split" in n for n in none.notes)
+
+
+def test_committed_primitives_load_with_provenance() -> None:
+    prims = load_primitives()
+    assert prims.provenance.get("command") == "gmemlab measure --primitives"
+    assert prims.pte_change and prims.flush_local and prims.copy_page > 0
+
+
+@pytest.mark.parametrize("doc", [{"schema": "gmemlab.measure/1"},
+                                 {**primitives_json(), "mprotect": {"pte_change_ns": -1.0}},
+                                 {**primitives_json(), "machine": {"kernel": "k"}}])
+def test_bad_primitives_are_refused(doc: dict[str, object]) -> None:
+    with pytest.raises(CalibrationError):
+        Primitives.from_json(doc, "bad")
 
 
 def test_ipi_fit_follows_the_cpu_count() -> None:

@@ -21,6 +21,9 @@ def test_cost_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert rows["boot", "v12"]["flushes"] >= 65536
     assert rows["boot", "v12"]["exposure"]["peak_share"] == 0.0
     assert rows["boot", "base"]["exposure"]["peak_share"] == 1.0
+    sources = out["calibration"]["param_sources"]
+    assert sources["split"]["kind"] == "measured" and sources["alloc_block"]["kind"] == "prior"
+    assert sum(rows["boot", "v12"]["priced_by"].values()) == pytest.approx(1.0)
     checks = {c["name"]: c for c in out["calibration"]["checks"]}
     assert abs(checks["memfd_secret fault"]["error"]) < 0.2
     assert len(rows["boot", "v12"]["slowdown_by_cpus"]["scaled"]) == len(out["config"]["sweep"])
@@ -35,6 +38,10 @@ def test_cost_table(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "memfd_secret per-page fault: model" in out
     assert "teardown" in out and "v12" in out
+    # Every per-event figure says where it comes from; each row how much of its time priors price.
+    figures = out[out.index("Per-event costs"):out.index("IPI round trip")]
+    assert "pte_change" in figures and figures.count("measured") >= 5 and " prior " in figures
+    assert "m/f/p %" in out
 
 
 @pytest.mark.parametrize("bad", [["--model-pages", "100"], ["--strategies", "nope"],
@@ -47,13 +54,13 @@ def test_cost_usage_errors(bad: list[str]) -> None:
 
 
 def test_expose_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["expose", "--designs", "base,v12,pool", "--workloads", "guest-boot", "--pages", "8",
+    assert main(["expose", "--designs", "base,v12,filemap", "--workloads", "guest-boot", "--pages", "8",
                  "--init-on-free", "off", "--plot-dir", str(tmp_path), "--json", "--quiet",
                  "--timeline"]) == 0
     out = json.loads(capsys.readouterr().out)
     res = {r["design"]: r for r in out["results"]}
     assert res["base"]["peak_bytes"] == 8 * 4096 and not res["base"]["no_direct_map"]
-    assert res["pool"]["peak_bytes"] == 0 and res["pool"]["no_direct_map"]
+    assert res["filemap"]["peak_bytes"] == 4096 and res["filemap"]["no_direct_map"]
     assert res["v12"]["timeline"][0] == [0, 0.0, 0, 0, 0]
     assert [Path(p).name for p in out["plots"]] == ["expose-guest-boot.png"]
 
@@ -63,6 +70,7 @@ def test_expose_table(capsys: pytest.CaptureFixture[str]) -> None:
                  "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "secretmem: peak reachable kB per phase" in out
+    assert "5 measured, 5 fitted, 4 prior per-event figures" in out  # the committed primitives
 
 
 def test_expose_usage_errors() -> None:

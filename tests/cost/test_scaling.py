@@ -29,7 +29,7 @@ def measured(design: str, workload: str, pages: int) -> Counter[str]:
 
 @pytest.mark.parametrize(("design", "workload"), [
     ("v12", "boot"), ("batch", "restore"), ("falloc", "boot-prealloc"), ("zap2m", "boot"),
-    ("zap2m", "teardown"), ("pool", "restore"), ("noflush", "boot"),
+    ("zap2m", "teardown"), ("unmapped", "restore"), ("noflush", "boot"),
 ])
 def test_two_runs_predict_the_fourth(design: str, workload: str) -> None:
     small, double, big = (measured(design, workload, k * S) for k in (1, 2, 4))

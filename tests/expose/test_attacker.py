@@ -29,7 +29,7 @@ from gmemlab.model.mm.tlb import speculative_read
 from gmemlab.model.task import Step, run_sync
 
 PAGES = 16
-DESIGNS = ("base", "v12", "noflush", "batch:4", "zap2m", "pool", "pagecache", "filemap", "unmapped")
+DESIGNS = ("base", "v12", "noflush", "batch:4", "zap2m", "filemap", "unmapped")
 
 
 def probe(m: Machine, cpu: int, pfn: int) -> bool:

@@ -29,14 +29,14 @@ PAGE = 4096
 SHARED = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
 ALL = SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP
 GPA = 1 << 32
-DESIGNS = ["v12", "v9", "v7", "noflush", "pagecache"]
+DESIGNS = ["v12", "v9", "v7", "noflush", "filemap"]
 
 EXPECTED_VIOLATIONS = {
     "v12": set(),
     "v9": set(),  # its orders are rationale only: departures are counted, not violations
     "v7": {"marker-matches-direct-map", "free-frame-in-direct-map", "kernel-oops"},
     "noflush": {"handout-flushed"},
-    "pagecache": set(),
+    "filemap": set(),
 }
 
 
@@ -91,7 +91,7 @@ def test_punch_hole_and_release_restore(design: str) -> None:
 
 
 def test_only_the_page_cache_design_zaps_at_fallocate() -> None:
-    for design, zapped in (("v12", False), ("pagecache", True)):
+    for design, zapped in (("v12", False), ("filemap", True)):
         h = model_host(design)
         _vm, g = guest_memfd(h)
         g.fallocate(FALLOC_FL_KEEP_SIZE, 0, 4 * PAGE)

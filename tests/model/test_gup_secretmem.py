@@ -146,7 +146,7 @@ def test_memfd_secret_syscall() -> None:
     assert e.value.errno == errno.ENOSYS
 
 
-@pytest.mark.parametrize("design", ["base", "v9", "v12", "pagecache"])
+@pytest.mark.parametrize("design", ["base", "v9", "v12", "filemap"])
 def test_memfd_secret_removes_before_insertion_and_zeroes_after_restore(design: str) -> None:
     h = model_host(design)
     m = h.machine

@@ -45,8 +45,8 @@ class MainlineOnOurMachines(ApiMachine):
     profile = "x86_64-kvm_pvm-6.18"
 
 
-class PageCacheOnArm64(ApiMachine):
-    design = "pagecache"
+class FilemapOnArm64(ApiMachine):
+    design = "filemap"
     profile = "arm64"
 
 
@@ -56,5 +56,5 @@ TestV12 = ApiMachine.TestCase
 TestV12.settings = SETTINGS
 TestMainline = MainlineOnOurMachines.TestCase
 TestMainline.settings = SETTINGS
-TestPageCacheArm64 = PageCacheOnArm64.TestCase
-TestPageCacheArm64.settings = SETTINGS
+TestFilemapArm64 = FilemapOnArm64.TestCase
+TestFilemapArm64.settings = SETTINGS
