@@ -37,17 +37,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from gmemlab.model.designs._block import (
-    alloc_block,
-    folio_zap_direct_map_noflush,
-    set_direct_map_block_noflush,
-)
+from gmemlab.model.designs._block import folio_zap_direct_map_noflush, set_direct_map_block_noflush
 from gmemlab.model.designs.base import Design
 from gmemlab.model.designs.v12 import V12
 from gmemlab.model.mm.filemap import AddressSpace, mapping_no_direct_map
 from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.memmap import KIND_FILE, KIND_KERNEL, PG_locked, PG_uptodate
-from gmemlab.model.mm.page_alloc import GFP_KERNEL, alloc_page
+from gmemlab.model.mm.page_alloc import GFP_KERNEL, alloc_block, alloc_page
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import PAGES_PER_PMD

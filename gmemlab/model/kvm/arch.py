@@ -68,6 +68,9 @@ class ArchProfile:
     # flush_tlb_kernel_range(): above this many pages, flush everything (x86
     # tlb_single_page_flush_ceiling; arm64 MAX_DVM_OPS = PTRS_PER_PTE).
     tlb_flush_ceiling: int = 33
+    # guest_memfd backs each 2 MiB of a file with one PMD-order folio where it can (a what-if:
+    # the THP/hugetlb guest_memfd work, see kvm_gmem_get_huge_folio()); mainline never does.
+    gmem_thp: bool = False
     secretmem_enable: bool = True
     nr_memslots: int = 32764
     max_vcpus: int = 1024
@@ -141,6 +144,15 @@ PROFILES: dict[str, ArchProfile] = {
             "x86-64 host with every VM type (default, SW_PROTECTED, SEV, SEV-ES, SNP, TDX)",
             vm_types=_X86_ALL_TYPES,
             memory_attributes=True,
+        ),
+        ArchProfile(
+            "x86_64-gmem-thp",
+            "x86_64",
+            "what if: x86-64 (every VM type) whose guest_memfd allocates 2 MiB folios, as "
+            "KVM_GUEST_MEMFD_ALLOW_HUGEPAGE did (20231027182217.3615211-18-seanjc@google.com)",
+            vm_types=_X86_ALL_TYPES,
+            memory_attributes=True,
+            gmem_thp=True,
         ),
         ArchProfile(
             "x86_64-kvm_pvm-6.18",

@@ -96,12 +96,17 @@ def update_range_prot(m: Machine, start: int, end: int, valid: bool) -> KGen[int
                 d.set_pmd_leaf(pfn >> PFN_PMD_SHIFT, valid)
             else:
                 d.set_pud_leaf(pfn >> PFN_PUD_SHIFT, valid)
-            m.trace.emit(fn, "dmap_set" if valid else "dmap_clear", pfn, {"level": LEVEL_NAMES[level]})
+            # Named as x86's CPA names the same changes (a large leaf flipped whole: _2m/_1g).
+            m.trace.emit(fn, ("dmap_set" if valid else "dmap_clear") + _LEAF_SUFFIX[level], pfn,
+                         {"level": LEVEL_NAMES[level]})
             if m.inv.enabled:
                 for p in range(base, base + LEVEL_PAGES[level]):
                     m.inv.on_direct_map_change(p, valid)
         pfn = base + LEVEL_PAGES[level]
     return 0
+
+
+_LEAF_SUFFIX = {LEVEL_4K: "", LEVEL_2M: "_2m", LEVEL_1G: "_1g"}
 
 
 def split_kernel_leaf_mapping(m: Machine, start: int, end: int) -> KGen[int]:
