@@ -15,7 +15,7 @@ from gmemlab.expose.workloads import WORKLOADS
 from gmemlab.model.invariants import KernelOops
 from gmemlab.report import Cell, table
 
-DEFAULT_DESIGNS = ("base", "v12", "noflush", "batch", "falloc", "zap2m", "pool", "pagecache")
+DEFAULT_DESIGNS = ("base", "v12", "noflush", "batch", "falloc", "zap2m", "folio2m", "pool", "pagecache")
 
 
 @dataclass(frozen=True, slots=True)
