@@ -184,10 +184,10 @@ def render(cal: Any, rows: Any, cfg: Any, plots: list[Path]) -> str:
     prof = PROFILES[cfg.profile]
     ipis = ("none: TLBI is broadcast, a flush is priced as the local one (no arm64 measurement)"
             if prof.tlb_broadcast else "flushes x (CPUs - 1)")
-    dm = ("all 4 KiB: this machine's memory, page-mapped at boot as force_pte_mapping() does"
-          if prof.direct_map_granularity == "4k" else "this machine's counters before plus the splits")
+    dm_how = ("all 4 KiB: this machine's memory, page-mapped at boot as force_pte_mapping() does"
+              if prof.direct_map_granularity == "4k" else "this machine's counters before plus the splits")
     out += ["", f"Side by side on {cfg.profile} (time scaled to the workload size; IPIs = {ipis}; "
-            f"DirectMap after = {dm}; exposure = share of "
+            f"DirectMap after = {dm_how}; exposure = share of "
             "the secret bytes a gadget reaches, peak / mean over the measured phases, from the model run)"]
     headers = ["workload", "strategy", "time s", "us/page", "slowdown", "flushes", "IPIs", "2M splits",
                "DM4k GiB", "DM2M GiB", "DM1G GiB", "exposed %", "broken invariants (whole run)"]
