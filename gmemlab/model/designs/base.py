@@ -74,7 +74,11 @@ from gmemlab.model.mm.memory import (
     vmf_error,
 )
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page, clear_page
-from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
+from gmemlab.model.mm.set_memory import (
+    set_direct_map_default_noflush,
+    set_direct_map_invalid_noflush,
+    set_direct_map_valid_noflush,
+)
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (
@@ -215,7 +219,7 @@ class Design:
 
     def _secretmem_insert(self, m: Machine, mapping: AddressSpace, folio: int,
                           offset: int) -> KGen[int]:
-        err = yield from set_direct_map_valid_noflush(m, folio, 1, False)
+        err = yield from set_direct_map_invalid_noflush(m, folio)
         if err:
             return err
         yield from folio_mark_uptodate(m, folio)
@@ -223,7 +227,7 @@ class Design:
         if err:
             # "If a split of large page was required, it already happened when we
             # marked the page invalid which guarantees that this call won't fail."
-            yield from set_direct_map_valid_noflush(m, folio, 1, True)
+            yield from set_direct_map_default_noflush(m, folio)
             return err
         yield from flush_tlb_kernel_range(m, folio, folio + 1, "secretmem_fault")
         return 0
@@ -231,7 +235,7 @@ class Design:
     def secretmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
         """``secretmem_free_folio()``: ``set_direct_map_default_noflush()``, then zero the folio
         (unchanged by v12, whose 03/16 converts only the fault and its error path)."""
-        yield from set_direct_map_valid_noflush(m, pfn, 1, True)
+        yield from set_direct_map_default_noflush(m, pfn)
         yield from clear_page(m, pfn, "secretmem_free_folio")
 
     def holds_unmapped(self, m: Machine, pfn: int) -> bool:

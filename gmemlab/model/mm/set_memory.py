@@ -60,6 +60,27 @@ def set_direct_map_valid_noflush(m: Machine, pfn: int, numpages: int, valid: boo
     return 0
 
 
+def set_direct_map_invalid_noflush(m: Machine, pfn: int) -> KGen[int]:
+    """``set_direct_map_invalid_noflush(addr)``: x86 ``__set_pages_np()``; arm64
+    ``update_range_prot()`` clearing PTE_VALID, without ``set_memory_valid()``'s flush."""
+    return (yield from _set_direct_map_page_noflush(m, pfn, False))
+
+
+def set_direct_map_default_noflush(m: Machine, pfn: int) -> KGen[int]:
+    """``set_direct_map_default_noflush(addr)``: x86 ``__set_pages_p()``; arm64
+    ``update_range_prot()`` setting PTE_VALID (no flush there either)."""
+    return (yield from _set_direct_map_page_noflush(m, pfn, True))
+
+
+def _set_direct_map_page_noflush(m: Machine, pfn: int, valid: bool) -> KGen[int]:
+    prof = m.profile
+    if prof.arch != "arm64":
+        return (yield from set_direct_map_valid_noflush(m, pfn, 1, valid))
+    if not prof.has_set_direct_map or not prof.can_set_direct_map:
+        return 0
+    return (yield from update_range_prot(m, pfn, pfn + 1, valid))
+
+
 def set_memory_valid(m: Machine, pfn: int, numpages: int, valid: bool) -> KGen[int]:
     """arm64 ``set_direct_map_valid_noflush()``: a silent no-op returning 0 unless
     ``can_set_direct_map()``, else ``set_memory_valid()`` -> ``__change_memory_common()``:
