@@ -19,6 +19,7 @@ PMD_SHIFT = 21
 PUD_SHIFT = 30
 PTRS_PER_PTE = 512
 PAGES_PER_PMD = 1 << (PMD_SHIFT - PAGE_SHIFT)  # 512
+PMD_ORDER = PMD_SHIFT - PAGE_SHIFT  # HPAGE_PMD_ORDER
 PAGES_PER_PUD = 1 << (PUD_SHIFT - PAGE_SHIFT)  # 262144
 
 # Linux errno values Python's errno module does not name (include/uapi/asm-generic/errno.h).

@@ -96,7 +96,7 @@ def ram_gib_for(size: int) -> float:
 
 
 def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | None = None,
-        design: str = "v12") -> dict[str, Any]:
+        design: str = "v12", profile: str = "x86_64") -> dict[str, Any]:
     """Run the ``kind`` lifecycle of a ``size``-byte guest; see the module docstring."""
     if kind not in KINDS:
         raise ValueError(f"unknown lifecycle {kind!r} ({', '.join(KINDS)})")
@@ -108,7 +108,7 @@ def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | No
     # and its violations counted; check_all()'s frame-has-owner judges that nothing leaked.
     config = MachineConfig(ram_gib=ram_gib_for(size), trace="off", invariants="record",
                            range_paths=not per_page)
-    host = Host(config=config, design=design)
+    host = Host(config=config, design=design, profile=profile)
     m = host.machine
     boot = {"cpu_s": time.process_time() - t0c, "wall_s": time.perf_counter() - t0w}
     clock = _Clock()
@@ -161,6 +161,7 @@ def run(size: int, kind: str, *, per_page: bool = False, progress: Progress | No
     return {
         "kind": kind,
         "design": m.design.name,
+        "profile": m.profile.name,
         "size_bytes": size,
         "pages": pages,
         "per_page_path": per_page,
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("kind", choices=KINDS)
     p.add_argument("--per-page", action="store_true", help="force the per-page generator paths")
     p.add_argument("--design", default="v12", help="design name or design file (default: v12)")
+    p.add_argument("--profile", default="x86_64", help="architecture profile (default: x86_64)")
     p.add_argument("--work-gib", type=float, default=0.0,
                    help="run lifecycles back to back until they have handled this many GiB "
                         "(default: one lifecycle)")
@@ -267,11 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("the guest needs at least one page")
     count = max(1, math.ceil(args.work_gib * GIB / size))
     label = (f"{args.size_gib:g} GiB {args.kind}" + (" per page" if args.per_page else "")
-             + (f" ({args.design})" if args.design != "v12" else ""))
+             + (f" ({args.design})" if args.design != "v12" else "")
+             + (f" on {args.profile}" if args.profile != "x86_64" else ""))
     # Warm the process first (imports done lazily on first use, first calls into
     # numpy), so that every size measures the same steady state and a short run at
     # 1 GiB is not charged a fixed start-up cost the 64 GiB run spreads thinner.
-    run(WARMUP_BYTES, args.kind, per_page=args.per_page, design=args.design)
+    run(WARMUP_BYTES, args.kind, per_page=args.per_page, design=args.design, profile=args.profile)
     bar = Bar(label if count == 1 else f"{label} x{count}")
     results = []
     try:
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             # one guest's (the count-based collector does not see the bytes).
             gc.collect()
             results.append(run(size, args.kind, per_page=args.per_page, progress=progress,
-                               design=args.design))
+                               design=args.design, profile=args.profile))
     finally:
         bar.close()
     json.dump(combine(results), sys.stdout)

@@ -125,7 +125,8 @@ def paths_line(result: dict[str, Any]) -> str:
     if not done or "paths_reason" not in done[0]:
         return f"design {design}"
     r = done[0]
-    return f"design {r.get('design', design)}: kernel paths {r['paths_reason']}"
+    on = f" on {r['profile']}" if r.get("profile", "x86_64") != "x86_64" else ""
+    return f"design {r.get('design', design)}{on}: kernel paths {r['paths_reason']}"
 
 
 def render(result: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ class BenchConfig:
     per_page_mib: float = 16
     real: bool = True
     design: str = "v12"  # a design's name or a design file
+    profile: str = "x86_64"  # the host the model runs as
     measure: MeasureConfig = field(default_factory=MeasureConfig)
 
 
@@ -81,11 +82,11 @@ def _real(cfg: BenchConfig, say: Say) -> dict[str, Any]:
 
 
 def _child(size_gib: float, kind: str, *, per_page: bool, work_gib: float = 0.0,
-           design: str = "v12") -> dict[str, Any]:
+           design: str = "v12", profile: str = "x86_64") -> dict[str, Any]:
     """Lifecycles (``work_gib`` of them, at least one) in a fresh interpreter: its peak RSS
     is that size's own."""
     cmd = [sys.executable, "-m", "gmemlab.bench.lifecycle", repr(size_gib), kind,
-           "--work-gib", repr(work_gib), "--design", design]
+           "--work-gib", repr(work_gib), "--design", design, "--profile", profile]
     if per_page:
         cmd.append("--per-page")
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
@@ -106,16 +107,16 @@ def run_bench(cfg: BenchConfig, say: Say) -> dict[str, Any]:
     for rnd in range(cfg.rounds):
         for size, kind in jobs if rnd % 2 == 0 else jobs[::-1]:
             samples[(size, kind)].append(_child(size, kind, per_page=False, work_gib=work,
-                                                design=cfg.design))
+                                                design=cfg.design, profile=cfg.profile))
     runs = [combine(samples[job]) for job in jobs]
-    per_page = [_child(cfg.per_page_mib / 1024, kind, per_page=True, design=cfg.design)
-                for kind in KINDS]
+    per_page = [_child(cfg.per_page_mib / 1024, kind, per_page=True, design=cfg.design,
+                       profile=cfg.profile) for kind in KINDS]
     return {
         "schema": SCHEMA,
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "commit": _commit()},
         "config": {"sizes_gib": list(cfg.sizes_gib), "rounds": cfg.rounds, "work_gib": work,
-                   "per_page_mib": cfg.per_page_mib, "design": cfg.design},
+                   "per_page_mib": cfg.per_page_mib, "design": cfg.design, "profile": cfg.profile},
         "real": real,
         "runs": runs,
         "per_page": per_page,

@@ -239,7 +239,7 @@ def _setup_tdx(m: Machine) -> World:
 
 
 def _needs_split(p: ArchProfile) -> str | None:
-    if p.direct_map_granularity == "x86":
+    if p.direct_map_granularity == "blocks":
         return None
     return f"the direct map of {p.name} is page-granular: no zap splits a leaf, none can fail"
 

@@ -150,7 +150,7 @@ class RegionSim:
             raise ChurnError(rule.describe())
         self.rule = rule
         ram = ram_ranges(MachineConfig(ram_gib=high_gib, low_ram_mib=LOW_RAM_MIB))
-        self.dmap = DirectMap(ram[-1][1], ram, "x86")
+        self.dmap = DirectMap(ram[-1][1], ram, "blocks")
         self.alloc = RunStack(ram)
         self.unmapped = RunStack([])  # the design's unmapped free list
         self.vms: dict[int, list[Run]] = {}

@@ -13,6 +13,8 @@ from gmemlab.report import dump_json
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gmemlab.model import PROFILES
+
     p = subparsers.add_parser(
         "bench",
         help="time the model's guest lifecycle at 1-64 GiB against the real kernel",
@@ -36,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-real", action="store_true", help="skip the real kernel's measurement")
     p.add_argument("--design", default=("v12",), metavar="DESIGN[,DESIGN]", type=design_list,
                    help="designs to bench, one bench each: names or design files (default: v12)")
+    p.add_argument("--profile", default="x86_64",
+                   choices=[n for n, pr in PROFILES.items() if pr.has_guest_memfd],
+                   help="architecture profile the model runs as (default: x86_64)")
     p.add_argument("--json", metavar="OUT", nargs="?", const="-", type=output_file,
                    help="print the results as JSON (or write them to OUT, to --compare later)")
     p.add_argument("--compare", metavar="OLD.json", type=_bench_result,
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     sizes = args.sizes or (QUICK_SIZES if args.quick else None)
     rounds = args.rounds if args.rounds is not None else 2 if args.quick else DEFAULT_ROUNDS
-    cfg = BenchConfig(rounds=rounds, work_gib=args.work, real=not args.no_real,
+    cfg = BenchConfig(rounds=rounds, work_gib=args.work, real=not args.no_real, profile=args.profile,
                       measure=MeasureConfig.quick() if args.quick else MeasureConfig())
     if sizes:
         cfg = replace(cfg, sizes_gib=sizes)

@@ -27,6 +27,7 @@ MAX_MODEL_PAGES = 1 << 16  # twice that must fit in the 3 GiB the cost scenario 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from gmemlab.cost.strategies import STRATEGIES, parse_designs
     from gmemlab.cost.workloads import COST_WORKLOADS
+    from gmemlab.model import PROFILES
 
     p = sub.add_parser(
         "cost",
@@ -52,6 +53,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="pages the model runs (and twice that) before scaling; a multiple of 512, at most "
                         f"{MAX_MODEL_PAGES} (default 512)")
     p.add_argument("--cpus", type=ncpus(1), default=2, help="CPUs the table is priced for (default 2)")
+    p.add_argument("--profile", default="x86_64",
+                   choices=[n for n, pr in PROFILES.items() if pr.has_guest_memfd],
+                   help="the host the strategies run on (default x86_64; arm64 profiles: TLBI "
+                        "broadcast, set_memory_valid()'s own flushes, BBML2's on-demand splits)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--calibration", metavar="FILE", type=measurement_file,
                      help="a gmemlab measure JSON (default: the one committed for this machine)")
@@ -110,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
     if args.save_measurement and not args.measure:
         raise UsageError("--save-measurement needs --measure")
     cfg = CostConfig(strategies=strategies, workloads=args.workloads, gib=args.gib,
-                     model_pages=args.model_pages, ncpus=args.cpus)
+                     model_pages=args.model_pages, ncpus=args.cpus, profile=args.profile)
     if cfg.pages < 2 * cfg.model_pages:
         raise UsageError(f"--gib {args.gib:g} is smaller than the model runs ({2 * cfg.model_pages} pages)")
     say = _say(args.quiet)
@@ -185,8 +190,15 @@ def render(cal: Any, rows: Any, cfg: Any, plots: list[Path]) -> str:
     out.extend(f"  note: {n}" for n in cal.notes)
     out += ["", "Strategies:"]
     out.extend(f"  {s:<10} {describe(s)}" for s in cfg.strategies)
-    out += ["", "Side by side (time scaled to the workload size; IPIs = flushes x (CPUs - 1); "
-            "DirectMap after = this machine's counters before plus the splits; exposure = share of "
+    from gmemlab.model import PROFILES
+
+    prof = PROFILES[cfg.profile]
+    ipis = ("none: TLBI is broadcast, a flush is priced as the local one (no arm64 measurement)"
+            if prof.tlb_broadcast else "flushes x (CPUs - 1)")
+    dm_how = ("all 4 KiB: this machine's memory, page-mapped at boot as force_pte_mapping() does"
+              if prof.direct_map_granularity == "4k" else "this machine's counters before plus the splits")
+    out += ["", f"Side by side on {cfg.profile} (time scaled to the workload size; IPIs = {ipis}; "
+            f"DirectMap after = {dm_how}; exposure = share of "
             "the secret bytes a gadget reaches, peak / mean over the measured phases, from the model run; "
             "m/f/p % = share of the time priced by measured / fitted / prior figures)"]
     headers = ["workload", "strategy", "time s", "us/page", "slowdown", "flushes", "IPIs", "2M splits",

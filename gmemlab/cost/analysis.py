@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gmemlab.cost.calibrate import KINDS, Calibration
@@ -36,6 +36,7 @@ from gmemlab.cost.strategies import BASELINE, STRATEGIES, make_design
 from gmemlab.cost.workloads import COST_WORKLOADS
 from gmemlab.expose.scenario import Scenario, ScenarioConfig
 from gmemlab.expose.tracker import ExposureTracker
+from gmemlab.model.kvm.arch import PROFILES
 from gmemlab.uapi import PAGES_PER_PUD
 
 GIB_PAGES = PAGES_PER_PUD
@@ -52,6 +53,7 @@ class CostConfig:
     ncpus: int = 2
     sweep: tuple[int, ...] = SWEEP
     seed: int = 0
+    profile: str = "x86_64"  # the host the model runs as (arm64: TLBI broadcast, its own flushes)
 
     @property
     def pages(self) -> int:
@@ -126,7 +128,8 @@ class CostRow:
 def run_model(strategy: str, workload: str, pages: int, cfg: CostConfig, cost: CostModel, *,
               track: bool) -> ModelRun:
     w = COST_WORKLOADS[workload]
-    sc = Scenario(make_design(strategy), ScenarioConfig(ncpus=cfg.ncpus, ram_gib=1.0, seed=cfg.seed))
+    sc = Scenario(make_design(strategy), ScenarioConfig(ncpus=cfg.ncpus, ram_gib=1.0, seed=cfg.seed,
+                                                        profile=cfg.profile))
     tracker = None
     if track:
         tracker = ExposureTracker(sc.m, cost)
@@ -157,11 +160,15 @@ def extrapolate(small: Counter[str], double: Counter[str], s: int, n: int) -> di
     return out
 
 
-def direct_map_after(before_kb: tuple[int, int, int] | None,
-                     counts: dict[str, float]) -> tuple[float, float, float] | None:
-    """DirectMap4k/2M/1G (kB) after the splits in ``counts``, from this machine's before."""
+def direct_map_after(before_kb: tuple[int, int, int] | None, counts: dict[str, float],
+                     page_granular: bool = False) -> tuple[float, float, float] | None:
+    """DirectMap4k/2M/1G (kB) after the splits in ``counts``, from this machine's before; a
+    profile whose linear map is page granular at boot (arm64 ``force_pte_mapping()``) has the
+    same memory all in 4 KiB pages, and nothing to split."""
     if before_kb is None:
         return None
+    if page_granular:
+        return float(sum(before_kb)), 0.0, 0.0
     s2, s1 = counts.get("dmap_split_2m", 0.0), counts.get("dmap_split_1g", 0.0)
     k4, m2, g1 = before_kb
     return k4 + KB_2M * s2, m2 - KB_2M * s2 + KB_1G * s1, g1 - KB_1G * s1
@@ -169,7 +176,9 @@ def direct_map_after(before_kb: tuple[int, int, int] | None,
 
 def analyse(cfg: CostConfig, cal: Calibration,
             progress: Callable[[str], None] | None = None) -> list[CostRow]:
-    cost = cal.model(cfg.ncpus)
+    prof = PROFILES[cfg.profile]
+    cost = replace(cal.model(cfg.ncpus), broadcast=prof.tlb_broadcast)
+    page_granular = prof.direct_map_granularity == "4k"
     s, n = cfg.model_pages, cfg.pages
     rows: list[CostRow] = []
     jobs = [(w, st) for w in cfg.workloads for st in cfg.strategies]
@@ -183,7 +192,8 @@ def analyse(cfg: CostConfig, cal: Calibration,
         rows.append(CostRow(
             strategy=strategy, workload=workload, pages=n, counts=counts, total=total,
             time_us=cost.time_us(counts), slowdown=math.nan, flushes=counts.get(FLUSH_EVENT, 0.0),
-            ipis=cost.ipis(counts), dm_after_kb=direct_map_after(cal.measurement.direct_map_kb, total),
+            ipis=cost.ipis(counts),
+            dm_after_kb=direct_map_after(cal.measurement.direct_map_kb, total, page_granular),
             exposure_peak=small.exposure_peak, exposure_mean=small.exposure_mean,
             breakdown=cost.breakdown(counts), violations=small.violations,
             priced_by=cal.priced_by(cost.breakdown(counts)),
@@ -201,7 +211,8 @@ def _relate(rows: list[CostRow], cal: Calibration, cfg: CostConfig) -> None:
             continue
         r.slowdown = r.time_us / b.time_us if b.time_us else math.nan
         for model in ("scaled", "prior"):
-            priced = CostModel(cal.params.with_ipi_model(model), cfg.ncpus)
+            priced = CostModel(cal.params.with_ipi_model(model), cfg.ncpus,
+                               broadcast=PROFILES[cfg.profile].tlb_broadcast)
             r.sweep[model] = [priced.at(k).time_us(r.counts) / priced.at(k).time_us(b.counts)
                               for k in cfg.sweep]
 

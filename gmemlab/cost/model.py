@@ -38,6 +38,8 @@ EVENT_PARAM: dict[str, str] = {
     "dmap_set": "pte_change",
     "dmap_clear_2m": "pte_change",
     "dmap_set_2m": "pte_change",
+    "dmap_clear_1g": "pte_change",
+    "dmap_set_1g": "pte_change",
     "dmap_split_2m": "split",
     "dmap_split_1g": "split",
     "tlb_flush": "flush_local",

@@ -12,7 +12,8 @@ from gmemlab.model.designs.batched import BatchedFlush
 from gmemlab.model.designs.falloc import FallocRange
 
 # The strategies issue 5 compares, in table order; ``base`` is "no removal".
-STRATEGIES = ("base", "v12", "noflush", "batch", "batch:512", "falloc", "zap2m", "unmapped", "filemap")
+STRATEGIES = ("base", "v12", "noflush", "batch", "batch:512", "falloc", "zap2m", "folio2m", "unmapped",
+              "filemap")
 BASELINE = "base"
 
 STRATEGY_TITLES = {
@@ -22,6 +23,7 @@ STRATEGY_TITLES = {
     "batch": "flush batched per N zaps",
     "falloc": "zap + flush per fallocate chunk",
     "zap2m": "2 MiB fault-around, one flush",
+    "folio2m": "2 MiB folios, one zap + flush each",
     "unmapped": "ALLOC_UNMAPPED pageblocks + mermap",
     "filemap": "page-cache-level zap on insert",
 }

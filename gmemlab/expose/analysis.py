@@ -15,7 +15,8 @@ from gmemlab.expose.workloads import WORKLOADS
 from gmemlab.model.invariants import KernelOops
 from gmemlab.report import Cell, table
 
-DEFAULT_DESIGNS = ("base", "v12", "noflush", "batch", "falloc", "zap2m", "unmapped", "filemap")
+DEFAULT_DESIGNS = ("base", "v12", "noflush", "batch", "falloc", "zap2m", "folio2m", "unmapped",
+                   "filemap")
 
 
 @dataclass(frozen=True, slots=True)

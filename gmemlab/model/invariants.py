@@ -31,6 +31,7 @@ import numpy as np
 
 from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP
 from gmemlab.model.mm.filemap import AS_NO_DIRECT_MAP
+from gmemlab.model.mm.folio import folio_pages
 from gmemlab.model.mm.memmap import GUEST_OWNED_SNP, KIND_NAMES, PG_locked
 from gmemlab.model.ranges import checks
 from gmemlab.model.trace import TraceEvent
@@ -357,7 +358,8 @@ class Invariants:
             )
         if not mem.mapping[pfn]:
             return  # not (or no longer) in a page cache: secretmem pre-insert, free path
-        if not mem.test_locked(pfn):
+        # The model locks pages; a large folio is locked when the path holds any of its pages.
+        if not mem.test_locked(pfn) and not any(mem.test_locked(p) for p in folio_pages(m, pfn)):
             self.fail(
                 "zap-under-folio-lock",
                 f"direct map of page-cache folio pfn {pfn:#x} changed without its folio lock",

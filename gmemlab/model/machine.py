@@ -31,7 +31,7 @@ from gmemlab.model.mm.memory import Process
 from gmemlab.model.mm.page_alloc import PageAllocator
 from gmemlab.model.mm.tlb import Tlbs
 from gmemlab.model.mm.truncate import truncate_inode_pages_final
-from gmemlab.model.ranges import PER_PAGE, PerPage
+from gmemlab.model.ranges import PER_PAGE, PerPage, profile_unserved
 from gmemlab.model.ranges.gate import PER_PAGE_ASKED, Gate, judge
 from gmemlab.model.ranges.paths import paths_for
 from gmemlab.model.task import KGen, Step, Task, run_sync
@@ -148,7 +148,9 @@ class Machine:
         return self._gate
 
     def _judge(self) -> PerPage:
-        self._gate = judge(self.design) if self.config.range_paths else PER_PAGE_ASKED
+        unserved = profile_unserved(self.profile)
+        self._gate = (PER_PAGE_ASKED if not self.config.range_paths else
+                      Gate((), asked=unserved) if unserved else judge(self.design))
         self._batched = paths_for(self._gate)
         return self._batched
 

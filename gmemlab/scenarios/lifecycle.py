@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from gmemlab.api import DirectMapCounters, KernelError, run_program
+from gmemlab.api import DirectMapCounters, KernelError, SigBus, run_program
 from gmemlab.guest import GuestProgram
 from gmemlab.model.host import GuestMemfd, Host, Mapping
 from gmemlab.model.invariants import KernelOops, Violation
@@ -45,8 +45,8 @@ GUEST_GPA = 1 << 32  # where test_guest_memfd_guest puts guest_memfd
 # Event counts each step reports (trace event names).
 COLUMNS = {
     "faults": ("user_fault", "get_pfn"),
-    "zaps": ("dmap_clear",),
-    "restores": ("dmap_set",),
+    "zaps": ("dmap_clear", "dmap_clear_2m", "dmap_clear_1g"),  # entries, of any leaf size
+    "restores": ("dmap_set", "dmap_set_2m", "dmap_set_1g"),
     "splits": ("dmap_split_1g", "dmap_split_2m"),
     "flushes": ("flush_tlb_kernel_range", "flush_tlb_all"),
     "ipis": ("ipi",),
@@ -144,6 +144,11 @@ def run_lifecycle(host: Host, cfg: LifecycleConfig) -> LifecycleResult:
     except KernelOops as oops:
         res.crashed = oops.violation.message
         rec.done("(kernel crashed)", oops.violation.message, ok=False)
+    except SigBus as e:
+        # The VMM dies on its first SIGBUS (v12's user fault on a large folio does this).
+        warn = next((f"{ev.fn} WARNs" for ev in reversed(m.trace.events())
+                     if ev.event == "warn_on_once"), "")
+        rec.done("(VMM killed by SIGBUS)", f"{e}" + (f"; {warn}" if warn else ""), ok=False)
     res.violations = [v for v in m.inv.violations if not v.invariant.rationale]
     res.verdicts = m.inv.verdicts()
     res.departures = m.inv.departures()
@@ -208,18 +213,30 @@ def _steps(host: Host, cfg: LifecycleConfig, rec: _Recorder, res: LifecycleResul
     if populated:
         prog.check(GUEST_GPA, populated, 0x5A)
     prog.fill(GUEST_GPA, size, 0xC3)
-    result = run_program(vcpu, prog)
-    outcome = (f"{'checked the VMM data, ' if populated else ''}wrote 0xc3 over all of it"
-               if result.ok else f"failed: {result.last_exit}")
-    rec.done(f"guest runs on cpu{cfg.vcpu_cpu}", outcome, result.ok)
+    try:
+        result = run_program(vcpu, prog)
+        ok = result.ok
+        outcome = (f"{'checked the VMM data, ' if populated else ''}wrote 0xc3 over all of it"
+                   if ok else f"failed: {result.last_exit}")
+    except KernelError as e:  # kvm_gmem_get_pfn()'s error, with KVM_EXIT_MEMORY_FAULT
+        ok = False
+        refused = any(ev.event == "refuse_large" for ev in host.m.trace.events())
+        outcome = (f"KVM_RUN fails with {errno.errorcode[e.errno or 0]}"
+                   + (": folio_zap_direct_map() refuses the large folio" if refused else ""))
+    rec.done(f"guest runs on cpu{cfg.vcpu_cpu}", outcome, ok)
 
     rec.start()
+    ok = True
     try:
         data = vm.read_guest(GUEST_GPA, 8)
         outcome = f"got {data[:4].hex()}... through userspace_addr"
     except KernelError as e:
-        outcome = f"fails with {errno.errorcode[e.errno or 0]}: private memory has no userspace_addr"
-    rec.done("KVM reads guest memory (copy_from_user)", outcome)
+        outcome = f"fails with {errno.errorcode[e.errno or 0]}"
+        if private:
+            outcome += ": private memory has no userspace_addr"
+        else:  # the user fault under copy_from_user() refused the page
+            ok = False
+    rec.done("KVM reads guest memory (copy_from_user)", outcome, ok)
 
     rec.start()
     try:
@@ -245,9 +262,12 @@ def _steps(host: Host, cfg: LifecycleConfig, rec: _Recorder, res: LifecycleResul
     freed = gmem.pfn(hole) if punched else -1
     if punched:
         gmem.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, hole, punched)
-    after = mapping.read(hole, 1) if punched and mapping is not None else b""
-    rec.done("punch a hole", f"{cfg.punch_mib} MiB at {hole // MIB} MiB; refault reads "
-             f"{after.hex() or '-'}")
+    try:
+        refault = (mapping.read(hole, 1).hex() or "-") if punched and mapping is not None else "-"
+    except SigBus:
+        refault = "SIGBUS"
+    rec.done("punch a hole", f"{cfg.punch_mib} MiB at {hole // MIB} MiB; refault reads {refault}",
+             refault != "SIGBUS")
 
     if freed >= 0:
         rec.start()

@@ -53,6 +53,32 @@ def test_baseline_without_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["flags"] == "MMAP|INIT_SHARED" and report["counts"]["zaps"] == 0
 
 
+def _report(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+    assert main(["run", *SMALL, *args, "--json"]) == 0
+    report: dict[str, object] = json.loads(capsys.readouterr().out)
+    return report
+
+
+def test_v12_on_large_folios_reports_the_sigbus_and_the_kvm_run_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """v12 refuses 2 MiB folios: the VMM's write dies of SIGBUS after the user fault's WARN;
+    without it, KVM_RUN fails with EINVAL from folio_zap_direct_map(); nothing is zapped."""
+    failed = [s for s in _report(capsys, "--profile", "x86_64-gmem-thp")["steps"]  # type: ignore[union-attr]
+              if not s["ok"]]
+    assert [s["step"] for s in failed] == ["(VMM killed by SIGBUS)"]
+    assert "kvm_gmem_fault_user_mapping WARNs" in failed[0]["outcome"]
+    r = _report(capsys, "--profile", "x86_64-gmem-thp", "--vmm-write-mib", "0")
+    guest = next(s for s in r["steps"] if s["step"].startswith("guest runs"))  # type: ignore[union-attr]
+    assert guest["outcome"] == "KVM_RUN fails with EINVAL: folio_zap_direct_map() refuses the large folio"
+    assert r["counts"]["zaps"] == 0  # type: ignore[index]
+
+
+def test_arm64_flushes_twice_per_zap_and_never_on_restore(capsys: pytest.CaptureFixture[str]) -> None:
+    counts = _report(capsys, "--profile", "arm64")["counts"]
+    assert counts["restores"] == counts["zaps"] > 0  # type: ignore[index]
+    assert counts["flushes"] == 2 * counts["zaps"] and counts["ipis"] == 0  # type: ignore[index]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

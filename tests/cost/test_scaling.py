@@ -54,3 +54,9 @@ def test_direct_map_after_moves_what_the_splits_move() -> None:
     assert sum(after) == sum(before)
     assert list(after) == [100 + 3 * 2048, (10 << 20) - 3 * 2048 + (1 << 20), (8 << 20) - (1 << 20)]
     assert direct_map_after(None, {}) is None
+
+
+def test_a_page_granular_linear_map_is_all_4k_and_never_splits() -> None:
+    """arm64 before BBML2_NOABORT: force_pte_mapping() maps the same memory with pages."""
+    before = (100, 10 << 20, 8 << 20)
+    assert direct_map_after(before, {"dmap_split_2m": 3}, page_granular=True) == (sum(before), 0, 0)

@@ -6,6 +6,8 @@ never merged back), modeling-notes.md (a TLB fill is atomic with its walk).
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from gmemlab.model import Machine, MachineConfig
@@ -72,6 +74,7 @@ def test_enomem_at_the_second_split_leaves_the_first_in_place() -> None:
 
 
 def test_arm64_linear_map_is_page_granular_and_needs_no_split() -> None:
+    """Before BBML2_NOABORT, rodata_full forces page mappings (force_pte_mapping())."""
     m = Machine(MachineConfig(ram_gib=1), profile="arm64")
     assert m.meminfo().direct_map_2m == 0 and m.meminfo().direct_map_1g == 0
     pfn = 4 * G + 9
@@ -80,6 +83,82 @@ def test_arm64_linear_map_is_page_granular_and_needs_no_split() -> None:
     assert m.trace.counts["pt_alloc"] == 0
     assert m.trace.counts["flush_tlb_kernel_range"] == 1  # set_memory_valid() flushes itself
     assert m.trace.counts["ipi"] == 0  # TLBI broadcast
+
+
+def test_arm64_restore_sets_pte_valid_without_a_tlbi() -> None:
+    """``__change_memory_common()``: no flush when only PTE_VALID is set (a non-valid entry
+    cannot be cached); the invalidate flushes."""
+    m = Machine(MachineConfig(ram_gib=1), profile="arm64")
+    pfn = 4 * G + 9
+    run(m, set_direct_map_valid_noflush(m, pfn, 1, False))
+    run(m, set_direct_map_valid_noflush(m, pfn, 1, True))
+    assert m.dmap.present(pfn)
+    assert m.trace.counts["flush_tlb_kernel_range"] == 1
+
+
+def test_arm64_bbml2_keeps_blocks_and_splits_the_leaf_on_demand() -> None:
+    """BBML2_NOABORT: force_pte_mapping() is false under rodata_full, so the linear map keeps
+    its blocks; split_kernel_leaf_mapping() splits PUD then PMD (one table each), with no
+    flush of its own, before update_range_prot() clears the PTE and set_memory_valid() flushes."""
+    m = Machine(MachineConfig(ram_gib=4), profile="arm64-bbml2")
+    assert m.profile.can_set_direct_map and not m.profile.force_pte_mapping
+    before = m.meminfo()
+    assert before.direct_map_1g == 5 * 1024 * 1024  # blocks, as map_mem() lays them
+    pfn = 4 * G + 7
+    assert run(m, set_direct_map_valid_noflush(m, pfn, 1, False)) == 0
+    assert (m.dmap.splits_1g, m.dmap.splits_2m) == (1, 1)
+    assert m.trace.counts["pt_alloc"] == 2
+    assert m.trace.counts["flush_tlb_all"] == 0
+    assert m.trace.counts["flush_tlb_kernel_range"] == 1
+    assert not m.dmap.present(pfn) and m.dmap.present(pfn + 1)
+    assert run(m, set_direct_map_valid_noflush(m, pfn, 1, True)) == 0
+    assert m.dmap.present(pfn) and m.trace.counts["flush_tlb_kernel_range"] == 1
+
+
+def test_arm64_bbml2_changes_a_whole_2m_block_without_splitting_it() -> None:
+    """A range that covers a PMD block whole is a leaf boundary at both ends: pageattr_pmd_entry()
+    flips the block's valid bit, nothing is split or allocated."""
+    m = Machine(MachineConfig(ram_gib=4), profile="arm64-bbml2")
+    base = 4 * G + 512 * 5
+    run(m, set_direct_map_valid_noflush(m, base, 512, False))
+    assert (m.dmap.splits_1g, m.dmap.splits_2m) == (1, 0)  # the 1G block, not the 2M one
+    assert m.dmap.leaf(base) == (LEVEL_2M, base, False)
+    assert m.trace.counts["pt_alloc"] == 1
+    assert m.dmap.not_present_pages() == 512
+
+
+def test_arm64_bbml2_split_enomem_is_returned_and_still_flushed() -> None:
+    """update_range_prot() WARNs and returns the split's -ENOMEM; __change_memory_common()
+    flushes whatever it returned; the page stays mapped."""
+    m = Machine(MachineConfig(ram_gib=4), profile="arm64-bbml2")
+    m.faults.arm("pt_alloc", after=1, times=1)
+    pfn = 5 * G + 3
+    assert run(m, set_direct_map_valid_noflush(m, pfn, 1, False)) == -12
+    assert (m.dmap.splits_1g, m.dmap.splits_2m) == (1, 0)
+    assert m.dmap.present(pfn)
+    assert m.trace.counts["flush_tlb_kernel_range"] == 1
+
+
+@pytest.mark.parametrize("profile", ["arm64", "arm64-bbml2"])
+def test_v12_user_fault_on_arm64_split_enomem(profile: str) -> None:
+    """v12's user fault returns vmf_error(-ENOMEM) when the zap's split fails (only where the
+    linear map is block mapped); the folio stays mapped and unmarked, the next fault zaps."""
+    h = model_host("v12", profile, ram_gib=1, low_ram_mib=2)  # folios from the block-mapped GiB
+    m = h.machine
+    g = h.open_kvm().create_vm().create_guest_memfd(2 << 20, ALL)
+    with g.mmap(2 << 20) as mem:
+        m.faults.arm("pt_alloc", times=-1)
+        if profile == "arm64":
+            mem.fill(0, PAGE, 1)  # page-granular at boot: nothing to split, nothing fails
+            assert not m.dmap.present(g.pfn(0))
+            return
+        with pytest.raises(OSError) as e:
+            mem.fill(0, PAGE, 1)
+        assert e.value.errno == errno.ENOMEM  # VM_FAULT_OOM: pagefault_out_of_memory() retries
+        m.faults.disarm("pt_alloc")
+        assert "warn_on_once" in {ev.event for ev in m.trace.events()}
+        mem.fill(0, PAGE, 1)
+        assert not m.dmap.present(g.pfn(0))
 
 
 def test_arm64_without_can_set_direct_map_is_a_silent_no_op() -> None:

@@ -167,6 +167,24 @@ def test_memfd_secret_removes_before_insertion_and_zeroes_after_restore(design: 
     assert not m.mem.allocated(pfn)
 
 
+@pytest.mark.parametrize(("design", "flushes"), [("base", 1), ("v12", 2)])
+def test_secretmem_fault_flushes_on_arm64(design: str, flushes: int) -> None:
+    """arm64: mainline's secretmem_fault() clears PTE_VALID with set_direct_map_invalid_noflush()
+    (update_range_prot(), no flush) and flushes once itself; v12 03/16 goes through
+    folio_zap_direct_map(), whose set_direct_map_valid_noflush() is set_memory_valid(), which
+    flushes too.  The free restores with no TLBI at all."""
+    h = model_host(design, "arm64")
+    f = h.memfd_secret()
+    f.ftruncate(PAGE)
+    mem = f.mmap(PAGE)
+    mem.fill(0, PAGE, 1)
+    counts = h.machine.trace.counts
+    assert counts["flush_tlb_kernel_range"] == flushes
+    mem.munmap()
+    f.close()
+    assert counts["flush_tlb_kernel_range"] == flushes
+
+
 def test_secretmem_flush_is_lost_with_the_noflush_patch() -> None:
     """Firecracker's 0039 drops the flush from folio_zap_direct_map(), which secretmem uses too."""
     h = model_host("noflush", invariants="record")

@@ -5,6 +5,8 @@
 is mainline without the series (the kernel our machines run).  ``batch``,
 ``falloc`` and ``zap2m`` are the cost strategies discussed around the series
 (flush batching, zap at fallocate, 2 MiB fault-around); none was posted as code.
+``folio2m`` is v12 on 2 MiB guest_memfd folios (the THP guest_memfd allocation with
+v11's whole-folio zap), which v12 refuses.
 ``filemap`` and ``unmapped`` are the shape posted after v12
 (``docs/next-shape.md``): the page cache owns the direct map of
 ``AS_NO_DIRECT_MAP`` folios, zapping on insertion (slow path) or allocating them
@@ -28,6 +30,7 @@ from gmemlab.model.designs.base import Design
 from gmemlab.model.designs.batched import BatchedFlush
 from gmemlab.model.designs.falloc import FallocRange
 from gmemlab.model.designs.filemap_nodm import FilemapZap
+from gmemlab.model.designs.folio2m import Folio2M
 from gmemlab.model.designs.noflush import NoFlush
 from gmemlab.model.designs.unmapped_alloc import UnmappedAlloc
 from gmemlab.model.designs.v7 import V7
@@ -44,6 +47,7 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     "batch": BatchedFlush,
     "falloc": FallocRange,
     "zap2m": Zap2M,
+    "folio2m": Folio2M,
     "filemap": FilemapZap,
     "unmapped": UnmappedAlloc,
 }

@@ -5,32 +5,29 @@ around it (``series-spec.md`` §3.7, §7.3, §7.4) need from mm:
 
 * :func:`folio_zap_direct_map_noflush`: the zap half of v12's
   ``folio_zap_direct_map()``, for strategies that flush later or elsewhere.
-* :func:`alloc_block`: ``alloc_pages(gfp, 9)`` split into 512 order-0 frames,
-  naturally aligned, so that one 2 MiB direct-map leaf covers exactly them.
-* :func:`set_direct_map_block_noflush`: CPA over such a block.  Where the block
+* :func:`set_direct_map_block_noflush`: CPA over a naturally aligned 2 MiB block
+  (``page_alloc.alloc_block()``).  Where the block
   is still one 2 MiB leaf, ``__change_page_attr()`` keeps the large page and
   flips the present bit of the PMD (``try_preserve_large_page()``): one entry
   changes, nothing is split, no page table is allocated.  A block inside a 1 GiB
   leaf splits that leaf to 2 MiB first; a block already split to 4 KiB changes
-  its 512 PTEs one by one.
+  its 512 PTEs one by one.  arm64's ``update_range_prot()`` does the same by
+  itself (and flushes an invalidation).
 """
 
 from __future__ import annotations
 
-from errno import EFAULT, ENOMEM
+from errno import EFAULT
 from typing import TYPE_CHECKING
 
 from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M
 from gmemlab.model.mm.locks import spin_lock, spin_unlock
-from gmemlab.model.mm.page_alloc import clear_page
 from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush, split_large_page
 from gmemlab.model.task import KGen
 from gmemlab.uapi import PAGES_PER_PMD
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
-
-BLOCK_ORDER = 9
 
 
 def folio_zap_direct_map_noflush(m: Machine, folio: int) -> KGen[int]:
@@ -40,31 +37,15 @@ def folio_zap_direct_map_noflush(m: Machine, folio: int) -> KGen[int]:
     return (yield from set_direct_map_valid_noflush(m, folio, 1, False))
 
 
-def alloc_block(m: Machine, kind: int, fn: str) -> KGen[int]:
-    """An order-9 allocation handed out as 512 order-0 frames: the first pfn, or -ENOMEM.
-
-    ``post_alloc_hook()`` zeroes it through the direct map with ``init_on_alloc``.
-    """
-    yield ("alloc", "zone")
-    base = None if m.faults.should_fail("page_alloc") else m.alloc.take_block(PAGES_PER_PMD)
-    if base is None:
-        m.trace.emit(fn, "alloc_block_fail", -1, {"order": BLOCK_ORDER, "err": "ENOMEM"})
-        return -ENOMEM
-    mem = m.mem
-    for pfn in range(base, base + PAGES_PER_PMD):
-        mem.reset_for_alloc(pfn, kind)
-    m.trace.emit(fn, "alloc_block", base, {"order": BLOCK_ORDER})
-    if m.config.init_on_alloc:
-        for pfn in range(base, base + PAGES_PER_PMD):
-            yield from clear_page(m, pfn, "post_alloc_hook")
-    return base
-
-
 def set_direct_map_block_noflush(m: Machine, base: int, valid: bool) -> KGen[int]:
     """CPA over the 2 MiB-aligned block at ``base``, keeping a 2 MiB leaf whole; no flush."""
     prof = m.profile
-    if not prof.has_set_direct_map or (prof.arch == "arm64" and not prof.can_set_direct_map):
+    if not prof.has_set_direct_map:
         return 0
+    if prof.arch == "arm64":
+        # update_range_prot() changes a whole PMD block as one entry (pageattr_pmd_entry());
+        # set_memory_valid() flushes an invalidation itself.
+        return (yield from set_direct_map_valid_noflush(m, base, PAGES_PER_PMD, valid))
     d = m.dmap
     fn = "__change_page_attr"
     while True:

@@ -46,6 +46,7 @@ from gmemlab.model.kvm.guest_memfd import (
     kvm_gmem_allocate,
     kvm_gmem_get_file,
     kvm_gmem_get_folio,
+    kvm_gmem_get_huge_folio,
     kvm_gmem_get_index,
     kvm_gmem_no_direct_map,
 )
@@ -56,7 +57,13 @@ from gmemlab.model.mm.filemap import (
     filemap_add_folio,
     filemap_get_folio,
 )
-from gmemlab.model.mm.folio import folio_mark_uptodate, folio_put, folio_unlock
+from gmemlab.model.mm.folio import (
+    folio_mark_uptodate,
+    folio_pages,
+    folio_put,
+    folio_test_large,
+    folio_unlock,
+)
 from gmemlab.model.mm.locks import down_read, up_read
 from gmemlab.model.mm.memory import (
     VM_FAULT_LOCKED,
@@ -67,7 +74,11 @@ from gmemlab.model.mm.memory import (
     vmf_error,
 )
 from gmemlab.model.mm.page_alloc import GFP_HIGHUSER_ZERO, alloc_page, clear_page
-from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
+from gmemlab.model.mm.set_memory import (
+    set_direct_map_default_noflush,
+    set_direct_map_invalid_noflush,
+    set_direct_map_valid_noflush,
+)
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (
@@ -101,6 +112,9 @@ class Design:
     filemap_remove_hook: Callable[[Machine, AddressSpace, int], KGen[None]] | None = None
 
     excluded_vm_types: ClassVar[tuple[int, ...]] = ()  # VM types a version refuses the flag
+    # The version's guest_memfd paths take large folios; mainline's user fault WARNs and
+    # SIGBUSes on one, and v12's folio_zap_direct_map() refuses it.
+    large_folios: ClassVar[bool] = False
 
     # --- capability --------------------------------------------------------------------
     def kvm_arch_gmem_supports_no_direct_map(self, m: Machine, vm_type: int | None) -> bool:
@@ -130,9 +144,13 @@ class Design:
     def folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:
         """Hook *zap*: ``folio_zap_direct_map()`` (v12 02/16, ``mm/memory.c``).
 
-        Invalidate, then the *flush* hook whatever the outcome.  Mainline has no
-        such helper and never calls it; the series' designs do.
+        Invalidate, then the *flush* hook whatever the outcome.  A large folio is
+        refused first, -EINVAL and no flush ("order-0 only", David Hildenbrand on v11).
+        Mainline has no such helper and never calls it; the series' designs do.
         """
+        if folio_test_large(m, folio):
+            m.trace.emit("folio_zap_direct_map", "refuse_large", folio, {"err": "EINVAL"})
+            return -EINVAL
         if not m.profile.has_set_direct_map:
             return 0  # !CONFIG_ARCH_HAS_SET_DIRECT_MAP stub: silent success
         ret = yield from set_direct_map_valid_noflush(m, folio, 1, False)
@@ -201,7 +219,7 @@ class Design:
 
     def _secretmem_insert(self, m: Machine, mapping: AddressSpace, folio: int,
                           offset: int) -> KGen[int]:
-        err = yield from set_direct_map_valid_noflush(m, folio, 1, False)
+        err = yield from set_direct_map_invalid_noflush(m, folio)
         if err:
             return err
         yield from folio_mark_uptodate(m, folio)
@@ -209,7 +227,7 @@ class Design:
         if err:
             # "If a split of large page was required, it already happened when we
             # marked the page invalid which guarantees that this call won't fail."
-            yield from set_direct_map_valid_noflush(m, folio, 1, True)
+            yield from set_direct_map_default_noflush(m, folio)
             return err
         yield from flush_tlb_kernel_range(m, folio, folio + 1, "secretmem_fault")
         return 0
@@ -217,7 +235,7 @@ class Design:
     def secretmem_free_folio(self, m: Machine, pfn: int) -> KGen[None]:
         """``secretmem_free_folio()``: ``set_direct_map_default_noflush()``, then zero the folio
         (unchanged by v12, whose 03/16 converts only the fault and its error path)."""
-        yield from set_direct_map_valid_noflush(m, pfn, 1, True)
+        yield from set_direct_map_default_noflush(m, pfn)
         yield from clear_page(m, pfn, "secretmem_free_folio")
 
     def holds_unmapped(self, m: Machine, pfn: int) -> bool:
@@ -242,7 +260,12 @@ class Design:
         yield from ()
 
     def filemap_alloc_folio(self, m: Machine, mapping: AddressSpace, index: int) -> KGen[int]:
-        """``filemap_alloc_folio()``: a new folio for ``index`` of ``mapping`` (pfn or -ENOMEM)."""
+        """``filemap_alloc_folio()``: a new folio for ``index`` of ``mapping`` (pfn or -ENOMEM);
+        guest_memfd on a ``gmem_thp`` profile tries a PMD-order one first."""
+        if m.profile.gmem_thp and mapping.kind == "guest_memfd":
+            pfn = yield from kvm_gmem_get_huge_folio(m, mapping, index)
+            if pfn >= 0:
+                return pfn
         return (yield from alloc_page(m, mapping.gfp_mask, kind="file"))
 
     def kvm_gmem_allocate(self, m: Machine, inode: Inode, offset: int, length: int) -> KGen[int]:
@@ -313,7 +336,9 @@ def kvm_gmem_fault_uptodate_folio(m: Machine, vma: Vma, page: int) -> KGen[Fault
     """``kvm_gmem_fault_user_mapping()`` up to the zeroing, as every version has it.
 
     SIGBUS past ``i_size`` and without ``INIT_SHARED``; ``kvm_gmem_get_folio()``
-    (``-EAGAIN`` -> ``VM_FAULT_RETRY``); zero a folio that is not uptodate.
+    (``-EAGAIN`` -> ``VM_FAULT_RETRY``); ``WARN_ON_ONCE(folio_test_large(folio))`` ->
+    SIGBUS (mainline since mmap support, 6.18) unless the version takes large folios;
+    zero a folio that is not uptodate.
     Returns ``(0, locked folio)`` or ``(vm_fault_t, -1)``.
     """
     assert vma.file is not None
@@ -326,6 +351,9 @@ def kvm_gmem_fault_uptodate_folio(m: Machine, vma: Vma, page: int) -> KGen[Fault
     folio = yield from kvm_gmem_get_folio(m, inode, pgoff)
     if folio < 0:
         return (VM_FAULT_RETRY if folio == -EAGAIN else vmf_error(folio)), -1
+    if folio_test_large(m, folio) and not m.design.large_folios:
+        m.trace.emit("kvm_gmem_fault_user_mapping", "warn_on_once", folio, {"large": True})
+        return (yield from fault_fail(m, folio, VM_FAULT_SIGBUS))
     yield from zero_if_not_uptodate(m, folio, "kvm_gmem_fault_user_mapping")
     return 0, folio
 
@@ -364,16 +392,20 @@ def kvm_gmem_get_pfn_done(m: Machine, file: File | None, r: int, folio: int) -> 
 
 
 def set_marker(m: Machine, pfn: int, fn: str) -> KGen[None]:
-    """``folio->private |= KVM_GMEM_FOLIO_NO_DIRECT_MAP``."""
+    """``folio->private |= KVM_GMEM_FOLIO_NO_DIRECT_MAP`` (kept on every page of a large folio)."""
     yield ("folio", pfn)
-    m.mem.private[pfn] |= KVM_GMEM_FOLIO_NO_DIRECT_MAP
+    private = m.mem.private
+    for page in folio_pages(m, pfn):
+        private[page] |= KVM_GMEM_FOLIO_NO_DIRECT_MAP
     m.trace.emit(fn, "marker_set", pfn)
 
 
 def clear_marker(m: Machine, pfn: int, fn: str) -> KGen[None]:
-    """``folio->private &= ~KVM_GMEM_FOLIO_NO_DIRECT_MAP``."""
+    """``folio->private &= ~KVM_GMEM_FOLIO_NO_DIRECT_MAP`` (on every page of a large folio)."""
     yield ("folio", pfn)
-    m.mem.private[pfn] &= ~KVM_GMEM_FOLIO_NO_DIRECT_MAP
+    private = m.mem.private
+    for page in folio_pages(m, pfn):
+        private[page] &= ~KVM_GMEM_FOLIO_NO_DIRECT_MAP
     m.trace.emit(fn, "marker_clear", pfn)
 
 

@@ -41,13 +41,13 @@ from __future__ import annotations
 from errno import ENOMEM
 from typing import TYPE_CHECKING, ClassVar
 
-from gmemlab.model.designs._block import alloc_block, set_direct_map_block_noflush
+from gmemlab.model.designs._block import set_direct_map_block_noflush
 from gmemlab.model.designs.filemap_nodm import FilemapZap
 from gmemlab.model.mm.filemap import AddressSpace, mapping_no_direct_map
 from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.memmap import FRAME_FREE, KIND_FILE, KIND_KERNEL, KIND_NONE
 from gmemlab.model.mm.mermap import Mermap, mermap_flush_tlb, mermap_get, mermap_put
-from gmemlab.model.mm.page_alloc import clear_page
+from gmemlab.model.mm.page_alloc import alloc_block, clear_page
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import PAGES_PER_PMD

@@ -9,7 +9,8 @@ would cut flushes 512x.  Not posted as code.
 
 The model answers the objection the way large folios would: when the page
 cache needs a folio for index ``i`` of a ``NO_DIRECT_MAP`` guest_memfd and the
-whole 2 MiB block of the file around ``i`` is absent (and inside ``i_size``),
+whole 2 MiB block of the file around ``i`` is absent (and inside ``i_size``:
+``kvm_gmem_huge_index()``, the test of guest_memfd's THP patch),
 :meth:`Zap2M.filemap_alloc_folio` takes a naturally aligned order-9 block of
 frames and
 
@@ -40,17 +41,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from gmemlab.model.designs._block import alloc_block, set_direct_map_block_noflush
+from gmemlab.model.designs._block import set_direct_map_block_noflush
 from gmemlab.model.designs.base import clear_marker, has_marker, set_marker
 from gmemlab.model.designs.v12 import V12
+from gmemlab.model.kvm.guest_memfd import kvm_gmem_huge_index
 from gmemlab.model.mm.filemap import AddressSpace, filemap_add_folio, mapping_no_direct_map
 from gmemlab.model.mm.folio import folio_put, folio_unlock
 from gmemlab.model.mm.memmap import KIND_FILE, PG_uptodate
-from gmemlab.model.mm.page_alloc import clear_page
+from gmemlab.model.mm.page_alloc import alloc_block, clear_page
 from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
-from gmemlab.uapi import PAGE_SHIFT, PAGES_PER_PMD
+from gmemlab.uapi import PAGES_PER_PMD
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
@@ -80,13 +82,10 @@ class Zap2M(V12):
             yield from clear_marker(m, folio, "filemap_add_undo")
 
     def filemap_alloc_folio(self, m: Machine, mapping: AddressSpace, index: int) -> KGen[int]:
-        first = index - index % PAGES_PER_PMD
-        host = mapping.host
-        if (mapping.kind != "guest_memfd" or not mapping_no_direct_map(mapping) or host is None
-                or (first + PAGES_PER_PMD) << PAGE_SHIFT > host.size
-                or mapping.i_pages.first(first, first + PAGES_PER_PMD) >= 0):
+        first = kvm_gmem_huge_index(mapping, index)
+        if mapping.kind != "guest_memfd" or not mapping_no_direct_map(mapping) or first < 0:
             return (yield from super().filemap_alloc_folio(m, mapping, index))
-        base = yield from alloc_block(m, KIND_FILE, FN)
+        base = yield from alloc_block(m, KIND_FILE, FN, large=self.large_folios)
         if base < 0:
             return (yield from super().filemap_alloc_folio(m, mapping, index))
         mine = base + index - first
@@ -106,7 +105,8 @@ class Zap2M(V12):
         zapped = yield from self._zap(m, base, [*inserted, mine], whole=len(inserted) == PAGES_PER_PMD - 1)
         yield from flush_tlb_kernel_range(m, base, base + PAGES_PER_PMD, FN)
         for pfn in zapped:
-            yield from set_marker(m, pfn, FN)
+            if not has_marker(m, pfn):  # set for the whole folio at its first page if large
+                yield from set_marker(m, pfn, FN)
         for pfn in inserted:
             yield from folio_unlock(m, pfn)
             yield from folio_put(m, pfn)  # the allocation's reference; the page cache keeps its own

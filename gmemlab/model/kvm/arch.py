@@ -10,11 +10,19 @@ it reads the facts here:
 * x86: ``can_set_direct_map()`` is the generic default (true with
   ``CONFIG_ARCH_HAS_SET_DIRECT_MAP``); the direct map uses 1G/2M/4K leaves; CPA
   does not flush; ``flush_tlb_kernel_range()`` sends IPIs.
-* arm64: ``can_set_direct_map()`` = rodata_full || debug_pagealloc || kfence ||
-  realm, each of which maps the linear map at page granularity at boot;
-  without it ``set_direct_map_*`` are silent no-ops.  Stage-2 needs FEAT_S2FWB,
-  else ``kvm_pgtable_stage2_map()`` cleans the cache through the (zapped) linear
-  alias.  ``set_memory_valid()`` flushes itself; TLBI is broadcast (no IPIs).
+* arm64 (``arch/arm64/mm/mmu.c``, ``pageattr.c``, mainline since 6.18):
+  ``can_set_direct_map()`` = rodata_full || debug_pagealloc || kfence || realm;
+  without it ``set_direct_map_*`` are silent no-ops.  ``force_pte_mapping()``
+  decides the linear map's layout at boot: page granular with debug_pagealloc,
+  or without BBML2_NOABORT on every CPU when ``can_set_direct_map()``; with
+  BBML2_NOABORT the linear map keeps its blocks and ``update_range_prot()``
+  splits the leaf on demand (``split_kernel_leaf_mapping()``, which allocates
+  page tables and can fail with -ENOMEM).  ``set_memory_valid()`` flushes when
+  it clears PTE_VALID and not when it sets it (``__change_memory_common()``).
+  Stage-2 needs FEAT_S2FWB, else ``kvm_pgtable_stage2_map()`` cleans the cache
+  through the (zapped) linear alias.  TLBI is broadcast (no IPIs), and
+  ``flush_tlb_kernel_range()`` invalidates page by page up to MAX_DVM_OPS
+  (PTRS_PER_PTE) pages.
 * riscv: has ``set_direct_map_*`` but selects no ``KVM_GUEST_MEMFD``, so there is
   no guest_memfd at all.
 """
@@ -52,8 +60,17 @@ class ArchProfile:
     kfence: bool = False
     realm: bool = False
     s2fwb: bool = False
-    set_direct_map_flushes: bool = False  # arm64 set_memory_valid() flushes itself
+    # BBML2_NOABORT on every CPU (system_supports_bbml2_noabort()): live block mappings can be
+    # split without break-before-make, so rodata_full no longer forces page mappings.
+    bbml2: bool = False
+    set_direct_map_flushes: bool = False  # arm64 set_memory_valid(addr, n, 0) flushes itself
     tlb_broadcast: bool = False  # TLBI IS / INVLPGB: no IPIs
+    # flush_tlb_kernel_range(): above this many pages, flush everything (x86
+    # tlb_single_page_flush_ceiling; arm64 MAX_DVM_OPS = PTRS_PER_PTE).
+    tlb_flush_ceiling: int = 33
+    # guest_memfd backs each 2 MiB of a file with one PMD-order folio where it can (a what-if:
+    # the THP/hugetlb guest_memfd work, see kvm_gmem_get_huge_folio()); mainline never does.
+    gmem_thp: bool = False
     secretmem_enable: bool = True
     nr_memslots: int = 32764
     max_vcpus: int = 1024
@@ -78,8 +95,28 @@ class ArchProfile:
         return True
 
     @property
-    def direct_map_granularity(self) -> Literal["x86", "4k"]:
-        return "4k" if self.arch == "arm64" and self.can_set_direct_map else "x86"
+    def force_pte_mapping(self) -> bool:
+        """arm64 ``force_pte_mapping()`` (``arch/arm64/mm/mmu.c``): must the linear map be
+        page granular?  debug_pagealloc always; rodata_full, kfence or realm only
+        without BBML2_NOABORT."""
+        if self.arch != "arm64":
+            return False
+        if self.debug_pagealloc:
+            return True
+        if self.bbml2:
+            return False
+        return self.rodata_full or self.kfence or self.realm
+
+    @property
+    def direct_map_granularity(self) -> Literal["blocks", "4k"]:
+        """How the direct map is laid out at boot: 1G/2M/4K leaves (x86 ``split_mem_range()``,
+        arm64 ``map_mem()`` without NO_BLOCK_MAPPINGS), or 4K pages only."""
+        return "4k" if self.force_pte_mapping else "blocks"
+
+    @property
+    def split_on_demand(self) -> bool:
+        """arm64 ``split_leaf_mapping_possible()``: BBML2_NOABORT and not page-mapped at boot."""
+        return self.arch == "arm64" and self.bbml2 and not self.force_pte_mapping
 
     def has_private_mem(self, vm_type: int) -> bool:
         """``kvm_arch_has_private_mem()``: x86 SW_PROTECTED, SNP and TDX VMs."""
@@ -126,6 +163,15 @@ PROFILES: dict[str, ArchProfile] = {
             what_if_coco_no_direct_map=True,
         ),
         ArchProfile(
+            "x86_64-gmem-thp",
+            "x86_64",
+            "what if: x86-64 (every VM type) whose guest_memfd allocates 2 MiB folios, as "
+            "KVM_GUEST_MEMFD_ALLOW_HUGEPAGE did (20231027182217.3615211-18-seanjc@google.com)",
+            vm_types=_X86_ALL_TYPES,
+            memory_attributes=True,
+            gmem_thp=True,
+        ),
+        ArchProfile(
             "x86_64-kvm_pvm-6.18",
             "x86_64",
             "this project's machines: Linux 6.18 kvm_pvm (nested), default VM type only, "
@@ -134,12 +180,27 @@ PROFILES: dict[str, ArchProfile] = {
         ArchProfile(
             "arm64",
             "arm64",
-            "arm64 with rodata_full (page-granular linear map) and FEAT_S2FWB",
+            "arm64 before BBML2_NOABORT, with rodata_full (linear map page-granular at boot) "
+            "and FEAT_S2FWB",
             unknown_vm_ioctl_errno=22,
             rodata_full=True,
             s2fwb=True,
             set_direct_map_flushes=True,
             tlb_broadcast=True,
+            tlb_flush_ceiling=512,
+        ),
+        ArchProfile(
+            "arm64-bbml2",
+            "arm64",
+            "arm64 with BBML2_NOABORT, rodata_full and FEAT_S2FWB: block-mapped linear map, "
+            "leaves split on demand (may fail with ENOMEM)",
+            unknown_vm_ioctl_errno=22,
+            rodata_full=True,
+            s2fwb=True,
+            bbml2=True,
+            set_direct_map_flushes=True,
+            tlb_broadcast=True,
+            tlb_flush_ceiling=512,
         ),
         ArchProfile(
             "arm64-no-s2fwb",
@@ -149,6 +210,7 @@ PROFILES: dict[str, ArchProfile] = {
             rodata_full=True,
             set_direct_map_flushes=True,
             tlb_broadcast=True,
+            tlb_flush_ceiling=512,
         ),
         ArchProfile(
             "arm64-rodata-off",
@@ -158,6 +220,7 @@ PROFILES: dict[str, ArchProfile] = {
             s2fwb=True,
             set_direct_map_flushes=True,
             tlb_broadcast=True,
+            tlb_flush_ceiling=512,
         ),
         ArchProfile(
             "riscv64",

@@ -16,7 +16,7 @@ gmem_file``: the VM and its memslot bindings), listed on the mapping's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from errno import EBADF, EFAULT, EINTR, EINVAL, EIO, ENODEV, EOPNOTSUPP
+from errno import EBADF, EFAULT, EINTR, EINVAL, EIO, ENODEV, ENOMEM, EOPNOTSUPP
 from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import S_IFREG, File, Inode, file_init_mode, fput
@@ -26,6 +26,7 @@ from gmemlab.model.mm.filemap import (
     FGP_CREAT,
     FGP_LOCK,
     AddressSpace,
+    filemap_add_folio,
     filemap_get_folio,
     mapping_set_inaccessible,
     mapping_set_no_direct_map,
@@ -39,9 +40,9 @@ from gmemlab.model.mm.locks import (
     up_read,
     up_write,
 )
-from gmemlab.model.mm.memmap import PG_hwpoison
+from gmemlab.model.mm.memmap import KIND_FILE, PG_hwpoison
 from gmemlab.model.mm.memory import VM_MAYSHARE, VM_SHARED, Vma
-from gmemlab.model.mm.page_alloc import GFP_HIGHUSER
+from gmemlab.model.mm.page_alloc import GFP_HIGHUSER, alloc_block
 from gmemlab.model.mm.truncate import truncate_inode_pages_range
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (
@@ -53,6 +54,7 @@ from gmemlab.uapi import (
     KVM_X86_SNP_VM,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PAGES_PER_PMD,
 )
 
 if TYPE_CHECKING:
@@ -205,6 +207,50 @@ def kvm_gmem_get_folio(m: Machine, inode: Inode, index: int) -> KGen[int]:
     """``kvm_gmem_get_folio()``: a locked folio with a reference, created if absent."""
     return (yield from filemap_get_folio(m, inode.mapping, index,
                                          FGP_LOCK | FGP_ACCESSED | FGP_CREAT))
+
+
+def kvm_gmem_huge_index(mapping: AddressSpace, index: int) -> int:
+    """The first index of the 2 MiB of the file around ``index`` if one PMD-order folio may
+    back it, else -1.
+
+    ``kvm_gmem_get_huge_folio()``'s tests in Sean Christopherson's
+    ``KVM_GUEST_MEMFD_ALLOW_HUGEPAGE`` patch (``20231027182217.3615211-18-seanjc@google.com``,
+    dropped before guest_memfd was merged): the huge page must end inside ``i_size``, and
+    none of it may be in the page cache yet (``filemap_range_has_page()``).
+    """
+    first = index - index % PAGES_PER_PMD
+    host = mapping.host
+    if (host is None or (first + PAGES_PER_PMD) << PAGE_SHIFT > host.size
+            or mapping.i_pages.first(first, first + PAGES_PER_PMD) >= 0):
+        return -1
+    return first
+
+
+def kvm_gmem_get_huge_folio(m: Machine, mapping: AddressSpace, index: int) -> KGen[int]:
+    """``kvm_gmem_get_huge_folio()`` (the patch of :func:`kvm_gmem_huge_index`): a PMD-order
+    folio, ``filemap_alloc_folio(gfp | __GFP_NOWARN, HPAGE_PMD_ORDER)``, put in the page
+    cache at the huge index; the page for ``index``, or -ENOMEM (the caller falls back to
+    order 0, as the patch does).
+
+    The model's page cache has an entry per index: the other 511 pages are inserted here
+    and the caller inserts the page it returns (a page whose index another CPU filled
+    meanwhile is freed; the kernel's multi-index insertion would fail whole: our choice).
+    """
+    first = kvm_gmem_huge_index(mapping, index)
+    if first < 0:
+        return -ENOMEM
+    fn = "kvm_gmem_get_huge_folio"
+    base = yield from alloc_block(m, KIND_FILE, fn, large=True)
+    if base < 0:
+        return base
+    mine = base + index - first
+    for k in range(PAGES_PER_PMD):
+        pfn = base + k
+        if pfn != mine:
+            if not (yield from filemap_add_folio(m, mapping, pfn, first + k)):
+                yield from folio_unlock(m, pfn)
+            yield from folio_put(m, pfn)  # the allocation's reference (the last, if it lost)
+    return mine
 
 
 def kvm_gmem_get_file(m: Machine, slot: Memslot) -> KGen[File | None]:

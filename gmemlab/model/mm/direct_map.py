@@ -15,9 +15,13 @@ Storage is per level: one byte per 1G region, one per 2M region, and a 512-entry
 PTE page only for 2M regions that have been split, so a 64 GiB guest costs
 kilobytes until its regions split.
 
-arm64 with ``can_set_direct_map()`` (rodata_full and friends) maps the linear
-map at page granularity at boot; without it the linear map uses blocks and the
-``set_direct_map_*`` calls are silent no-ops returning 0 (``series-spec`` §3.9).
+arm64 (``arch/arm64/mm/mmu.c`` ``map_mem()``) maps the linear map at page
+granularity at boot when ``force_pte_mapping()`` (rodata_full and friends
+without BBML2_NOABORT, or debug_pagealloc), else with blocks, laid out here as
+x86 lays them out (1G PUD, 2M PMD, 4K at the unaligned ends).  The contiguous
+hint (PTE_CONT over 16 PTEs, 16 PMDs) is not modelled: ``split_contpte()`` and
+``split_contpmd()`` allocate nothing and change no translation, only how much
+one TLB entry may cover.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ PAGE_OFFSET = 0xFFFF_8880_0000_0000  # x86-64, 4-level paging, no KASLR
 E_NONE = 0  # nothing mapped
 E_LEAF = 1  # present large leaf
 E_TABLE = 2  # points to a lower-level table
-E_LEAF_NP = 3  # large leaf with the present bit clear (only the 2M-zap strategy makes these)
+E_LEAF_NP = 3  # large leaf with the present bit clear (a zap of a whole 2M block makes these)
 # PTE states.
 PTE_NONE = 0
 PTE_PRESENT = 1
@@ -50,7 +54,7 @@ LEVEL_4K, LEVEL_2M, LEVEL_1G = 1, 2, 3  # x86 PG_LEVEL_*
 LEVEL_NAMES = {LEVEL_4K: "4K", LEVEL_2M: "2M", LEVEL_1G: "1G"}
 LEVEL_PAGES = {LEVEL_4K: 1, LEVEL_2M: PAGES_PER_PMD, LEVEL_1G: PAGES_PER_PUD}
 
-Granularity = Literal["x86", "4k"]
+Granularity = Literal["blocks", "4k"]
 
 PFN_PMD_SHIFT = 9  # pfn -> 2M region
 PFN_PUD_SHIFT = 18  # pfn -> 1G region
@@ -188,9 +192,8 @@ class DirectMap:
         return DirectMapCounters(c[LEVEL_4K] * 4, c[LEVEL_2M] * 2048, c[LEVEL_1G] * 1024 * 1024)
 
     def not_present_pages(self) -> int:
-        return sum(t.count(PTE_NOT_PRESENT) for t in self.pte.values()) + PAGES_PER_PMD * sum(
-            1 for s in self.pmd if s == E_LEAF_NP
-        )
+        return (sum(t.count(PTE_NOT_PRESENT) for t in self.pte.values())
+                + PAGES_PER_PMD * self.pmd.count(E_LEAF_NP) + PAGES_PER_PUD * self.pud.count(E_LEAF_NP))
 
     def split_regions_2m(self) -> list[int]:
         """2M regions (by index) now mapped with 4K PTEs, for the direct-map picture."""
@@ -198,9 +201,10 @@ class DirectMap:
 
     # --- the structural changes CPA makes (called from the generators below) -------------
     def split_1g(self, r1: int) -> None:
+        present = self.pud[r1] == E_LEAF
         self.pud[r1] = E_TABLE
         base = r1 * 512
-        self.pmd[base : base + 512] = bytes((E_LEAF,)) * 512
+        self.pmd[base : base + 512] = bytes((E_LEAF if present else E_LEAF_NP,)) * 512
         self.count[LEVEL_1G] -= 1
         self.count[LEVEL_2M] += 512
         self.splits_1g += 1
@@ -224,12 +228,15 @@ class DirectMap:
     def set_pmd_leaf(self, r2: int, valid: bool) -> None:
         self.pmd[r2] = E_LEAF if valid else E_LEAF_NP
 
+    def set_pud_leaf(self, r1: int, valid: bool) -> None:
+        self.pud[r1] = E_LEAF if valid else E_LEAF_NP
+
 
 def _split_mem_range(start: int, end: int, granularity: Granularity,
                      gbpages: bool) -> list[tuple[int, int, int]]:
     """``split_mem_range()``: the page sizes x86 uses to map [start, end) (in pfns)."""
     if granularity == "4k":
-        return [(start, end, LEVEL_4K)]
+        return [(start, end, LEVEL_4K)]  # arm64 NO_BLOCK_MAPPINGS | NO_CONT_MAPPINGS
 
     def up(x: int, a: int) -> int:
         return -(-x // a) * a

@@ -2,8 +2,10 @@
 
 Models ``include/linux/mm_types.h`` (``struct page``/``struct folio``) and
 ``include/linux/page-flags.h``.  guest_memfd, secretmem and shmem as modelled
-here only use order-0 folios (v12 ``folio_zap_direct_map()`` rejects large
-ones), so a folio *is* its head page and is named by its PFN.
+here use order-0 folios, where a folio *is* its head page and is named by its
+PFN; guest_memfd can also get 2 MiB folios (profile ``x86_64-gmem-thp``, design
+``folio2m``), whose 512 pages carry ``PG_large`` and stay pages of their own in
+the page cache (one entry per index, the page ``folio_file_page()`` gives).
 
 State is kept column-wise, one array per field and one slot per frame, so a
 64 GiB guest costs bytes per frame and no Python object per page nobody
@@ -47,6 +49,9 @@ from gmemlab.uapi import PAGE_SIZE
 PG_locked = 1 << 0
 PG_uptodate = 1 << 1
 PG_hwpoison = 1 << 2
+# The frame is a page of a large (PMD-order, naturally aligned) folio: set on every page of
+# it, as the model names pages, not folios (folio_test_large() of the page's folio).
+PG_large = 1 << 3
 
 # frame state
 FRAME_FREE = 0

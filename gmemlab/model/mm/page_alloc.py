@@ -22,9 +22,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from gmemlab.model.mm.memmap import FRAME_ALLOCATED, FRAME_FREE, KIND_KERNEL, KIND_NAMES, MemMap
+from gmemlab.model.mm.memmap import (
+    FRAME_ALLOCATED,
+    FRAME_FREE,
+    KIND_KERNEL,
+    KIND_NAMES,
+    MemMap,
+    PG_large,
+)
 from gmemlab.model.mm.tlb import kernel_access
 from gmemlab.model.task import KGen
+from gmemlab.uapi import PAGES_PER_PMD, PMD_ORDER
 
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
@@ -248,6 +256,30 @@ def alloc_page(m: Machine, gfp: int, *, kind: str) -> KGen[int]:
     return pfn
 
 
+def alloc_block(m: Machine, kind: int, fn: str, *, large: bool = False) -> KGen[int]:
+    """``alloc_pages(gfp, 9)``: 512 naturally aligned frames, the first pfn, or -ENOMEM.
+
+    Handed out as 512 order-0 frames, or with ``large`` (``__GFP_COMP``) as one
+    PMD-order folio whose pages carry ``PG_large``.  ``post_alloc_hook()`` zeroes
+    it through the direct map with ``init_on_alloc``.
+    """
+    yield ("alloc", "zone")
+    base = None if m.faults.should_fail("page_alloc") else m.alloc.take_block(PAGES_PER_PMD)
+    if base is None:
+        m.trace.emit(fn, "alloc_block_fail", -1, {"order": PMD_ORDER, "err": "ENOMEM"})
+        return -ENOMEM
+    mem = m.mem
+    for pfn in range(base, base + PAGES_PER_PMD):
+        mem.reset_for_alloc(pfn, kind)
+        if large:
+            mem.flags[pfn] = PG_large
+    m.trace.emit(fn, "alloc_block", base, {"order": PMD_ORDER, "large": large})
+    if m.config.init_on_alloc:
+        for pfn in range(base, base + PAGES_PER_PMD):
+            yield from clear_page(m, pfn, "post_alloc_hook")
+    return base
+
+
 def clear_page(m: Machine, pfn: int, fn: str) -> KGen[None]:
     """``clear_page()`` / ``clear_highpage()``: zero a frame through the direct map."""
     yield from kernel_access(m, pfn, fn, write=True)
@@ -264,6 +296,11 @@ def free_page_to_allocator(m: Machine, pfn: int) -> KGen[None]:
     yield ("alloc", "zone")
     if (yield from m.design.free_unmapped_frame(m, pfn)):
         return
+    yield from free_frame(m, pfn)
+
+
+def free_frame(m: Machine, pfn: int) -> KGen[None]:
+    """``free_pages_prepare()`` and the free list, for a frame nothing holds any more."""
     if m.inv.enabled:
         m.inv.on_free_to_allocator(pfn)
     if m.config.init_on_free:

@@ -9,7 +9,8 @@ removes it: that is the window a missing flush leaves.
 
 Flushes model ``arch/x86/mm/tlb.c``: ``flush_tlb_kernel_range()`` runs
 ``on_each_cpu()`` (an IPI to every other online CPU), invalidating page by page
-up to ``tlb_single_page_flush_ceiling`` (33) pages and everything above; an
+up to ``tlb_single_page_flush_ceiling`` (33) pages and everything above (arm64:
+``__flush_tlb_kernel_range()`` up to MAX_DVM_OPS, 512 pages); an
 ``INVLPG`` of an address drops a large entry covering it too.
 ``flush_tlb_all()`` drops everything.  With broadcast invalidation (arm64
 ``TLBI ...IS``, AMD ``INVLPGB``) no IPIs are sent.  Each CPU's invalidation is
@@ -27,7 +28,6 @@ from gmemlab.model.task import KGen
 if TYPE_CHECKING:
     from gmemlab.model.machine import Machine
 
-TLB_SINGLE_PAGE_FLUSH_CEILING = 33
 
 
 class Tlbs:
@@ -115,7 +115,7 @@ def _flush_each_cpu(m: Machine, lo: int, hi: int, full: bool, fn: str) -> KGen[i
 def flush_tlb_kernel_range(m: Machine, lo: int, hi: int, caller: str) -> KGen[None]:
     """``flush_tlb_kernel_range(start, end)`` over the direct-map addresses of [lo, hi)."""
     m.trace.count("flush_tlb_kernel_range")
-    full = hi - lo > TLB_SINGLE_PAGE_FLUSH_CEILING
+    full = hi - lo > m.profile.tlb_flush_ceiling
     yield from _flush_each_cpu(m, lo, hi, full, caller)
 
 

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gmemlab.guest import Check, Fill, Touch
     from gmemlab.model.fs import Inode
+    from gmemlab.model.kvm.arch import ArchProfile
     from gmemlab.model.kvm.kvm_main import Kvm
     from gmemlab.model.kvm.vcpu import Vcpu
     from gmemlab.model.machine import Machine
@@ -69,11 +70,19 @@ CHUNK = 1 << 15
 FIRST_WINDOW = 4096
 
 
+def profile_unserved(prof: ArchProfile) -> str:
+    """Why no batched path may run on this profile, whatever the code ("" if they may): they
+    mirror x86's CPA over order-0 folios."""
+    if prof.arch != "x86_64" or not prof.has_set_direct_map or prof.set_direct_map_flushes:
+        return f"profile {prof.name}: the batched paths mirror x86's CPA"
+    if prof.gmem_thp:
+        return f"profile {prof.name}: guest_memfd's 2 MiB folios, which the batched paths do not know"
+    return ""
+
+
 def usable(m: Machine) -> bool:
     """May a batched path stand in for the per-page one on ``m`` now (``m.ranges`` is batched)?"""
-    prof = m.profile
-    return (prof.arch == "x86_64" and prof.has_set_direct_map and not prof.set_direct_map_flushes
-            and not m.faults.armed() and not m.config.init_on_alloc
+    return (not profile_unserved(m.profile) and not m.faults.armed() and not m.config.init_on_alloc
             and ("cpa_lock",) not in m.locks.held)
 
 

@@ -39,7 +39,6 @@ from gmemlab.model.kvm.guest_memfd import KVM_GMEM_FOLIO_NO_DIRECT_MAP, kvm_gmem
 from gmemlab.model.mm.direct_map import LEVEL_1G, LEVEL_2M, LEVEL_4K
 from gmemlab.model.mm.memmap import KIND_FILE, KIND_KERNEL, KIND_PGTABLE, PG_hwpoison, PG_locked, PG_uptodate
 from gmemlab.model.mm.mermap import MERMAP_CPU_SLOTS
-from gmemlab.model.mm.tlb import TLB_SINGLE_PAGE_FLUSH_CEILING
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.ranges import checks, mirror, tlbsim, zaps
 from gmemlab.model.ranges.events import Events, listed
@@ -505,7 +504,7 @@ def _deferred_flushes(m: Machine, r: FolioRun, split_at: Callable[[int], None],
             queued = design.pending
             design.pending = []
             lo, hi = min(queued), max(queued) + 1
-            full = hi - lo > TLB_SINGLE_PAGE_FLUSH_CEILING
+            full = hi - lo > m.profile.tlb_flush_ceiling
             dropped = sum(tlbs.invalidate_all(c) if full else tlbs.invalidate(c, lo, hi)
                           for c in range(tlbs.ncpus))
             out.flushed[i] = (lo, hi - lo, full, dropped, len(queued))
