@@ -98,6 +98,12 @@ class Comparison:
                 out.setdefault(cx.invariant, []).append(cx)
         return out
 
+    @staticmethod
+    def departures(side: Side) -> list[str]:
+        """The series' rationale entries (documented orders, not safety) some execution of the
+        side departed from: reported, never the exit status."""
+        return sorted(set().union(*(r.rationale for r in side.check)))
+
     def new_breaks(self) -> list[str]:
         """Properties B breaks in some scenario and A breaks in none: exit status 1."""
         a, b = self.broken(self.a), self.broken(self.b)
@@ -142,6 +148,10 @@ class Comparison:
         if rows:
             out.append(table(["property", a.name, b.name, "change"], rows, align="llll"))
         out.append(f"  held on both: {len(held)} properties ({', '.join(held)})" if held else "")
+        for side in (a, b):
+            if self.departures(side):
+                out.append(f"  rationale of the series not followed by {side.name} (an order, not "
+                           f"a safety rule; not judged): {', '.join(self.departures(side))}")
         for p in self.new_breaks():
             r, cx = self.shortest(p)
             out += ["", f"Shortest counterexample in B for {p}:",
@@ -203,6 +213,8 @@ class Comparison:
                      "differ": [{"case": n, "a": x, "b": y} for n, x, y in self.uapi_diff()]},
             "check": {"preemptions": self.config.preemptions, "new_in_b": self.new_breaks(),
                       "fixed_in_b": self.fixed(),
+                      "rationale_not_followed": {"a": self.departures(self.a),
+                                                 "b": self.departures(self.b)},
                       "counterexamples": {p: {"scenario": r.scenario, "schedule": list(cx.schedule)}
                                           for p in self.new_breaks() for r, cx in [self.shortest(p)]}},
             "cost_param_sources": {k: self.calibration.kind(k) for k in self.calibration.sources},

@@ -70,6 +70,7 @@ class Batch:
     cut: bool  # a transition was left out by the preemption bound
     executions: int
     unknown: set[str]
+    departures: set[str] = field(default_factory=set)  # rationale entries departed from
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ class Root:
     node: Node
     end: list[Broken]
     unknown: set[str]
+    departures: set[str] = field(default_factory=set)  # rationale entries departed from
 
 
 class Expander:
@@ -96,6 +98,7 @@ class Expander:
         self.live: dict[Hashable, Execution] = {}
         self.known: set[Hashable] = set()  # states this expander reported (or was given)
         self.tick: Callable[[int], None] | None = None  # progress, called in-process only
+        self.departures: set[str] = set()  # the series' rationale entries some step departed from
 
     @staticmethod
     def hash_probe() -> int:
@@ -103,7 +106,7 @@ class Expander:
         return hash("gmemlab fingerprint")
 
     def fresh(self) -> Execution:
-        return Execution(self.scenario, self.design, ignore=self.ignore)
+        return Execution(self.scenario, self.design, ignore=self.ignore, departures=self.departures)
 
     def key(self, fp: int, last: int, pre: int) -> Hashable:
         # Under a preemption bound, what may still happen depends on who ran last and
@@ -113,14 +116,15 @@ class Expander:
     def root(self) -> Root:
         ex = self.fresh()
         if ex.setup_broken or ex.crashed:
-            return Root(ex.setup_broken, True, 0, Node(0, (), ()), [], set(ex.namer.unknown))
+            return Root(ex.setup_broken, True, 0, Node(0, (), ()), [], set(ex.namer.unknown),
+                        set(self.departures))
         fp = ex.fingerprint()
         node = Node(self.key(fp, -1, 0), (), tuple(ex.enabled()), digests=ex.actor_digests())
         self.known.add(node.key)
         if node.enabled:
             self.live[node.key] = ex
         return Root([], False, fp, node, [] if node.enabled else ex.end_state(),
-                    set(ex.namer.unknown))
+                    set(ex.namer.unknown), set(self.departures))
 
     def expand(self, nodes: list[Node], stop_at_first: bool) -> Batch:
         """Every allowed transition of ``nodes`` (in schedule order), up to the first that
@@ -168,5 +172,5 @@ class Expander:
                 if self.tick is not None and len(out) % TICK_EVERY == 0:
                     self.tick(len(out))
                 if stop_at_first and (broken or out[-1].end):
-                    return Batch(out, cut, executions, unknown)
-        return Batch(out, cut, executions, unknown)
+                    return Batch(out, cut, executions, unknown, set(self.departures))
+        return Batch(out, cut, executions, unknown, set(self.departures))

@@ -233,6 +233,7 @@ def _breadth_first(s: _Search, pool: Pool, collect: bool) -> None:
     root = pool.root()
     stats.executions = 1
     res.unknown |= root.unknown
+    res.rationale |= root.departures
     if root.crashed:
         s.note(root.setup_broken, (), in_setup=True)
         return
@@ -254,6 +255,7 @@ def _breadth_first(s: _Search, pool: Pool, collect: bool) -> None:
         for b in batches:
             stats.executions += b.executions
             res.unknown |= b.unknown
+            res.rationale |= b.departures
             if b.cut:
                 res.complete = False
         merged = heapq.merge(*[[(o, w) for o in b.outcomes] for w, b in enumerate(batches)],

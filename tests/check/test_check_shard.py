@@ -19,6 +19,7 @@ from gmemlab.check.shard import RAY_LOCAL, ray_available, share
 
 def _same(a: Result, b: Result) -> None:
     assert a.found == b.found
+    assert a.rationale == b.rationale
     assert (a.verdict(), a.complete, a.bound_hits) == (b.verdict(), b.complete, b.bound_hits)
 
 
@@ -39,6 +40,13 @@ def test_workers_find_what_one_process_finds(design: str, scenario: str,
         if one.passed:
             assert (many.stats.states, many.stats.transitions, many.stats.depth) == \
                    (one.stats.states, one.stats.transitions, one.stats.depth)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rationale_departures_reach_the_result_however_sharded(workers: int) -> None:
+    """v9's orders are the series' rationale, not safety: reported, from every worker."""
+    r = explore(get_scenario("fault-punch"), "v9", workers=workers)
+    assert r.passed and r.rationale == {"invalidate-before-restore", "zap-before-prepare"}
 
 
 def test_a_design_made_by_a_closure_is_explored_by_forked_workers() -> None:
