@@ -51,6 +51,7 @@ from gmemlab.expose.analysis import ExposeConfig, run_case
 from gmemlab.expose.workloads import WORKLOADS
 from gmemlab.model import Host, Machine
 from gmemlab.model.designs import get_design
+from gmemlab.model.invariants import INVARIANTS
 from gmemlab.report import Cell, table
 
 COST_WORKLOADS = ("boot", "restore", "teardown")
@@ -141,7 +142,7 @@ class Comparison:
         bound = "exhaustive" if cfg.preemptions is None else f"at most {cfg.preemptions} preemption(s)"
         out += ["", f"Checker: {len(STANDARD)} standard scenarios, every property reported, {bound}"]
         props = [p for p in property_names() if p in self.broken(a) or p in self.broken(b)]
-        held = [p for p in property_names() if p not in props]
+        held = [p for p in property_names() if p not in props and p not in RATIONALE]
         rows: list[list[Cell]] = [[p, self.verdict(a, p), self.verdict(b, p),
                                    "NEW in B" if p in self.new_breaks() else
                                    "fixed in B" if p in self.fixed() else ""] for p in props]
@@ -269,6 +270,9 @@ def run_compare(spec_a: str, spec_b: str, cfg: CompareConfig = CompareConfig(),
     a.cost = [r for r in rows if r.strategy in (BASELINE, spec_a)]
     b.cost = [r for r in rows if r.strategy in (BASELINE, spec_b)]
     return Comparison(a, b, cfg, cal, time.perf_counter() - t0)
+
+
+RATIONALE = frozenset(n for n, inv in INVARIANTS.items() if inv.rationale)
 
 
 def plot_compare(c: Comparison, path: Path) -> Path:
