@@ -316,6 +316,13 @@ CASES: dict[str, tuple[Callable[[Host], None], dict[str, object]]] = {
     "batch-punch-refault-release": (punch_refault_release(NDM), {"design": "batch"}),
     "batch-tlb-full": (tlb_full, {"design": "batch", "tlb_entries": 8}),
     "batch-tlb-elsewhere": (tlb_entries_elsewhere, {"design": "batch", "ncpus": 3}),
+    # zap2m: a new folio whose whole 2 MiB file block is absent brings the block in at once.
+    "zap2m-guest-touch": (guest_touch(NDM), {"design": "zap2m"}),
+    "zap2m-vmm-then-guest": (vmm_then_guest(NDM), {"design": "zap2m", "ncpus": 3}),
+    "zap2m-punch-refault-release": (punch_refault_release(NDM), {"design": "zap2m"}),
+    "zap2m-tlb-full": (tlb_full, {"design": "zap2m", "tlb_entries": 8}),
+    "zap2m-trace-ring": (punch_refault_release(NDM), {"design": "zap2m", "trace": "ring",
+                                                      "trace_ring": 300}),
     # v7: never marked, so every fault zaps again and every free leaks an unmapped frame.
     "v7-guest-touch": (guest_touch(NDM), {"design": "v7"}),
     "v7-vmm-then-guest": (vmm_then_guest(NDM), {"design": "v7"}),

@@ -30,7 +30,7 @@ vectorised versions of the ``Invariants.on_*`` hooks, at the same points.
 They run only where they can be shown to follow the code in front of them
 (:mod:`.gate`): the machine's design and the shared kernel code must be,
 function for function, the code ``tests/scale`` held them to (that of a design
-in :data:`MIRRORS`: v12, mainline, noflush, filemap, unmapped, v9, v7, batch); any
+in :data:`MIRRORS`: v12, mainline, noflush, filemap, unmapped, v9, v7, batch, zap2m); any
 other design, a subclass that overrides anything, a ``--design-file``, a test's
 monkeypatch, runs every page through its per-page
 path, and ``Machine.gate`` says why.  Then, per call, only when nothing can
@@ -120,6 +120,10 @@ class Mirror:
     # The zap's flush is deferred: queued, one flush_tlb_kernel_range() over the queue's span
     # when it holds `batch` folios (designs.batched).
     deferred_flush: bool = False
+    # A new folio whose whole 2 MiB file block is absent (and inside i_size) comes with its
+    # block: an order-9 allocation zeroed, inserted, zapped with one 2M CPA and one flush,
+    # marked (designs.zap2m).
+    fault_around: bool = False
 
 
 MIRRORS: dict[str, Mirror] = {
@@ -131,6 +135,7 @@ MIRRORS: dict[str, Mirror] = {
     "v9": Mirror("v9", zaps=True, prepare_first=True),
     "v7": Mirror("v7", zaps=True, prepare_first=True, marker_and=True),
     "batch": Mirror("batch", zaps=True, flushes=False, deferred_flush=True),
+    "zap2m": Mirror("zap2m", zaps=True, fault_around=True),
 }
 MAINLINE = MIRRORS["base"]
 

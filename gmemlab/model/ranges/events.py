@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +34,19 @@ def listed(a: NDArray[Any]) -> Callable[[int], Any]:
     return get
 
 
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """The events one page makes in one step of its own (a 2 MiB fault-around: hundreds), as
+    counts by name, and the events themselves, made only if the trace keeps them."""
+
+    counts: dict[str, int]
+    make: Callable[[], list[tuple[str, str, int, Detail]]]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
 class Events:
     """The events each page of a batch emits, added column by column in per-page order.
 
@@ -44,16 +58,24 @@ class Events:
     ``ring_size`` in ``ring`` mode; the others are only counted and numbered.
     """
 
-    __slots__ = ("cols", "m", "pfns")
+    __slots__ = ("bursts", "cols", "m", "pfns")
 
     def __init__(self, m: Machine, pfns: NDArray[np.int64]) -> None:
         self.m = m
         self.pfns = pfns
         self.cols: list[tuple[str, str, NDArray[np.bool_] | None, DetailFn | None, PfnFn | None]] = []
+        self.bursts: dict[int, dict[int, Burst]] = {}  # column -> page -> its burst
 
     def add(self, fn: str, event: str, where: NDArray[np.bool_] | None = None,
             detail: DetailFn | None = None, pfn: PfnFn | None = None) -> None:
         self.cols.append((fn, event, where, detail, pfn))
+
+    def add_bursts(self, bursts: dict[int, Burst]) -> None:
+        """A column of :class:`Burst` s: page ``i`` makes ``bursts[i]``'s events here."""
+        where = np.zeros(len(self.pfns), np.bool_)
+        where[list(bursts)] = True
+        self.bursts[len(self.cols)] = bursts
+        self.cols.append(("", "", where, None, None))
 
     def emit(self) -> None:
         trace = self.m.trace
@@ -66,12 +88,22 @@ class Events:
         elif trace.mode == "ring":
             # Only the last ring_size events can stay in the ring.
             per_page = np.zeros(n, np.int64)
-            for _fn, _event, where, _detail, _pfn in self.cols:
+            for c, (_fn, _event, where, _detail, _pfn) in enumerate(self.cols):
+                if c in self.bursts:
+                    for i, b in self.bursts[c].items():
+                        per_page[i] += b.total
+                    continue
                 per_page += 1 if where is None else where
             kept = np.cumsum(per_page[::-1])
             first = n - int(np.searchsorted(kept, trace.ring_size)) - 1 if kept[-1] > trace.ring_size else 0
         if first:
-            for _fn, event, where, _detail, _pfn in self.cols:
+            for c, (_fn, event, where, _detail, _pfn) in enumerate(self.cols):
+                if c in self.bursts:
+                    for i, b in self.bursts[c].items():
+                        if i < first:
+                            for name, k in b.counts.items():
+                                trace.skip(name, k)
+                    continue
                 k = first if where is None else int(np.count_nonzero(where[:first]))
                 if k:
                     trace.skip(event, k)
@@ -83,6 +115,10 @@ class Events:
         pfns = self.pfns.tolist()
         for i in range(first, n):
             pfn = pfns[i]
-            for fn, event, where, detail, at in cols:
+            for c, (fn, event, where, detail, at) in enumerate(cols):
                 if where is None or where[i]:
+                    if c in self.bursts:
+                        for args in self.bursts[c][i].make():
+                            emit(*args)
+                        continue
                     emit(fn, event, pfn if at is None else at(i), None if detail is None else detail(i))

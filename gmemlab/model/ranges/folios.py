@@ -41,8 +41,9 @@ from gmemlab.model.mm.memmap import KIND_FILE, KIND_KERNEL, KIND_PGTABLE, PG_hwp
 from gmemlab.model.mm.mermap import MERMAP_CPU_SLOTS
 from gmemlab.model.mm.xarray import EMPTY
 from gmemlab.model.ranges import checks, mirror, tlbsim, zaps
-from gmemlab.model.ranges.events import Events, listed
-from gmemlab.uapi import PAGES_PER_PMD
+from gmemlab.model.ranges.events import Burst, Events, listed
+from gmemlab.model.trace import Detail
+from gmemlab.uapi import PAGE_SHIFT, PAGES_PER_PMD
 
 if TYPE_CHECKING:
     from gmemlab.model.designs.batched import BatchedFlush
@@ -72,11 +73,12 @@ class FolioRun:
     mermap: bool = False  # new folios come off the unmapped free list, zeroed via the mermap
     flip: Arr | None = None  # (mermap) the pageblock this page's allocation unmaps first, or -1
     stale: Mask | None = None  # cached by a CPU when handed out, where the run worked it out
+    around: Arr | None = None  # (fault-around) per page: the block its fault brings in, or -1
 
     def prefix(self, n: int) -> None:
         """Keep only the first ``n`` pages (``n`` <= ``self.n``)."""
         self.n = n
-        for name in ("fault", "pfn", "new", "zero", "zap", "pt1g", "pt2m", "taken", "flip"):
+        for name in ("fault", "pfn", "new", "zero", "zap", "pt1g", "pt2m", "taken", "flip", "around"):
             a = getattr(self, name)
             if a is not None:
                 setattr(self, name, a[:n])
@@ -169,6 +171,10 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
     new = fault & (cached == EMPTY)
     new_at = np.flatnonzero(new)
     ndm = zaps(m) and kvm_gmem_no_direct_map(inode)
+    if ndm and mirror(m).fault_around:
+        around = _fault_around(m, inode, index0, fault, new)
+        if around is not None:
+            return around
     # The page cache zeroes and zaps on insertion whoever inserts; v12 only when a fault does.
     at_insert = ndm and mirror(m).in_page_cache
     splits = ndm and (prepare or at_insert)
@@ -290,11 +296,14 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str,
     pfn, new, zero, zap = r.pfn, r.new, r.zero, r.zap
     # __filemap_get_folio(): allocate and insert, or take a reference and lock.
     pn = pfn[new]
-    if r.mermap:
+    if r.around is not None:
+        _fault_around_run(m, r, ev)  # the new folios: allocated, zeroed, zapped and marked
+    elif r.mermap:
         _take_unmapped(m, r, ev)
     else:
         m.alloc.take_many(int(r.taken[-1]) if r.n else 0)
-    m.mem.reset_for_alloc_many(pn, KIND_FILE)
+    if r.around is None:
+        m.mem.reset_for_alloc_many(pn, KIND_FILE)
     v.flags[pn] |= PG_locked
     v.refcount[pn] += 1  # the page cache's reference
     v.mapping[pn] = mapping.id
@@ -305,7 +314,8 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str,
     v.refcount[po] += 1
     v.flags[po] |= PG_locked
     alloc = {"kind": "file", "freetype": "unmapped"} if r.mermap else {"kind": "file"}
-    ev.add("get_page_from_freelist", "alloc_page", new, lambda i: dict(alloc))
+    if r.around is None:
+        ev.add("get_page_from_freelist", "alloc_page", new, lambda i: dict(alloc))
     index = listed(idx)
 
     def inserted() -> None:
@@ -335,6 +345,145 @@ def run(m: Machine, r: FolioRun, ev: Events, zero_fn: str,
     ev.add(zero_fn, "zero_page", zero)
     if before_zap is not None:
         before_zap()
+
+
+def _fault_around(m: Machine, inode: Inode, index0: int, fault: Mask, new: Mask) -> FolioRun | None:
+    """The run of a fault-around mirror (zap2m) when its first new folio brings in its block.
+
+    ``Zap2M.filemap_alloc_folio()``: a new folio whose whole 2 MiB file block is
+    absent and inside ``i_size`` takes an order-9 block, zeroes it, inserts the
+    other 511, zaps it with one CPA call (a present 2M leaf: the PMD's present
+    bit) and one flush, and marks all 512.  The run takes such blocks in order
+    (the next ones ``take_block()`` gives, each still a present 2M leaf, else the
+    page goes per page); the block's other pages then fault as marked folios.
+    It stops at a new folio that would not bring in its block (the caller plans
+    the v12 way from there).  None if the first new folio is such a one.
+    """
+    n = len(fault)
+    new_at = np.flatnonzero(new)
+    if not len(new_at):
+        return None
+    idx = np.arange(index0, index0 + n, dtype=np.int64)
+    blocks = idx >> PAGEBLOCK_ORDER
+    cut = n
+    trig: list[int] = []
+    seen: set[int] = set()
+    i_size = inode.size >> PAGE_SHIFT
+    xa = inode.mapping.i_pages
+    for i in new_at.tolist():
+        b = int(blocks[i])
+        if b in seen:
+            continue
+        first_index = b << PAGEBLOCK_ORDER
+        if first_index + PAGES_PER_PMD > i_size or xa.first(first_index, first_index + PAGES_PER_PMD) >= 0:
+            cut = i
+            break
+        seen.add(b)
+        trig.append(i)
+    if not trig:
+        return None
+    bases = np.array(m.alloc.peek_blocks(PAGES_PER_PMD, len(trig)), np.int64)
+    level, present = m.dmap.lookup_many(bases)
+    ok = first(~((level == LEVEL_2M) & present))
+    if ok < len(trig):
+        cut = min(cut, trig[ok])
+        trig, bases = trig[:ok], bases[:ok]
+    if not trig:  # the first block is not one present 2M leaf: its fault goes per page
+        z, none = np.zeros(0, np.bool_), np.zeros(0, np.int64)
+        return FolioRun(inode, index0, 0, z, none, z, z, z, none, none, none, around=none)
+    base_of = dict(zip((int(blocks[i]) for i in trig), bases.tolist(), strict=True))
+    fault, new, idx, blocks = fault[:cut], new[:cut], idx[:cut], blocks[:cut]
+    inblock = np.array([base_of.get(int(b), -1) for b in blocks], np.int64)
+    # The run keeps the triggered blocks' pages and old folios that need nothing but the
+    # fault's reference and lock (marked, zapped, uptodate, unlocked); anything else ends it.
+    cached = inode.mapping.i_pages.load_range(index0, cut)
+    old_ok = fault & (cached != EMPTY) & (inblock < 0)
+    v = m.mem.views()
+    op = np.where(old_ok, cached, 0)
+    marked = (v.private[op] & KVM_GMEM_FOLIO_NO_DIRECT_MAP) != 0
+    _lv, op_present = m.dmap.lookup_many(op)
+    fine = ~fault | (inblock >= 0) | (old_ok & marked & ~op_present & ((v.flags[op] & PG_locked) == 0)
+                                      & ((v.flags[op] & PG_uptodate) != 0))
+    k = first(~fine)
+    trig_mask = np.zeros(cut, np.bool_)
+    trig_mask[[i for i in trig if i < k]] = True
+    pfn = np.where(inblock >= 0, inblock + (idx & (PAGES_PER_PMD - 1)), np.where(fault, cached, -1))
+    around = np.where(trig_mask, inblock, -1)
+    z = np.zeros(k, np.bool_)
+    none = np.full(k, -1, np.int64)
+    return FolioRun(inode, index0, k, fault[:k], pfn[:k], trig_mask[:k], z, z.copy(), none,
+                    none.copy(), np.zeros(k, np.int64), around=around[:k])
+
+
+def _fault_around_run(m: Machine, r: FolioRun, ev: Events) -> None:
+    """``Zap2M.filemap_alloc_folio()`` for the trigger pages of ``r`` (:func:`_fault_around`),
+    block by block, each block's events as one :class:`Burst` of its page."""
+    assert r.around is not None
+    v = m.mem.views()
+    mapping = r.inode.mapping
+    cpu = m.current.cpu
+    ipis = 0 if m.profile.tlb_broadcast else m.tlb.ncpus - 1
+    kind = mapping.kind
+    fn = "kvm_gmem_fault_around"
+    bursts: dict[int, Burst] = {}
+    for i in np.flatnonzero(r.around >= 0).tolist():
+        base = int(r.around[i])
+        got = m.alloc.take_block(PAGES_PER_PMD)
+        assert got == base, (got, base)
+        frames = np.arange(base, base + PAGES_PER_PMD, dtype=np.int64)
+        mine = int(r.pfn[i])
+        index = r.index0 + i
+        first_index = index - (index & (PAGES_PER_PMD - 1))
+        m.mem.reset_for_alloc_many(frames, KIND_FILE)
+        tlb = tlbsim.access_seq(m, cpu, frames)
+        m.mem.zero_many(frames)
+        v.flags[frames] |= PG_uptodate
+        sib = frames[frames != mine]
+        v.flags[sib] |= PG_locked
+        v.refcount[sib] += 1
+        v.mapping[sib] = mapping.id
+        v.index[sib] = first_index + (sib - base)
+        mapping.i_pages.store_range(first_index, np.where(frames == mine, EMPTY, frames))
+        m.dmap.set_pmd_leaf(base // PAGES_PER_PMD, False)
+        checks.on_direct_map_change(m, frames, False)
+        dropped = tlbsim.flush_all(m)
+        m.trace.count("flush_tlb_kernel_range")
+        if ipis:
+            m.trace.count("ipi", ipis)
+        v.private[frames] |= KVM_GMEM_FOLIO_NO_DIRECT_MAP
+        v.flags[sib] &= ~np.uint8(PG_locked)
+        checks.on_folio_unlock(m, sib)
+        v.refcount[sib] -= 1
+        bursts[i] = _fault_around_burst(fn, base, mine, index, first_index, tlb, kind, ipis, dropped)
+    ev.add_bursts(bursts)
+
+
+def _fault_around_burst(fn: str, base: int, mine: int, index: int, first_index: int,
+                        tlb: list[str], kind: str, ipis: int, dropped: int) -> Burst:
+    """The events of one block's fault-around, in ``Zap2M.filemap_alloc_folio()``'s order."""
+    others = [p for p in range(base, base + PAGES_PER_PMD) if p != mine]
+
+    def make() -> list[tuple[str, str, int, Detail]]:
+        out: list[tuple[str, str, int, Detail]] = [
+            (fn, "alloc_block", base, {"order": PAGEBLOCK_ORDER, "large": False})]
+        for k, p in enumerate(range(base, base + PAGES_PER_PMD)):
+            out.append((fn, "kernel_write", p, {"tlb": tlb[k]}))
+            out.append((fn, "zero_page", p, None))
+        out.extend(("__filemap_add_folio", "pagecache_add", p,
+                    {"index": first_index + p - base, "as": kind}) for p in others)
+        out.append((fn, "zap", base, {"pages": PAGES_PER_PMD, "whole": True}))
+        out.append(("__change_page_attr", "dmap_clear_2m", base, {"level": "2M"}))
+        out.append((fn, "tlb_flush", base, {"pages": PAGES_PER_PMD, "full": True, "ipis": ipis,
+                                             "dropped": dropped}))
+        out.extend((fn, "marker_set", p, None) for p in [*others, mine])
+        out.append((fn, "fault_around", mine, {"block": base, "index": index,
+                                                "inserted": len(others)}))
+        return out
+
+    counts = {"alloc_block": 1, "kernel_write": PAGES_PER_PMD, "zero_page": PAGES_PER_PMD,
+              "pagecache_add": len(others), "zap": 1, "dmap_clear_2m": 1, "tlb_flush": 1,
+              "marker_set": PAGES_PER_PMD, "fault_around": 1}
+    return Burst(counts, make)
 
 
 def _unmapped_stream(m: Machine, wanted: int) -> tuple[Arr, Arr]:
@@ -395,7 +544,7 @@ def _take_unmapped(m: Machine, r: FolioRun, ev: Events) -> None:
     where = r.flip >= 0
     block = listed(r.flip)
     dl = listed(dropped)
-    ev.add(fn, "alloc_block", where, lambda i: {"order": PAGEBLOCK_ORDER}, block)
+    ev.add(fn, "alloc_block", where, lambda i: {"order": PAGEBLOCK_ORDER, "large": False}, block)
     ev.add("__change_page_attr", "dmap_clear_2m", where, lambda i: {"level": "2M"}, block)
     ev.add(fn, "tlb_flush", where, lambda i: {"pages": PAGES_PER_PMD, "full": True, "ipis": ipis,
                                               "dropped": dl(i)}, block)
