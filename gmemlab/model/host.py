@@ -75,7 +75,7 @@ from gmemlab.model.mm.secretmem import sys_memfd_secret
 from gmemlab.model.mm.shmem import sys_memfd_create
 from gmemlab.model.mm.tlb import speculative_read
 from gmemlab.model.task import KGen
-from gmemlab.uapi import KVM_API_VERSION, PAGE_SHIFT, PAGE_SIZE, to_u32, to_u64
+from gmemlab.uapi import EHWPOISON, KVM_API_VERSION, PAGE_SHIFT, PAGE_SIZE, to_u32, to_u64
 
 T = TypeVar("T")
 KVM_MAX_VCPU_IDS = 4096
@@ -305,7 +305,8 @@ class VcpuFd(_Owned):
         self.vcpu.load(program)
 
     def run(self) -> VcpuExit:
-        """``KVM_RUN``; EFAULT with ``KVM_EXIT_MEMORY_FAULT`` comes back as :class:`MemoryFault`."""
+        """``KVM_RUN``; EFAULT or EHWPOISON with ``KVM_EXIT_MEMORY_FAULT`` comes back as
+        :class:`MemoryFault` (kvm-ioctls' ``VcpuFd::run``); any other error raises."""
         self.fileno()
         if self.vcpu.program is None:
             raise RuntimeError("no guest program loaded (load_program first)")
@@ -313,8 +314,8 @@ class VcpuFd(_Owned):
         r = h.m.run(self.vcpu.task, kvm_arch_vcpu_ioctl_run(h.m, self.vcpu))
         if isinstance(r, int):
             mf = self.vcpu.memory_fault
-            if r == -EFAULT and mf is not None:
-                return MemoryFault(*mf)
+            if r in (-EFAULT, -EHWPOISON) and mf is not None:
+                return MemoryFault(*mf, errno=-r)
             raise KernelError(-r, "KVM_RUN")
         return r
 

@@ -319,9 +319,10 @@ class TwinVcpu(_sys.FdOwner):
     def run(self) -> api.VcpuExit:
         """``KVM_RUN`` until an exit to userspace, decoded from ``kvm_run``.
 
-        EINTR (a signal for this thread) re-enters the guest.  EFAULT with
+        EINTR (a signal for this thread) re-enters the guest.  EFAULT or EHWPOISON with
         ``exit_reason == KVM_EXIT_MEMORY_FAULT`` is returned as
-        :class:`~gmemlab.api.MemoryFault`, as kvm-ioctls does; other errors raise.
+        :class:`~gmemlab.api.MemoryFault` (with that errno), as kvm-ioctls' ``VcpuFd::run``
+        does; other errors raise.
         A store to the twin's doorbell window comes back as :class:`~gmemlab.api.IoOut`.
         """
         run, fd = self._run, self.fileno()
@@ -335,9 +336,10 @@ class TwinVcpu(_sys.FdOwner):
             except api.KernelError as e:
                 if e.errno == errno.EINTR:
                     continue
-                if e.errno == errno.EFAULT and run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT:
+                if (e.errno in (errno.EFAULT, uapi.EHWPOISON)
+                        and run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT):
                     mf = run.exit.memory_fault
-                    return api.MemoryFault(mf.gpa, mf.size, mf.flags)
+                    return api.MemoryFault(mf.gpa, mf.size, mf.flags, e.errno)
                 raise
             return self._decode(run)
 
