@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from gmemlab.api import KernelError, MmioWrite, SigBus, run_program
 from gmemlab.guest import GuestProgram
 from gmemlab.model import Host, MachineConfig
+from gmemlab.model.designs.fc618 import Firecracker618
 from gmemlab.model.host import GuestMemfd, Mapping, MemFile, VcpuFd, VmFd
 from gmemlab.model.invariants import KernelOops
 from gmemlab.model.mm.memmap import FRAME_ALLOCATED, KIND_ANON, KIND_FILE
@@ -55,10 +56,20 @@ EXPECTED_VIOLATIONS: dict[str, frozenset[str]] = {
     "v7": frozenset({"marker-matches-direct-map", "free-frame-in-direct-map", "kernel-oops",
                      "zap-only-no-direct-map", "handout-zapped", "zap-before-prepare"}),
     "noflush": frozenset({"handout-flushed", "gadget-blocked"}),
+    # Firecracker's port: 0039's flush gate, and 6.18's prepare before the zap (0032).
+    "fc-6.18": frozenset({"handout-flushed", "gadget-blocked", "zap-before-prepare"}),
     "pagecache": frozenset({"invalidate-before-restore"}),
     "filemap": frozenset({"invalidate-before-restore"}),
     "batch": frozenset({"handout-flushed", "gadget-blocked"}),
 }
+
+
+def _pvclock_write(b: Backing, at: int) -> None:
+    """What ``kvm_setup_guest_pvclock()`` leaves at ``at``: version bumped to the next even
+    value past the one there, the rest zero (the model writes no TSC values)."""
+    version = int.from_bytes(b.data[at : at + 4], "little")
+    version = (((version + 1) | 1) + 1) & 0xFFFFFFFF
+    b.data[at : at + 32] = version.to_bytes(4, "little") + bytes(28)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,9 +373,12 @@ class World:
                                  f"{want[byte % length]:#x}{' everywhere' if uniform else ''}")
 
     def op_kvm_clock(self, vm: int, sid: int, page: int, slot32: int) -> None:
-        """kvm-clock's pvclock (32 zero bytes here) written through the slot's
-        ``userspace_addr`` by GUP: refused on a read-only slot, on what GUP refuses, and
-        where nothing is mapped; else the bytes land in whatever mapping is there now."""
+        """kvm-clock's pvclock (version bumped by 2, then 28 zero bytes here) written through
+        the slot's ``userspace_addr`` by GUP.  The WRMSR always succeeds; the pvclock is
+        silently not written on a read-only slot, where GUP refuses, and where nothing is
+        mapped; else the bytes land in whatever mapping is there now.  Firecracker's
+        pfncache (0041) resolves a guest_memfd slot with ``kvm_gmem_get_pfn()`` instead:
+        the bytes land in the guest_memfd."""
         g = self._guest(vm, sid)
         if g is None:
             return
@@ -373,12 +387,19 @@ class World:
         hva = s.uaddr + off
         target = next((mp for mp in self.maps if mp.mapped and s.uaddr
                        and mp.mapping.addr <= hva < mp.mapping.addr + mp.mapping.length), None)
-        if s.readonly or target is None or target.gup_refused or not target.shared_ok:
-            self.refused(errno.EFAULT, lambda: vcpu.kvm_clock(s.gpa + off), "kvm_clock")
-            return
+        design = self.h.machine.design
+        before = self.snapshot()
         vcpu.kvm_clock(s.gpa + off)
-        at = hva - target.mapping.addr
-        target.backing.data[at : at + 32] = bytes(32)
+        if s.readonly:  # KVM_HVA_ERR_RO_BAD before any lookup
+            target = None
+        elif s.gmem >= 0 and isinstance(design, Firecracker618) and design.pfncache_gmem:
+            _pvclock_write(s.backing, off)
+            return
+        if target is None or target.gup_refused or not target.shared_ok:
+            if self.snapshot() != before:  # kvm_setup_guest_pvclock() gave up, leaving nothing
+                raise OracleMismatch("kvm_clock: the pvclock was not written, but state changed")
+            return
+        _pvclock_write(target.backing, hva - target.mapping.addr)
 
     def op_fallocate(self, gi: int, page: int, n: int, punch: int) -> None:
         g = self.gmem(gi)
@@ -423,7 +444,7 @@ class World:
         gmems = [g for g in self.gmems if g.open]
         vms = [v for v in self.vms if v.open]
         prof = self.h.machine.profile
-        choice = which % 8
+        choice = which % 7
         if choice == 0 and gmems:
             g = gmems[arg % len(gmems)]
             self.refused(errno.EINVAL, lambda: g.file.fallocate(FALLOC_FL_KEEP_SIZE, -2 * PAGE_SIZE,
@@ -447,12 +468,6 @@ class World:
                 MAX_SLOTS, 0, GPA_BASE + MAX_SLOTS * SLOT_SPAN, -PAGE_SIZE, 0), "memslot size -4096")
         elif choice == 6 and self.closed:
             self.refused(errno.EBADF, self.closed[arg % len(self.closed)], "call on a closed fd")
-        elif choice == 7 and vms:
-            v = vms[arg % len(vms)]
-            if v.vcpu is not None:  # __kvm_gpc_refresh(): the pvclock would cross its page
-                vcpu = v.vcpu
-                self.refused(errno.EINVAL, lambda: vcpu.kvm_clock(GPA_BASE + PAGE_SIZE - 8),
-                             "kvm_clock(offset 4088)")
 
     # --- helpers ----------------------------------------------------------------------------
     @staticmethod

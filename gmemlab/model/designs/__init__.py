@@ -1,9 +1,11 @@
 """The designs the model can run, by name.
 
 ``v12`` is the reference.  ``v9`` and ``v7`` are those versions as posted,
-``noflush`` is v12 without the TLB flush (Firecracker's opt-out), ``pagecache``
-is the page-cache-level design proposed after v12, and ``base`` is mainline
-without the series (the kernel our machines run).  ``batch``, ``falloc``,
+``noflush`` is posted v12 with Firecracker's patch 0039 alone (the TLB flush behind
+an opt-in), ``fc-6.18`` is Firecracker's kernel (v6.18 with its port of the series,
+0039 and the pfncache patches), ``pagecache`` is the page-cache-level design
+proposed after v12, ``base`` is mainline (kvm/next) without the series, and
+``6.18`` is v6.18 without it (the kernel our machines run).  ``batch``, ``falloc``,
 ``zap2m`` and ``pool`` are the cost strategies discussed around the series
 (flush batching, zap at fallocate, 2 MiB fault-around, an unmapped frame pool);
 none was posted as code.  ``filemap`` and ``unmapped`` are the shape posted after
@@ -24,7 +26,9 @@ from pathlib import Path
 from gmemlab.model.designs.base import Design
 from gmemlab.model.designs.batched import BatchedFlush
 from gmemlab.model.designs.falloc import FallocRange
+from gmemlab.model.designs.fc618 import Firecracker618
 from gmemlab.model.designs.filemap_nodm import FilemapZap
+from gmemlab.model.designs.linux618 import Linux618
 from gmemlab.model.designs.noflush import NoFlush
 from gmemlab.model.designs.pagecache import PageCache
 from gmemlab.model.designs.pool import UnmappedPool
@@ -39,8 +43,10 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     "v9": V9,
     "v7": V7,
     "noflush": NoFlush,
+    "fc-6.18": Firecracker618,
     "pagecache": PageCache,
     "base": Design,
+    "6.18": Linux618,
     "batch": BatchedFlush,
     "falloc": FallocRange,
     "zap2m": Zap2M,
@@ -48,7 +54,7 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     "filemap": FilemapZap,
     "unmapped": UnmappedAlloc,
 }
-SERIES_DESIGNS = ("v12", "v9", "v7", "noflush", "pagecache")
+SERIES_DESIGNS = ("v12", "v9", "v7", "noflush", "fc-6.18", "pagecache")
 
 
 class UnknownDesign(ValueError):

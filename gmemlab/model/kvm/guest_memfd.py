@@ -20,6 +20,7 @@ from errno import EBADF, EFAULT, EINTR, EINVAL, EIO, ENODEV, EOPNOTSUPP
 from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import S_IFREG, File, Inode, file_init_mode
+from gmemlab.model.kvm.pfncache import gpc_invalidate_hva_range_start
 from gmemlab.model.mm.filemap import (
     FGP_ACCESSED,
     FGP_CREAT,
@@ -250,10 +251,22 @@ def kvm_gmem_invalidate_begin(m: Machine, inode: Inode, start: int, end: int) ->
 
 
 def __kvm_gmem_invalidate_begin(m: Machine, f: GmemFile, start: int, end: int) -> KGen[None]:
+    """``__kvm_gmem_invalidate_begin()``: zap the stage-2 entries of every binding in range.
+
+    With Firecracker's 0046 (a design's ``gpc_follows_gmem_invalidation``) the vCPUs'
+    pfncaches over those gfns are invalidated first, by hva (``gfn_to_hva_memslot()``).
+    """
     kvm = f.kvm
     bindings = f.in_range(start, end)
     if not bindings:
         return
+    if m.design.gpc_follows_gmem_invalidation:
+        for b in bindings:
+            slot = b.slot
+            lo = max(slot.gmem_pgoff, start) - slot.gmem_pgoff
+            hi = min(slot.gmem_pgoff + slot.npages, end) - slot.gmem_pgoff
+            gpc_invalidate_hva_range_start(kvm, slot.userspace_addr + (lo << PAGE_SHIFT),
+                                           slot.userspace_addr + (hi << PAGE_SHIFT))
     yield from kvm.mmu_lock(m)
     kvm.mmu_invalidate_begin()
     flush = False
