@@ -162,6 +162,19 @@ def test_firecracker_pfncache_writes_kvm_clock_through_a_vmap() -> None:
     assert design.vmapped == {}
 
 
+def test_firecracker_kernel_without_its_pfncache_patches_fails_silently_too() -> None:
+    """``Firecracker618(pfncache_gmem=False)``: the port without ``11-kvm-clock``."""
+    h = model_host(Firecracker618(pfncache_gmem=False), invariants="record")  # type: ignore[arg-type]
+    vm = h.open_kvm().create_vm()
+    g = vm.create_guest_memfd(PAGE, SHARED | NDM)
+    vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, GPA, PAGE, g.mmap(PAGE).addr, g, 0)
+    vcpu = vm.create_vcpu(0)
+    assert run_program(vcpu, GuestProgram().fill(GPA, PAGE, 0x77)).ok
+    vcpu.kvm_clock(GPA)
+    assert vcpu.vcpu.pv_time.refresh_err == -errno.EFAULT
+    assert run_program(vcpu, GuestProgram().report(GPA)).reports == [0x77]
+
+
 def test_memfd_secret_syscall() -> None:
     h = model_host()
     for flags, err in ((1, errno.EINVAL), (O_CLOEXEC | 4, errno.EINVAL)):

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from gmemlab.api import KernelError, MmioWrite, SigBus, run_program
 from gmemlab.guest import GuestProgram
 from gmemlab.model import Host, MachineConfig
-from gmemlab.model.designs.fc618 import Firecracker618
 from gmemlab.model.host import GuestMemfd, Mapping, MemFile, VcpuFd, VmFd
 from gmemlab.model.invariants import KernelOops
 from gmemlab.model.mm.memmap import FRAME_ALLOCATED, KIND_ANON, KIND_FILE
@@ -392,7 +391,7 @@ class World:
         vcpu.kvm_clock(s.gpa + off)
         if s.readonly:  # KVM_HVA_ERR_RO_BAD before any lookup
             target = None
-        elif s.gmem >= 0 and isinstance(design, Firecracker618) and design.pfncache_gmem:
+        elif s.gmem >= 0 and design.pfncache_gmem:
             _pvclock_write(s.backing, off)
             return
         if target is None or target.gup_refused or not target.shared_ok:

@@ -255,7 +255,7 @@ class Design:
         return (yield from kvm_gmem_allocate(m, inode, offset, length))
 
     # --- KVM's pfncache (virt/kvm/pfncache.c, gmemlab.model.kvm.pfncache) ------------------------
-    gpc_follows_gmem_invalidation: bool = False  # Firecracker 0046 hooks guest_memfd's in
+    pfncache_gmem: bool = False  # Firecracker's 0040-0046: the pfncache serves guest_memfd itself
 
     def gpc_to_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int, uhva: int) -> KGen[int]:
         """``hva_to_pfn()`` as ``hva_to_pfn_retry()`` calls it (``FOLL_WRITE``): GUP on the

@@ -64,7 +64,6 @@ class Firecracker618(NoFlush):
     def __init__(self, guest_memfd_tlb_flush: bool = False, pfncache_gmem: bool = True) -> None:
         super().__init__(guest_memfd_tlb_flush)
         self.pfncache_gmem = pfncache_gmem  # False: the kernel without 11-kvm-clock
-        self.gpc_follows_gmem_invalidation = pfncache_gmem  # 0046
         self.vmapped: Counter[int] = Counter()  # pfn -> live vmap aliases (gpc_map)
         self.vmap_cpus: list[int] = []
 

@@ -253,14 +253,14 @@ def kvm_gmem_invalidate_begin(m: Machine, inode: Inode, start: int, end: int) ->
 def __kvm_gmem_invalidate_begin(m: Machine, f: GmemFile, start: int, end: int) -> KGen[None]:
     """``__kvm_gmem_invalidate_begin()``: zap the stage-2 entries of every binding in range.
 
-    With Firecracker's 0046 (a design's ``gpc_follows_gmem_invalidation``) the vCPUs'
+    With Firecracker's 0046 (a design's ``pfncache_gmem``) the vCPUs'
     pfncaches over those gfns are invalidated first, by hva (``gfn_to_hva_memslot()``).
     """
     kvm = f.kvm
     bindings = f.in_range(start, end)
     if not bindings:
         return
-    if m.design.gpc_follows_gmem_invalidation:
+    if m.design.pfncache_gmem:
         for b in bindings:
             slot = b.slot
             lo = max(slot.gmem_pgoff, start) - slot.gmem_pgoff

@@ -33,7 +33,7 @@ support to pfncache" (``linux_patches/11-kvm-clock/0040``-``0046``, the RFC afte
 ``vmap()`` (and ``vunmap()`` in ``gpc_unmap()``), 0046 invalidates caches on
 guest_memfd invalidation.  Those are :class:`~gmemlab.model.designs.base.Design`
 hooks (``gpc_to_pfn``, ``gpc_map``, ``gpc_unmap``,
-``gpc_follows_gmem_invalidation``), so a design carries them or not.
+``pfncache_gmem``, which also turns on 0046), so a design carries them or not.
 
 Our choices: the clock update the WRMSR requests is done at once, not at the next
 ``vcpu_enter_guest()``, and no later update is modelled (vCPU migration,
