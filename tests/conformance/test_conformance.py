@@ -12,7 +12,13 @@ import pytest
 
 from gmemlab.conformance import CASES
 from gmemlab.conformance.recorded import RECORDED_ON, expected
-from gmemlab.conformance.runner import RECORDED_KERNEL, compare, model_factory, outcome_of
+from gmemlab.conformance.runner import (
+    RECORDED_KERNEL,
+    _design_of,
+    compare,
+    model_factory,
+    outcome_of,
+)
 
 model = model_factory(RECORDED_KERNEL.profile, RECORDED_KERNEL.design)
 
@@ -46,8 +52,6 @@ def test_model_matches_live_kernel() -> None:
 def test_the_running_kernel_is_held_to_its_own_code() -> None:
     """6.18 is the 6.18 design (preparedness tracked), Firecracker's 6.18 the port; kvm/next
     kernels are base and v12."""
-    from gmemlab.conformance.runner import RECORDED_KERNEL, _design_of
-
     assert RECORDED_KERNEL.design == "6.18"
     assert _design_of("6.18.44-fc-v1300", False) == "6.18"
     assert _design_of("6.18.44-fc-v1300", True) == "fc-6.18"
