@@ -192,6 +192,11 @@ def kvm_gpc_deactivate(m: Machine, gpc: GfnToPfnCache) -> KGen[None]:
         yield from m.design.gpc_unmap(m, old_pfn, old_vmap)
 
 
+def gpc_in_hva_range(kvm: Kvm, lo: int, hi: int) -> bool:
+    """Would ``gfn_to_pfn_cache_invalidate_start()`` over [lo, hi) change a cache?"""
+    return any(v.pv_time.valid and lo <= v.pv_time.uhva < hi for v in kvm.vcpus.values())
+
+
 def gpc_invalidate_hva_range_start(kvm: Kvm, lo: int, hi: int) -> None:
     """``gfn_to_pfn_cache_invalidate_start()``: caches whose ``uhva`` is in [lo, hi) become
     invalid; the kernel mapping (``khva``) stays until the next refresh or deactivation."""
