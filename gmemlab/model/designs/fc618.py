@@ -35,7 +35,6 @@ write(), userfaultfd, async PF) do not touch the paths modelled here.
 
 from __future__ import annotations
 
-from collections import Counter
 from errno import EFAULT
 from typing import TYPE_CHECKING, ClassVar
 
@@ -64,7 +63,7 @@ class Firecracker618(NoFlush):
     def __init__(self, guest_memfd_tlb_flush: bool = False, pfncache_gmem: bool = True) -> None:
         super().__init__(guest_memfd_tlb_flush)
         self.pfncache_gmem = pfncache_gmem  # False: the kernel without 11-kvm-clock
-        self.vmapped: Counter[int] = Counter()  # pfn -> live vmap aliases (gpc_map)
+        self.vmapped: dict[int, int] = {}  # pfn -> live vmap aliases (gpc_map)
         self.vmap_cpus: list[int] = []
 
     def kvm_gmem_get_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int) -> KGen[GetPfnResult]:
@@ -97,7 +96,7 @@ class Firecracker618(NoFlush):
             return (yield from super().gpc_map(m, pfn))
         yield ("vmap", pfn)
         self.vmap_cpus = list(range(m.tlb.ncpus))
-        self.vmapped[pfn] += 1
+        self.vmapped[pfn] = self.vmapped.get(pfn, 0) + 1
         m.trace.emit("gpc_map", "vmap", pfn)
         return True
 
