@@ -47,11 +47,14 @@ class NoFlush(V12):
         return self.guest_memfd_tlb_flush
 
     def folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:
+        """``folio_zap_direct_map()`` after 0039: ``set_direct_map_valid_noflush()`` alone."""
         if not m.profile.has_set_direct_map:
             return 0
         return (yield from set_direct_map_valid_noflush(m, folio, 1, False))
 
     def kvm_gmem_folio_zap_direct_map(self, m: Machine, folio: int) -> KGen[int]:
+        """``kvm_gmem_folio_zap_direct_map()`` after 0039: v12's, then
+        ``if (guest_memfd_tlb_flush) flush_tlb_kernel_range()`` whatever the zap returned."""
         fn = "kvm_gmem_folio_zap_direct_map"
         yield ("folio", folio)
         if not inode_no_direct_map(m, folio):
