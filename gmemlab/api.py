@@ -109,11 +109,20 @@ class FailEntry:
 
 @dataclass(frozen=True, slots=True)
 class MemoryFault:
-    """KVM_EXIT_MEMORY_FAULT: KVM_RUN failed with EFAULT and filled ``memory_fault``."""
+    """KVM_EXIT_MEMORY_FAULT: KVM_RUN failed with EFAULT or EHWPOISON and filled ``memory_fault``.
+
+    kvm-ioctls (``VcpuFd::run``, rust-vmm/kvm-ioctls ``kvm-ioctls/src/ioctls/vcpu.rs``) returns
+    ``VcpuExit::MemoryFault`` for -1 with errno EFAULT or EHWPOISON and ``exit_reason ==
+    KVM_EXIT_MEMORY_FAULT`` (Documentation/virt/kvm/api.rst: "errno will always be set to
+    EFAULT or EHWPOISON"), and drops the errno.  Our choice: keep it in ``errno``, because a VMM
+    answers EHWPOISON (``kvm_gmem_get_pfn()`` on a hwpoisoned folio) with a machine check for
+    the guest, and EFAULT by fixing the gfn's attributes or backing.
+    """
 
     gpa: int
     size: int
     flags: int
+    errno: int = _errno.EFAULT
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +245,7 @@ class VcpuFd(Protocol):
     def run(self) -> VcpuExit: ...
     def stats(self) -> dict[str, int]: ...
     def ioctl(self, request: int, arg: int = 0) -> int: ...
+    def kvm_clock(self, gpa: int) -> None: ...
     def close(self) -> None: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...

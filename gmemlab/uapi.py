@@ -232,6 +232,27 @@ class kvm_cpuid2(ctypes.Structure):
     )
 
 
+class kvm_msr_entry(ctypes.Structure):
+    _fields_ = (
+        ("index", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("data", ctypes.c_uint64),
+    )
+
+
+class kvm_msrs(ctypes.Structure):
+    """``struct kvm_msrs`` with one entry (the ioctl number encodes only the 8-byte header)."""
+
+    _fields_ = (
+        ("nmsrs", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("entries", kvm_msr_entry * 1),
+    )
+
+
+MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01  # kvm-clock: pvclock gpa | enable bit (KVM_FEATURE_CLOCKSOURCE2)
+
+
 def kvm_cpuid2_with(nent: int) -> type[ctypes.Structure]:
     """A ``struct kvm_cpuid2`` type with room for ``nent`` entries after the header."""
     return type(
@@ -372,6 +393,7 @@ KVM_GET_REGS = _ior(KVMIO, 0x81, ctypes.sizeof(kvm_regs))
 KVM_SET_REGS = _iow(KVMIO, 0x82, ctypes.sizeof(kvm_regs))
 KVM_GET_SREGS = _ior(KVMIO, 0x83, ctypes.sizeof(kvm_sregs))
 KVM_SET_SREGS = _iow(KVMIO, 0x84, ctypes.sizeof(kvm_sregs))
+KVM_SET_MSRS = _iow(KVMIO, 0x89, 8)  # sizeof(struct kvm_msrs) without its entries
 KVM_SET_CPUID2 = _iow(KVMIO, 0x90, ctypes.sizeof(kvm_cpuid2))
 
 # --- capabilities (KVM_CHECK_EXTENSION) -------------------------------------------

@@ -86,7 +86,7 @@ def step_label(step: Step) -> str:
         return f"wait {mode} {_key(what)}".rstrip()
     if kind == "tlb":
         return f"flush cpu{key}" if isinstance(key, int) else f"tlb cpu{key[0]} {key[1]:#x}"
-    if kind in ("folio", "ref", "dmap", "frame"):
+    if kind in ("folio", "ref", "dmap", "frame", "vmap"):
         return f"{kind} {key:#x}"
     if kind == "spte":
         return f"spte vm{key[0]} gfn {key[1]:#x}"

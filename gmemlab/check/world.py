@@ -28,7 +28,8 @@ take them, so the checker does not explore races the kernel excludes):
 * ``gup_read``: ``process_vm_readv()`` through a mapping (``pin_user_pages_remote``
   under ``mmap_lock``, then the copy through the page's kernel address);
 * ``kvm_clock``: the guest writes ``MSR_KVM_SYSTEM_TIME_NEW`` and KVM maps the page
-  with its pfncache (``hva_to_pfn`` through the memslot's userspace address);
+  with its pfncache (``hva_to_pfn`` through the memslot's userspace address, or
+  ``kvm_gmem_get_pfn`` and a vmap with Firecracker's pfncache patches) and writes it;
 * ``mlock``: ``mlock()`` of a mapping (``mlock_fixup`` skips AS_NO_DIRECT_MAP VMAs);
 * ``fallocate`` is also the populate path: the model has no ``KVM_PRE_FAULT_MEMORY``;
 * ``snp_launch_update``: ``KVM_SEV_SNP_LAUNCH_UPDATE`` of a gfn (``kvm_gmem_populate()``
@@ -49,7 +50,8 @@ from typing import Any
 from gmemlab.model.fs import File, fput, get_file
 from gmemlab.model.kvm.guest_memfd import kvm_gmem_fallocate, kvm_gmem_no_direct_map, kvm_gmem_populate
 from gmemlab.model.kvm.mmu import kvm_mmu_page_fault
-from gmemlab.model.kvm.vcpu import Vcpu, kvm_write_system_time
+from gmemlab.model.kvm.pfncache import kvm_write_system_time
+from gmemlab.model.kvm.vcpu import Vcpu
 from gmemlab.model.machine import Machine
 from gmemlab.model.mm.filemap import AddressSpace
 from gmemlab.model.mm.gup import FOLL_PIN, get_user_pages, put_pages
@@ -224,8 +226,11 @@ def _gup_read(w: World, task: Task, mapping: int, page: int) -> KGen[int]:
 
 
 def _kvm_clock(w: World, task: Task, vcpu: int, gfn: int) -> KGen[int]:
-    """The guest enables kvm-clock at ``gfn``: KVM maps it with its pfncache.
+    """The guest enables kvm-clock at ``gfn``: KVM maps it with its pfncache and writes it.
 
+    The WRMSR itself always succeeds; the result judged is the pfncache refresh's,
+    which ``kvm_write_system_time()`` drops, so that a guest_memfd without
+    NO_DIRECT_MAP whose pvclock silently stays unwritten is caught.
     ``hva_to_pfn()``'s slow GUP takes ``mmap_lock``; held here around the whole
     refresh (a little more serialisation than the kernel's, never less).
     """
@@ -234,10 +239,10 @@ def _kvm_clock(w: World, task: Task, vcpu: int, gfn: int) -> KGen[int]:
         return -EBADF
     owner = w.vcpus[vcpu].kvm.owner
     yield from down_read(w.m, mmap_lock_key(owner))
-    r = yield from kvm_write_system_time(w.m, w.vcpus[vcpu], gfn << PAGE_SHIFT)
+    yield from kvm_write_system_time(w.m, w.vcpus[vcpu], gfn << PAGE_SHIFT)
     yield from up_read(w.m, mmap_lock_key(owner))
     yield from fput(w.m, file)
-    return r
+    return w.vcpus[vcpu].pv_time.refresh_err
 
 
 def _mlock(w: World, task: Task, mapping: int) -> KGen[int]:

@@ -113,7 +113,8 @@ def run_case(c: Case, host: api.Host) -> Outcome:
 
 # --- helpers ----------------------------------------------------------------------------------
 # Linux aliases ENOTSUP to EOPNOTSUPP; errno.errorcode picks ENOTSUP, the kernel source the other.
-_ERRNO_NAMES = {**errno.errorcode, errno.EOPNOTSUPP: "EOPNOTSUPP"}
+# Python's errno module has no EHWPOISON.
+_ERRNO_NAMES = {**errno.errorcode, errno.EOPNOTSUPP: "EOPNOTSUPP", uapi.EHWPOISON: "EHWPOISON"}
 
 
 def errno_name(e: OSError) -> str:
@@ -147,10 +148,12 @@ def runs(data: bytes) -> list[Outcome]:
 
 
 def exit_outcome(ex: api.VcpuExit | None) -> Outcome:
-    """A vCPU exit as ``{"exit": "MemoryFault", "gpa": ..., ...}`` (bytes as hex)."""
+    """A vCPU exit as ``{"exit": "MemoryFault", "gpa": ..., "errno": "EFAULT", ...}`` (bytes as
+    hex, an errno by name)."""
     if ex is None:
         return None
-    fields = {k: v.hex() if isinstance(v, bytes) else v for k, v in asdict(ex).items()}
+    fields = {k: v.hex() if isinstance(v, bytes) else _ERRNO_NAMES[v] if k == "errno" else v
+              for k, v in asdict(ex).items()}
     return {"exit": type(ex).__name__, **fields}
 
 

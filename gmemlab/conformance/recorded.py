@@ -47,7 +47,7 @@ def stopped(exit_: dict[str, Outcome]) -> Outcome:
 
 
 def memory_fault(gpa: int) -> Outcome:
-    return stopped({"exit": "MemoryFault", "gpa": gpa, "size": PAGE, "flags": 0})
+    return stopped({"exit": "MemoryFault", "gpa": gpa, "size": PAGE, "flags": 0, "errno": "EFAULT"})
 
 
 def page_of(byte: int, n: int = PAGE) -> Outcome:

@@ -29,6 +29,7 @@ from gmemlab.conformance.cases import CASES, NDM, Case, Outcome, Unsupported, ru
 from gmemlab.conformance.recorded import RECORDED_ON, expected
 from gmemlab.model import Host as ModelHost
 from gmemlab.model import Machine, MachineConfig
+from gmemlab.model.designs import DESIGNS
 from gmemlab.model.kvm.arch import PROFILES, ArchProfile
 
 MODEL_CONFIG = MachineConfig(ram_gib=0, low_ram_mib=256, trace="ring", invariants="stop")
@@ -58,12 +59,22 @@ def running_kernel(kvm: api.Kvm) -> RunningKernel:
         memory_attributes=bool(attrs) or bool(kvm.check_extension(uapi.KVM_CAP_MEMORY_ATTRIBUTES)),
         has_guest_memfd=bool(kvm.check_extension(uapi.KVM_CAP_GUEST_MEMFD)),
     )
-    design = "v12" if flags & uapi.GUEST_MEMFD_FLAG_NO_DIRECT_MAP else "base"
+    design = _design_of(os.uname().release, bool(flags & uapi.GUEST_MEMFD_FLAG_NO_DIRECT_MAP))
     return RunningKernel(f"Linux {os.uname().release}, guest_memfd flags "
                          f"{uapi.gmem_flags_str(flags)}", profile, design)
 
 
-RECORDED_KERNEL = RunningKernel(RECORDED_ON, PROFILES["x86_64-kvm_pvm-6.18"], "base")
+def _design_of(release: str, no_direct_map: bool) -> str:
+    """The design that is the running kernel's code: a 6.18 kernel is ``6.18`` (the guest
+    fault tracks preparedness) or, offering NO_DIRECT_MAP, Firecracker's port of the series
+    (``fc-6.18``, the only 6.18 kernel that has it); any other is taken for kvm/next, the
+    base the series was posted on (``base``, ``v12``)."""
+    if release.startswith("6.18"):
+        return "fc-6.18" if no_direct_map else "6.18"
+    return "v12" if no_direct_map else "base"
+
+
+RECORDED_KERNEL = RunningKernel(RECORDED_ON, PROFILES["x86_64-kvm_pvm-6.18"], "6.18")
 
 
 def model_factory(profile: ArchProfile, design: str) -> Callable[[], api.Host]:
@@ -126,7 +137,7 @@ def compare(real: api.Host | None, *, names: Iterable[str] | None = None,
     for i, c in enumerate(selected):
         if progress:
             progress(i, len(selected), c.name)
-        if c.gmem_flags is not None and c.gmem_flags & NDM and kernel.design == "base":
+        if c.gmem_flags is not None and c.gmem_flags & NDM and not DESIGNS[kernel.design]().series:
             report.flag_results.append(_flag_variant(c, live, with_flag))
         elif real is None or (c.needs_guest_memfd and not gmem):
             report.results.append(CaseResult(c, expected(c), outcome_of(c, recorded_model()),

@@ -12,11 +12,12 @@ from gmemlab.cost.strategies import make_design
 from gmemlab.expose.scenario import Scenario, ScenarioConfig
 from gmemlab.expose.tracker import CAUSES, ExposureTracker, Phase
 from gmemlab.expose.workloads import WORKLOADS
+from gmemlab.model.designs import Design
 from gmemlab.model.invariants import KernelOops
 from gmemlab.report import Cell, table
 
-DEFAULT_DESIGNS = ("base", "v12", "noflush", "batch", "falloc", "zap2m", "folio2m", "unmapped",
-                   "filemap")
+DEFAULT_DESIGNS = ("base", "v12", "noflush", "fc-6.18", "batch", "falloc", "zap2m", "folio2m",
+                   "unmapped", "filemap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +87,12 @@ class CaseResult:
         return out
 
 
-def run_case(design: str, workload: str, init_on_free: bool, cfg: ExposeConfig,
+def run_case(design: str | Design, workload: str, init_on_free: bool, cfg: ExposeConfig,
              cost: CostModel) -> CaseResult:
-    sc = Scenario(make_design(design), ScenarioConfig(ncpus=cfg.ncpus, init_on_free=init_on_free,
-                                                      tlb_entries=cfg.tlb_entries, seed=cfg.seed))
+    """One design (a spec, or an instance with its options set) on one workload."""
+    sc = Scenario(make_design(design) if isinstance(design, str) else design,
+                  ScenarioConfig(ncpus=cfg.ncpus, init_on_free=init_on_free,
+                                 tlb_entries=cfg.tlb_entries, seed=cfg.seed))
     tracker = ExposureTracker(sc.m, cost.at(cfg.ncpus))
     sc.tracker = tracker
     tracker.attach()
@@ -102,7 +105,8 @@ def run_case(design: str, workload: str, init_on_free: bool, cfg: ExposeConfig,
         sc.finish()
     w = tracker.windows
     return CaseResult(
-        design=design, workload=workload, init_on_free=init_on_free, no_direct_map=sc.no_direct_map,
+        design=design if isinstance(design, str) else design.name, workload=workload,
+        init_on_free=init_on_free, no_direct_map=sc.no_direct_map,
         pages=cfg.pages, secret_written=tracker.secret_written, peak=tracker.peak,
         byte_steps=tracker.byte_steps, byte_us=tracker.byte_us, by_cause_us=list(tracker.by_cause_us),
         steps=tracker.steps, time_us=tracker.time_us, windows=w.count, window_max_steps=w.max_steps,

@@ -36,6 +36,7 @@ from gmemlab.model.machine import MachineConfig
 from gmemlab.model.mm.tlb import speculative_read
 from gmemlab.uapi import (
     FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
@@ -186,6 +187,17 @@ class Scenario:
         n = g.pages - first if n is None else n
         g.gmem.fallocate(FALLOC_FL_KEEP_SIZE, first * PAGE_SIZE, n * PAGE_SIZE)
         self._boundary(self.host.task)
+
+    def punch(self, g: Guest, first: int, n: int) -> None:
+        """The VMM punches pages [first, first + n) out of the guest_memfd (frees them)."""
+        g.gmem.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, first * PAGE_SIZE,
+                         n * PAGE_SIZE)
+        self._boundary(self.host.task)
+
+    def kvm_clock(self, g: Guest, page: int) -> None:
+        """The guest enables kvm-clock with its pvclock at the start of ``page``."""
+        g.vcpu.kvm_clock(GUEST_GPA + page * PAGE_SIZE)
+        self._boundary(g.vcpu.vcpu.task)
 
     def close_guest(self, g: Guest) -> None:
         """The VMM exits: unmap, close the vCPU, the guest_memfd and the VM; memory is freed."""

@@ -4,7 +4,8 @@ Attacker: a transient-execution gadget in the host kernel on any CPU.  It reads
 a frame whenever that CPU has a kernel translation to it: a present direct-map
 entry (any CPU's page walk finds it), a stale entry still cached in that CPU's
 TLB, or, for designs that zero frames through a per-CPU temporary mapping (the
-unmapped pool's mermap), that mapping while it exists.  Secrets: the bytes the
+unmapped pool's mermap) or through a vmap alias (Firecracker's pfncache for
+kvm-clock), that mapping while it exists.  Secrets: the bytes the
 guest or the VMM wrote into memory (the model's per-byte taint), wherever they
 are now, including frames that were freed and not yet zeroed.
 
@@ -19,7 +20,9 @@ only when a step could have changed its answer:
 * a TLB lost entries: a flush step ``("tlb", cpu)``, or an access that filled a
   full TLB and so evicted one; only frames reachable through a TLB or a
   temporary mapping alone can lose reach that way, so only those are re-judged;
-* a temporary mapping was made or dropped (``("mermap", (cpu, pfn))``).
+* a temporary mapping was made or dropped (``("mermap", (cpu, pfn))``), or a vmap
+  alias of one frame (``("vmap", pfn)``: kvm-clock's pfncache with Firecracker's
+  patches, reachable from every CPU while it lives; counted as ``temp``).
 
 A fill never adds reach: the walker fills only from a present entry, which
 already made the frame reachable (``modeling-notes.md``: the fill is atomic with
@@ -213,6 +216,8 @@ class ExposureTracker:
                     self._judge(pfn)
         elif kind == "mermap":
             self._judge(key[1])
+        elif kind == "vmap":  # a pfncache's vmap alias made or dropped (Firecracker 0042)
+            self._judge(key)
         self.steps += 1
         now = self._priced() - self._t0
         dt = now - self.time_us

@@ -23,6 +23,14 @@ measures:
     direct-mapped (its TLB caches the translations), then the guest on CPU 0
     writes its memory.  Without a flush the attacker keeps those translations
     (v7 06/12: "an attacker could keep a stale TLB entry alive").
+``kvm-clock``
+    The guest writes its memory and enables kvm-clock with its pvclock in its first
+    page; the host runs; the VMM punches that page out (a balloon would), and VM B
+    boots and gets the freed frame back.  Where kvm-clock fails silently (the series
+    without a pfncache fix) nothing maps the page; with Firecracker's pfncache
+    patches a vmap alias maps it from the WRMSR on (the whole page: the guest's data
+    around its pvclock), and after the punch-hole the alias, invalidated but not
+    unmapped, maps the freed frame and so VM B's data ("temp" exposure).
 ``secretmem``
     The VMM writes memfd_secret memory, then closes it (secretmem restores the
     direct map and only then zeroes).  For comparison.
@@ -105,6 +113,25 @@ def primed(sc: Scenario, pages: int) -> None:
     sc.close_guest(g)
 
 
+def kvm_clock(sc: Scenario, pages: int) -> None:
+    sc.phase("setup")
+    a = sc.new_guest(pages)
+    sc.phase("guest writes")
+    sc.guest_fill(a, GUEST_SECRET)
+    sc.phase("kvm-clock on")
+    sc.kvm_clock(a, 0)
+    sc.phase("run")
+    sc.kernel_allocs(pages // 2)
+    sc.phase("pvclock page punched")
+    sc.punch(a, 0, 1)
+    sc.phase("B boots")
+    b = sc.new_guest(pages)
+    sc.guest_fill(b, GUEST_SECRET)
+    sc.phase("teardown")
+    sc.close_guest(b)
+    sc.close_guest(a)
+
+
 def secretmem(sc: Scenario, pages: int) -> None:
     sc.phase("setup")
     f, mapping = sc.secretmem(pages)
@@ -125,6 +152,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload("vmm-restore", "VMM writes a snapshot via mmap, guest reads it, teardown", vmm_restore),
         Workload("reuse", "VM B fallocates the frames VM A freed: stale data, still mapped", reuse),
         Workload("primed", "a gadget caches translations before the guest writes", primed),
+        Workload("kvm-clock", "kvm-clock's pfncache maps a guest page; it is punched and reused",
+                 kvm_clock),
         Workload("secretmem", "VMM writes memfd_secret memory, then closes it", secretmem),
     )
 }

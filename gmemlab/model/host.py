@@ -64,7 +64,8 @@ from gmemlab.model.kvm.kvm_main import (
     kvm_set_memory_attributes,
     kvm_set_memory_region,
 )
-from gmemlab.model.kvm.vcpu import Vcpu, kvm_arch_vcpu_ioctl_run, kvm_vcpu_map, kvm_write_system_time
+from gmemlab.model.kvm.pfncache import kvm_write_system_time
+from gmemlab.model.kvm.vcpu import Vcpu, kvm_arch_vcpu_ioctl_run, kvm_vcpu_map
 from gmemlab.model.machine import Machine, MachineConfig
 from gmemlab.model.mm.gup import (
     FOLL_FORCE,
@@ -107,6 +108,7 @@ from gmemlab.model.mm.shmem import shmem_read, shmem_write, sys_memfd_create
 from gmemlab.model.mm.tlb import speculative_read
 from gmemlab.model.task import KGen
 from gmemlab.uapi import (
+    EHWPOISON,
     F_DUPFD,
     F_DUPFD_CLOEXEC,
     FIOCLEX,
@@ -456,7 +458,8 @@ class VcpuFd(_Owned):
         self.vcpu.load(program)
 
     def run(self) -> VcpuExit:
-        """``KVM_RUN``; EFAULT with ``KVM_EXIT_MEMORY_FAULT`` comes back as :class:`MemoryFault`."""
+        """``KVM_RUN``; EFAULT or EHWPOISON with ``KVM_EXIT_MEMORY_FAULT`` comes back as
+        :class:`MemoryFault` (kvm-ioctls' ``VcpuFd::run``); any other error raises."""
         self.fileno()
         if self.vcpu.program is None:
             raise RuntimeError("no guest program loaded (load_program first)")
@@ -464,8 +467,8 @@ class VcpuFd(_Owned):
         r = h.m.run(self.vcpu.task, kvm_arch_vcpu_ioctl_run(h.m, self.vcpu))
         if isinstance(r, int):
             mf = self.vcpu.memory_fault
-            if r == -EFAULT and mf is not None:
-                return MemoryFault(*mf)
+            if r in (-EFAULT, -EHWPOISON) and mf is not None:
+                return MemoryFault(*mf, errno=-r)
             raise KernelError(-r, "KVM_RUN")
         return r
 
@@ -479,11 +482,15 @@ class VcpuFd(_Owned):
         return -EINVAL
 
     def kvm_clock(self, gpa: int) -> None:
-        """Model only: the guest writes ``MSR_KVM_SYSTEM_TIME_NEW`` (kvm-clock's pfncache)."""
+        """``MSR_KVM_SYSTEM_TIME_NEW`` = ``gpa | 1``: kvm-clock on, its pvclock at ``gpa``.
+
+        Succeeds whatever becomes of the pvclock, as the WRMSR does
+        (:func:`~gmemlab.model.kvm.pfncache.kvm_write_system_time`): whether KVM wrote it
+        shows in guest memory only (``version``, the first 4 bytes, even and non-zero).
+        """
         self.fileno()
         h = self.host
-        _check(h.m.run(self.vcpu.task, kvm_write_system_time(h.m, self.vcpu, gpa)),
-               "kvm_gpc_refresh")
+        h.m.run(self.vcpu.task, kvm_write_system_time(h.m, self.vcpu, gpa))
 
     def kvm_vcpu_map(self, gpa: int) -> int:
         """Model only: ``kvm_vcpu_map()`` of ``gpa`` (as nested VMX maps a vmcs12): the pfn."""

@@ -314,6 +314,22 @@ class TwinVcpu(_sys.FdOwner):
         """``KVM_SET_SREGS``."""
         _sys.ioctl(self.fileno(), uapi.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
 
+    def kvm_clock(self, gpa: int) -> None:
+        """``KVM_SET_MSRS`` of ``MSR_KVM_SYSTEM_TIME_NEW`` = ``gpa | 1``: kvm-clock on.
+
+        A host-initiated write reaches the same ``kvm_write_system_time()`` as the
+        guest's WRMSR (``kvm_set_msr_common()``; ``KVM_FEATURE_CLOCKSOURCE2`` is not
+        enforced unless ``KVM_CAP_ENFORCE_PV_FEATURE_CPUID``).  It succeeds whatever
+        becomes of the pvclock; KVM writes it at the next entry, so a guest read then
+        shows it (even, non-zero ``version``) or its absence.  The ioctl returns how
+        many MSRs it set: 0 means KVM refused the MSR itself.
+        """
+        msrs = uapi.kvm_msrs(nmsrs=1)
+        msrs.entries[0].index = uapi.MSR_KVM_SYSTEM_TIME_NEW
+        msrs.entries[0].data = (gpa | 1) & ((1 << 64) - 1)
+        if _sys.ioctl(self.fileno(), uapi.KVM_SET_MSRS, msrs, "KVM_SET_MSRS") != 1:
+            raise api.KernelError(errno.EINVAL, "KVM_SET_MSRS(MSR_KVM_SYSTEM_TIME_NEW)")
+
     def load_program(self, program: GuestProgram) -> None:
         """Assemble ``program`` into this vCPU's code area and point RIP/RSP at it.
 
@@ -347,9 +363,10 @@ class TwinVcpu(_sys.FdOwner):
     def run(self) -> api.VcpuExit:
         """``KVM_RUN`` until an exit to userspace, decoded from ``kvm_run``.
 
-        EINTR (a signal for this thread) re-enters the guest.  EFAULT with
+        EINTR (a signal for this thread) re-enters the guest.  EFAULT or EHWPOISON with
         ``exit_reason == KVM_EXIT_MEMORY_FAULT`` is returned as
-        :class:`~gmemlab.api.MemoryFault`, as kvm-ioctls does; other errors raise.
+        :class:`~gmemlab.api.MemoryFault` (with that errno), as kvm-ioctls' ``VcpuFd::run``
+        does; other errors raise.
         A store to the twin's doorbell window comes back as :class:`~gmemlab.api.IoOut`.
         """
         run, fd = self._run, self.fileno()
@@ -363,9 +380,10 @@ class TwinVcpu(_sys.FdOwner):
             except api.KernelError as e:
                 if e.errno == errno.EINTR:
                     continue
-                if e.errno == errno.EFAULT and run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT:
+                if (e.errno in (errno.EFAULT, uapi.EHWPOISON)
+                        and run.exit_reason == uapi.KVM_EXIT_MEMORY_FAULT):
                     mf = run.exit.memory_fault
-                    return api.MemoryFault(mf.gpa, mf.size, mf.flags)
+                    return api.MemoryFault(mf.gpa, mf.size, mf.flags, e.errno)
                 raise
             return self._decode(run)
 

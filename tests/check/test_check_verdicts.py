@@ -97,7 +97,7 @@ def test_a_verdict_is_judged_against_the_catalogue() -> None:
     assert judge(_result("v12", "fault-punch", [], skipped="why")).status == "skip"
 
 
-@pytest.mark.parametrize("design", ["v9", "v7", "noflush", "filemap", "batch"])
+@pytest.mark.parametrize("design", ["v9", "v7", "noflush", "fc-6.18", "filemap", "batch"])
 def test_the_historical_designs_break_what_the_catalogue_says(design: str) -> None:
     """The whole catalogue was drawn from ``gmemlab check --all --profile all``; here a sample."""
     for name in ("fault-punch", "plain-beside"):

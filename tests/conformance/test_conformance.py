@@ -12,7 +12,13 @@ import pytest
 
 from gmemlab.conformance import CASES
 from gmemlab.conformance.recorded import RECORDED_ON, expected
-from gmemlab.conformance.runner import RECORDED_KERNEL, compare, model_factory, outcome_of
+from gmemlab.conformance.runner import (
+    RECORDED_KERNEL,
+    _design_of,
+    compare,
+    model_factory,
+    outcome_of,
+)
 
 model = model_factory(RECORDED_KERNEL.profile, RECORDED_KERNEL.design)
 
@@ -41,3 +47,12 @@ def test_model_matches_live_kernel() -> None:
     report = compare(twin.TwinHost())
     assert report.live
     assert not [(r.case.name, r.real, r.model) for r in report.mismatches]
+
+
+def test_the_running_kernel_is_held_to_its_own_code() -> None:
+    """6.18 is the 6.18 design (preparedness tracked), Firecracker's 6.18 the port; kvm/next
+    kernels are base and v12."""
+    assert RECORDED_KERNEL.design == "6.18"
+    assert _design_of("6.18.44-fc-v1300", False) == "6.18"
+    assert _design_of("6.18.44-fc-v1300", True) == "fc-6.18"
+    assert _design_of("7.1.0-rc2", True) == "v12" and _design_of("7.1.0", False) == "base"

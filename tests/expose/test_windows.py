@@ -11,6 +11,7 @@ import pytest
 from gmemlab.cost.model import CostModel
 from gmemlab.expose.analysis import CaseResult, ExposeConfig, run_case
 from gmemlab.expose.tracker import DMAP, TEMP, TLB
+from gmemlab.model.designs.fc618 import Firecracker618
 
 PAGES = 16
 ALL = PAGES * 4096
@@ -118,3 +119,23 @@ def test_windows_add_up(cost: CostModel) -> None:
     assert r.open_at_end == 0 and r.windows == PAGES
     # Each page was reachable from its write to its zeroing at free: byte*steps is the sum.
     assert r.byte_steps >= r.windows * PAGE
+
+
+def test_kvm_clock_vmap_alias_exposes_the_pvclock_page_and_later_its_next_owner(
+        cost: CostModel) -> None:
+    """Firecracker's pfncache (0042) maps the guest's pvclock page with vmap(): the page's
+    data (all but the 32 pvclock bytes KVM wrote) is reachable from every CPU while the
+    cache lives.  A punch-hole only invalidates the cache (0046), so the alias then maps
+    the freed frame, and VM B's data once B gets that frame.  v12, whose kvm-clock fails
+    silently, maps nothing.  (With 0039's default, no flush, stale TLB entries reach the
+    page first: the flush is turned on here to see the alias alone.)"""
+    fc = run_case(Firecracker618(guest_memfd_tlb_flush=True), "kvm-clock", False,
+                  ExposeConfig(pages=PAGES), cost)
+    assert peak(fc, "guest writes") == 0
+    assert peak(fc, "kvm-clock on") == PAGE  # the page...
+    assert peak(fc, "run") == PAGE - 32  # ...but for the pvclock KVM wrote over its data
+    assert via(fc, "run", TEMP) > 0 and via(fc, "run", DMAP) == via(fc, "run", TLB) == 0
+    assert via(fc, "B boots", TEMP) > 0
+    v12 = case("v12", "kvm-clock", cost)
+    assert peak(v12, "kvm-clock on") == 0
+    assert all(ph.by_cause_us[TEMP - 1] == 0 for ph in v12.phases)

@@ -9,6 +9,7 @@ import pytest
 from gmemlab.api import IoOut, KernelError, MemoryFault, MmioRead, MmioWrite, run_program
 from gmemlab.guest import PORT_CHECK_FAIL, GuestProgram
 from gmemlab.uapi import (
+    EHWPOISON,
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     GUEST_MEMFD_FLAG_INIT_SHARED,
@@ -113,3 +114,20 @@ def test_two_vms_on_one_inode() -> None:
     assert run_program(vb, GuestProgram().fill(2 * GPA, PAGE, 0x4B)).ok
     ga.close()  # the inode lives on through B's file
     assert run_program(vb, GuestProgram().report(2 * GPA)).reports == [0x4B]
+
+
+def test_hwpoison_is_a_memory_fault_with_ehwpoison() -> None:
+    """``__kvm_gmem_get_pfn()`` refuses a hwpoisoned folio with -EHWPOISON and KVM fills
+    ``kvm_run.memory_fault``: kvm-ioctls returns ``VcpuExit::MemoryFault`` for EHWPOISON as
+    for EFAULT; we keep which errno it was."""
+    h = model_host()
+    vm = h.open_kvm().create_vm()
+    g = vm.create_guest_memfd(2 * PAGE, ALL)
+    vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, GPA, 2 * PAGE, 0, g, 0)
+    vcpu = vm.create_vcpu(0)
+    assert run_program(vcpu, GuestProgram().fill(GPA, 2 * PAGE, 1)).ok
+    h.memory_failure(g.pfn(PAGE))  # ->error_remove_folio zaps the SPTE, keeps the folio
+    vcpu.load_program(GuestProgram().report(GPA).report(GPA + PAGE))
+    assert vcpu.run() == IoOut(0xE1, b"\x01")
+    assert vcpu.run() == MemoryFault(GPA + PAGE, PAGE, 0, EHWPOISON)
+    assert MemoryFault(GPA, PAGE, 0).errno == errno.EFAULT  # what a released file gives

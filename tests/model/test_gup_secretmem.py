@@ -11,11 +11,14 @@ from collections.abc import Callable
 
 import pytest
 
-from gmemlab.api import KernelError, SigBus
+from gmemlab.api import KernelError, SigBus, run_program
 from gmemlab.guest import GuestProgram
+from gmemlab.model.designs.fc618 import Firecracker618
 from gmemlab.model.host import Host, Mapping
 from gmemlab.model.mm.memory import VM_LOCKED
 from gmemlab.uapi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
@@ -108,7 +111,9 @@ def test_kvm_hva_path_cannot_use_a_no_direct_map_mapping() -> None:
     assert e.value.errno == errno.EFAULT
 
 
-def test_kvm_reads_through_userspace_addr_but_kvm_clock_fails() -> None:
+def test_kvm_reads_through_userspace_addr_but_kvm_clock_fails_silently() -> None:
+    """``kvm_setup_guest_pvclock()`` returns when ``kvm_gpc_refresh()`` fails: the WRMSR
+    succeeds, GUP refuses the NO_DIRECT_MAP mapping and the guest reads a stale pvclock."""
     h = model_host()
     vm = h.open_kvm().create_vm()
     g = vm.create_guest_memfd(2 * PAGE, SHARED | NDM)
@@ -117,14 +122,57 @@ def test_kvm_reads_through_userspace_addr_but_kvm_clock_fails() -> None:
     mem.fill(0, PAGE, 0x77)
     assert vm.read_guest(GPA, 4) == b"\x77" * 4  # copy_from_user: fine
     vcpu = vm.create_vcpu(0)
-    with pytest.raises(KernelError) as e:
-        vcpu.kvm_clock(GPA + PAGE)  # pfncache: GUP, then the direct map
-    assert e.value.errno == errno.EFAULT
+    vcpu.kvm_clock(GPA)  # pfncache: GUP refuses, nothing is written, nothing is said
+    assert vcpu.vcpu.pv_time.refresh_err == -errno.EFAULT and not vcpu.vcpu.pv_time.valid
+    assert run_program(vcpu, GuestProgram().report(GPA).report(GPA + 8)).reports == [0x77, 0x77]
     h2 = model_host()
     vm2 = h2.open_kvm().create_vm()
     g2 = vm2.create_guest_memfd(PAGE, SHARED)
     vm2.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, GPA, PAGE, g2.mmap(PAGE).addr, g2, 0)
-    vm2.create_vcpu(0).kvm_clock(GPA)  # without the flag kvm-clock works
+    vcpu2 = vm2.create_vcpu(0)
+    vcpu2.kvm_clock(GPA)  # without the flag kvm-clock works: version 2 on the zeroed page
+    assert run_program(vcpu2, GuestProgram().report(GPA)).reports == [2]
+
+
+def test_firecracker_pfncache_writes_kvm_clock_through_a_vmap() -> None:
+    """Firecracker's 0041/0042: ``kvm_gmem_get_pfn()`` then ``vmap()``; the alias lives
+    until the cache unmaps it, a punch-hole only invalidates it (0046), and the VM's
+    teardown (``kvm_gpc_deactivate()``) drops it."""
+    h = model_host("fc-6.18", invariants="record")  # it prepares before the zap (0032)
+    design = h.machine.design
+    assert isinstance(design, Firecracker618)
+    vm = h.open_kvm().create_vm()
+    g = vm.create_guest_memfd(2 * PAGE, SHARED | NDM)
+    vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, GPA, 2 * PAGE, 0, g, 0)
+    vcpu = vm.create_vcpu(0)
+    assert run_program(vcpu, GuestProgram().fill(GPA, 2 * PAGE, 0x77)).ok
+    vcpu.kvm_clock(GPA + PAGE + 64)
+    pfn = g.pfn(PAGE)
+    assert design.vmapped == {pfn: 1} and design.temporary_mapping_cpus(pfn) == [0, 1]
+    assert not h.machine.dmap.present(pfn)  # the direct map stays zapped
+    assert run_program(vcpu, GuestProgram().report(GPA + PAGE + 64).report(GPA + PAGE)).reports \
+        == [0x7A, 0x77]  # version (0x77777777 + 1) | 1, + 1
+    g.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, PAGE, PAGE)
+    assert not vcpu.vcpu.pv_time.valid and design.vmapped == {pfn: 1}  # freed, still aliased
+    vcpu.kvm_clock(GPA + PAGE + 64)  # the refresh finds a new folio and unmaps the old alias
+    assert design.vmapped == {g.pfn(PAGE): 1}
+    vcpu.close()
+    vm.close()
+    g.close()
+    assert design.vmapped == {}
+
+
+def test_firecracker_kernel_without_its_pfncache_patches_fails_silently_too() -> None:
+    """``Firecracker618(pfncache_gmem=False)``: the port without ``11-kvm-clock``."""
+    h = model_host(Firecracker618(pfncache_gmem=False), invariants="record")  # type: ignore[arg-type]
+    vm = h.open_kvm().create_vm()
+    g = vm.create_guest_memfd(PAGE, SHARED | NDM)
+    vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, GPA, PAGE, g.mmap(PAGE).addr, g, 0)
+    vcpu = vm.create_vcpu(0)
+    assert run_program(vcpu, GuestProgram().fill(GPA, PAGE, 0x77)).ok
+    vcpu.kvm_clock(GPA)
+    assert vcpu.vcpu.pv_time.refresh_err == -errno.EFAULT
+    assert run_program(vcpu, GuestProgram().report(GPA)).reports == [0x77]
 
 
 def test_memfd_secret_syscall() -> None:

@@ -24,7 +24,7 @@ GPA = 1 << 30
 
 MM_BACKENDS: dict[str, Callable[[], api.Host]] = {
     "model-v12": lambda: model_host("v12", "x86_64"),
-    "model-base": lambda: model_host("base", "x86_64-kvm_pvm-6.18"),
+    "model-6.18": lambda: model_host("6.18", "x86_64-kvm_pvm-6.18"),
     "linux": twin.TwinHost,
 }
 
@@ -124,3 +124,34 @@ def test_guest_on_memfd_secret_fails_with_efault(kvm_host: twin.TwinHost) -> Non
             vm.set_user_memory_region2(1, 0, GPA, PAGE, mem.addr)
             with vm.create_vcpu(0) as vcpu:
                 assert errno_of(lambda: api.run_program(vcpu, GuestProgram().report(GPA))) == errno.EFAULT
+
+
+@pytest.mark.parametrize("kind", ["memfd", "secretmem"])
+def test_kvm_clock_msr_succeeds_and_a_refused_refresh_is_silent(mm_host: api.Host, kind: str) -> None:
+    """``kvm_write_system_time()`` drops ``kvm_gpc_activate()``'s result and
+    ``kvm_setup_guest_pvclock()`` returns when ``kvm_gpc_refresh()`` fails.  On memfd_secret
+    memory, which GUP refuses as it refuses NO_DIRECT_MAP guest_memfd, the MSR write
+    succeeds, ``KVM_RUN`` runs, and the pvclock's data (pad, ``tsc_timestamp``,
+    ``system_time``) are never written.  Seen on 6.18.44 kvm_pvm: its version and flags
+    bytes do change there (0x11111111 -> 0x11111114, flags 0x11 -> 0x10), which mainline's
+    code does not do; kvm_pvm's own, not modelled, and left out of the comparison."""
+    if isinstance(mm_host, twin.TwinHost):
+        ok, reason = twin.available()
+        if not ok:
+            pytest.skip(reason)
+    with mm_host.open_kvm() as kvm, kvm.create_vm() as vm:
+        f = mm_host.memfd_secret() if kind == "secretmem" else mm_host.memfd_create()
+        with f:
+            f.ftruncate(PAGE)
+            with f.mmap(PAGE) as mem:
+                mem.fill(0, PAGE, 0x11)
+                vm.set_user_memory_region2(1, 0, GPA, PAGE, mem.addr)
+                with vm.create_vcpu(0) as vcpu:
+                    vcpu.kvm_clock(GPA + 64)
+                    assert api.run_program(vcpu, GuestProgram().out(0x10, 1)).done
+                    pvclock = mem.read(64, 32)
+    version = int.from_bytes(pvclock[:4], "little")
+    if kind == "secretmem":
+        assert pvclock[4:24] == b"\x11" * 20
+    else:
+        assert pvclock[4:8] == bytes(4) and version % 2 == 0 and version > 0x11111111

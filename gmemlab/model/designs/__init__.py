@@ -1,8 +1,10 @@
 """The designs the model can run, by name.
 
 ``v12`` is the reference.  ``v9`` and ``v7`` are those versions as posted,
-``noflush`` is v12 without the TLB flush (Firecracker's opt-out), and ``base``
-is mainline without the series (the kernel our machines run).  ``batch``,
+``noflush`` is posted v12 with Firecracker's patch 0039 alone (the TLB flush behind
+an opt-in), ``fc-6.18`` is Firecracker's kernel (v6.18 with its port of the series,
+0039 and the pfncache patches), ``base`` is mainline (kvm/next) without the series,
+and ``6.18`` is v6.18 without it (the kernel our machines run).  ``batch``,
 ``falloc`` and ``zap2m`` are the cost strategies discussed around the series
 (flush batching, zap at fallocate, 2 MiB fault-around); none was posted as code.
 ``folio2m`` is v12 on 2 MiB guest_memfd folios (the THP guest_memfd allocation with
@@ -29,8 +31,10 @@ from pathlib import Path
 from gmemlab.model.designs.base import Design
 from gmemlab.model.designs.batched import BatchedFlush
 from gmemlab.model.designs.falloc import FallocRange
+from gmemlab.model.designs.fc618 import Firecracker618
 from gmemlab.model.designs.filemap_nodm import FilemapZap
 from gmemlab.model.designs.folio2m import Folio2M
+from gmemlab.model.designs.linux618 import Linux618
 from gmemlab.model.designs.noflush import NoFlush
 from gmemlab.model.designs.unmapped_alloc import UnmappedAlloc
 from gmemlab.model.designs.v7 import V7
@@ -43,7 +47,9 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     "v9": V9,
     "v7": V7,
     "noflush": NoFlush,
+    "fc-6.18": Firecracker618,
     "base": Design,
+    "6.18": Linux618,
     "batch": BatchedFlush,
     "falloc": FallocRange,
     "zap2m": Zap2M,
@@ -51,7 +57,7 @@ DESIGNS: dict[str, Callable[[], Design]] = {
     "filemap": FilemapZap,
     "unmapped": UnmappedAlloc,
 }
-SERIES_DESIGNS = ("v12", "v9", "v7", "noflush", "filemap", "unmapped")
+SERIES_DESIGNS = ("v12", "v9", "v7", "noflush", "fc-6.18", "filemap", "unmapped")
 # Designs written from ideas before the postings, and the posted design each name now loads.
 ALIASES: dict[str, str] = {"pagecache": "filemap", "pool": "unmapped"}
 

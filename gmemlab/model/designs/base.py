@@ -8,9 +8,12 @@ proposal) hooks in the page cache.  Every other path is shared code in
 ``gmemlab.model``.
 
 :class:`Design` itself is mainline without the series (guest_memfd with
-``MMAP``/``INIT_SHARED`` only; secretmem special-cased by GUP), which is what
-the kernel on our machines runs (``realkernel.md``), so the model can be held
-to it.
+``MMAP``/``INIT_SHARED`` only; secretmem special-cased by GUP) as kvm/next has it
+now, the base v12 was posted against: ``kvm_gmem_get_pfn()`` zeroes a folio
+that is not uptodate and calls the arch prepare on every fault.  The kernel our
+machines run is 6.18 (``realkernel.md``), whose fault still tracks
+preparedness: that is the ``6.18`` design (``linux618.py``), the one the model
+is held to by the recorded conformance outcomes.
 
 A design is one class that starts from :class:`Design` and overrides what its
 version changes.  The named hooks are where the series' versions differ:
@@ -64,6 +67,7 @@ from gmemlab.model.mm.folio import (
     folio_test_large,
     folio_unlock,
 )
+from gmemlab.model.mm.gup import FOLL_WRITE, get_user_pages
 from gmemlab.model.mm.locks import down_read, up_read
 from gmemlab.model.mm.memory import (
     VM_FAULT_LOCKED,
@@ -194,7 +198,8 @@ class Design:
         return VM_FAULT_LOCKED, folio
 
     def kvm_gmem_get_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int) -> KGen[GetPfnResult]:
-        """``kvm_gmem_get_pfn()``: zero if not uptodate, hand out, ``kvm_arch_gmem_prepare()``."""
+        """``kvm_gmem_get_pfn()`` (kvm/next, after "KVM: guest_memfd: Remove preparation
+        tracking"): zero if not uptodate, hand out, ``kvm_arch_gmem_prepare()`` every time."""
         file, folio = yield from kvm_gmem_get_pfn_folio(m, slot, gfn)
         if folio < 0:
             return (yield from kvm_gmem_get_pfn_done(m, file, folio, -1))
@@ -272,6 +277,24 @@ class Design:
         """``kvm_gmem_allocate()``, the allocating half of ``kvm_gmem_fallocate()``."""
         return (yield from kvm_gmem_allocate(m, inode, offset, length))
 
+    # --- KVM's pfncache (virt/kvm/pfncache.c, gmemlab.model.kvm.pfncache) ------------------------
+    pfncache_gmem: bool = False  # Firecracker's 0040-0046: the pfncache serves guest_memfd itself
+
+    def gpc_to_pfn(self, m: Machine, kvm: Kvm, slot: Memslot, gfn: int, uhva: int) -> KGen[int]:
+        """``hva_to_pfn()`` as ``hva_to_pfn_retry()`` calls it (``FOLL_WRITE``): GUP on the
+        slot's userspace address; a referenced pfn, or -EFAULT (``KVM_PFN_ERR_FAULT``)."""
+        pages = yield from get_user_pages(m, kvm.owner, uhva, 1, FOLL_WRITE, "hva_to_pfn")
+        return -EFAULT if isinstance(pages, int) else pages[0]
+
+    def gpc_map(self, m: Machine, pfn: int) -> KGen[bool]:
+        """``gpc_map()``: ``kmap()``, which is the direct-map address (False: no vmap)."""
+        yield from ()
+        return False
+
+    def gpc_unmap(self, m: Machine, pfn: int, vmap: bool) -> KGen[None]:
+        """``gpc_unmap()``: ``kunmap()`` of a direct-map address undoes nothing on 64-bit."""
+        yield from ()
+
     def describe(self) -> str:
         return f"{self.name}: {self.title}"
 
@@ -330,6 +353,18 @@ def zero_if_not_uptodate(m: Machine, folio: int, fn: str) -> KGen[None]:
     if not m.mem.test_uptodate(folio):
         yield from clear_page(m, folio, fn)
         yield from folio_mark_uptodate(m, folio)
+
+
+def kvm_gmem_prepare_folio_tracked(m: Machine, kvm: Kvm, gfn: int, folio: int) -> KGen[int]:
+    """``kvm_gmem_prepare_folio()`` up to v6.18 (and the v7..v9 bases): zero, arch prepare,
+    ``kvm_gmem_mark_prepared()`` (uptodate) on success.  kvm/next dropped the tracking
+    ("KVM: guest_memfd: Remove preparation tracking"): it zeroes a folio that is not uptodate and
+    prepares every time (:meth:`Design.kvm_gmem_get_pfn`)."""
+    yield from clear_page(m, folio, "kvm_gmem_prepare_folio")
+    r = yield from kvm_arch_gmem_prepare(m, kvm, gfn, folio)
+    if not r:
+        yield from folio_mark_uptodate(m, folio)  # kvm_gmem_mark_prepared()
+    return r
 
 
 def kvm_gmem_fault_uptodate_folio(m: Machine, vma: Vma, page: int) -> KGen[FaultResult]:

@@ -33,11 +33,10 @@ from gmemlab.model.designs.base import (
     inode_no_direct_map,
     kvm_gmem_get_pfn_done,
     kvm_gmem_get_pfn_folio,
+    kvm_gmem_prepare_folio_tracked,
     set_marker,
 )
-from gmemlab.model.kvm.guest_memfd import kvm_arch_gmem_invalidate, kvm_arch_gmem_prepare
-from gmemlab.model.mm.folio import folio_mark_uptodate
-from gmemlab.model.mm.page_alloc import clear_page
+from gmemlab.model.kvm.guest_memfd import kvm_arch_gmem_invalidate
 from gmemlab.model.mm.set_memory import set_direct_map_valid_noflush
 from gmemlab.model.mm.tlb import flush_tlb_kernel_range
 from gmemlab.model.task import KGen
@@ -46,15 +45,6 @@ from gmemlab.uapi import GUEST_MEMFD_FLAG_NO_DIRECT_MAP
 if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm, Memslot
     from gmemlab.model.machine import Machine
-
-
-def kvm_gmem_prepare_folio_tracked(m: Machine, kvm: Kvm, gfn: int, folio: int) -> KGen[int]:
-    """``kvm_gmem_prepare_folio()`` of the v7..v9 bases: zero, arch prepare, mark prepared."""
-    yield from clear_page(m, folio, "kvm_gmem_prepare_folio")
-    r = yield from kvm_arch_gmem_prepare(m, kvm, gfn, folio)
-    if not r:
-        yield from folio_mark_uptodate(m, folio)  # kvm_gmem_mark_prepared()
-    return r
 
 
 class V9(Design):

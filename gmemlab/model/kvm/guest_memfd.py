@@ -20,6 +20,7 @@ from errno import EBADF, EFAULT, EINTR, EINVAL, EIO, ENODEV, ENOMEM, EOPNOTSUPP
 from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import S_IFREG, File, Inode, file_init_mode, fput
+from gmemlab.model.kvm.pfncache import gpc_invalidate_hva_range_start
 from gmemlab.model.kvm.sev import sev_gmem_invalidate, sev_gmem_post_populate, sev_gmem_prepare
 from gmemlab.model.mm.filemap import (
     FGP_ACCESSED,
@@ -343,10 +344,22 @@ def kvm_gmem_invalidate_begin(m: Machine, inode: Inode, start: int, end: int) ->
 
 
 def __kvm_gmem_invalidate_begin(m: Machine, f: GmemFile, start: int, end: int) -> KGen[None]:
+    """``__kvm_gmem_invalidate_begin()``: zap the stage-2 entries of every binding in range.
+
+    With Firecracker's 0046 (a design's ``pfncache_gmem``) the vCPUs'
+    pfncaches over those gfns are invalidated first, by hva (``gfn_to_hva_memslot()``).
+    """
     kvm = f.kvm
     bindings = f.in_range(start, end)
     if not bindings:
         return
+    if m.design.pfncache_gmem:
+        for b in bindings:
+            slot = b.slot
+            lo = max(slot.gmem_pgoff, start) - slot.gmem_pgoff
+            hi = min(slot.gmem_pgoff + slot.npages, end) - slot.gmem_pgoff
+            gpc_invalidate_hva_range_start(kvm, slot.userspace_addr + (lo << PAGE_SHIFT),
+                                           slot.userspace_addr + (hi << PAGE_SHIFT))
     yield from kvm.mmu_lock(m)
     kvm.mmu_invalidate_begin()
     flush = False

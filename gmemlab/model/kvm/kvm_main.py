@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from gmemlab.model.fs import File
 from gmemlab.model.kvm.guest_memfd import kvm_gmem_bind, kvm_gmem_unbind
+from gmemlab.model.kvm.pfncache import gpc_invalidate_hva_range_start, kvm_gpc_deactivate
 from gmemlab.model.kvm.tdx import is_td, tdx_sept_remove_private_spte
 from gmemlab.model.mm.locks import mutex_lock, mutex_unlock, spin_lock, spin_unlock
 from gmemlab.model.mm.memmap import GUEST_OWNED_TDX
@@ -169,7 +170,9 @@ class Kvm:
         return out
 
     def mmu_notifier_invalidate_range_start(self, m: Machine, lo: int, hi: int) -> KGen[None]:
-        """``kvm_mmu_notifier_invalidate_range_start()``."""
+        """``kvm_mmu_notifier_invalidate_range_start()``: pfncaches first
+        (``gfn_to_pfn_cache_invalidate_start()``), then the stage-2 entries."""
+        gpc_invalidate_hva_range_start(self, lo, hi)
         ranges = self.hva_range_gfns(lo, hi)
         if not ranges:
             return
@@ -417,6 +420,8 @@ def kvm_destroy_vm(m: Machine, kvm: Kvm) -> KGen[None]:
     and take the VM off ``vm_list`` (``Machine.kvms``) so nothing keeps it alive."""
     kvm.destroyed = True
     m.trace.emit("kvm_destroy_vm", "vm_destroy", -1, {"vm": kvm.id})
+    for vcpu in kvm.vcpus.values():  # kvm_arch_destroy_vm() -> kvmclock_reset()
+        yield from kvm_gpc_deactivate(m, vcpu.pv_time)
     for slot in list(kvm.memslots.values()):
         yield from kvm_delete_memslot(m, kvm, slot)
     if kvm in kvm.owner.mm.notifiers:

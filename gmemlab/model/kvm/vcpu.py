@@ -7,10 +7,10 @@ accesses use the guest's own translation, never the host direct map.  Progress
 is kept exactly, so a ``KVM_RUN`` that exits (I/O, MMIO, an error) resumes
 where it stopped.
 
-``kvm_write_system_time()`` is kvm-clock: the pfncache maps the guest page
-through ``hva_to_pfn()`` (GUP on ``userspace_addr``) and writes it through the
-direct map, so it fails on NO_DIRECT_MAP guest_memfd (the v5 FAQ gap);
-``kvm_vcpu_map()`` (nested virtualization's way in) fails the same way.  The
+kvm-clock, KVM's own write into guest memory through a vCPU's pfncache, is
+:mod:`gmemlab.model.kvm.pfncache` (the cache is ``Vcpu.pv_time``);
+``kvm_vcpu_map()`` (nested virtualization's way in) maps through ``hva_to_pfn()``
+(GUP on ``userspace_addr``), so it fails on NO_DIRECT_MAP guest_memfd.  The
 instruction emulator reaches guest memory by ``copy_from_user()`` on
 ``userspace_addr`` instead (``kvm_fetch_guest_virt()``), which works on
 NO_DIRECT_MAP guest_memfd mapped by the VMM: the series' MMIO selftest.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from errno import EFAULT, EINVAL
+from errno import EFAULT
 from typing import TYPE_CHECKING
 
 from gmemlab.api import InternalError, IoOut, MmioRead, MmioWrite, VcpuExit
@@ -40,6 +40,7 @@ from gmemlab.guest import (
 )
 from gmemlab.model.kvm.kvm_main import kvm_read_guest
 from gmemlab.model.kvm.mmu import MMIO, guest_translate, memory_fault_flags
+from gmemlab.model.kvm.pfncache import GfnToPfnCache
 from gmemlab.model.mm.folio import folio_put
 from gmemlab.model.mm.gup import FOLL_WRITE, get_user_pages
 from gmemlab.model.mm.tlb import kernel_access
@@ -49,9 +50,6 @@ from gmemlab.uapi import KVM_INTERNAL_ERROR_EMULATION, KVM_MEM_READONLY, PAGE_SH
 if TYPE_CHECKING:
     from gmemlab.model.kvm.kvm_main import Kvm
     from gmemlab.model.machine import Machine
-
-PVCLOCK_SIZE = 32
-
 
 @dataclass(eq=False)
 class Vcpu:
@@ -63,6 +61,7 @@ class Vcpu:
     off: int = 0  # bytes of the current op done
     mmio_pending: int = -1  # gpa of an MMIO read whose data the next KVM_RUN consumes
     memory_fault: tuple[int, int, int] | None = None  # kvm_run.memory_fault: gpa, size, flags
+    pv_time: GfnToPfnCache = field(default_factory=GfnToPfnCache)  # kvm-clock's cache
     stats: Counter[str] = field(default_factory=Counter)
 
     def load(self, program: GuestProgram) -> None:
@@ -282,26 +281,3 @@ def _run_touch(m: Machine, vcpu: Vcpu, op: Touch) -> KGen[VcpuExit | int | None]
             mem.memset(pfn, gpa & (PAGE_SIZE - 1), 1, op.value, secret=True)
         vcpu.off += PAGE_SIZE - (gpa & (PAGE_SIZE - 1))
     return None
-
-
-def kvm_write_system_time(m: Machine, vcpu: Vcpu, gpa: int) -> KGen[int]:
-    """``MSR_KVM_SYSTEM_TIME_NEW``: ``kvm_gpc_activate()`` + refresh, then write pvclock.
-
-    ``__kvm_gpc_refresh()`` (virt/kvm/pfncache.c) refuses a ``len`` that does not fit in
-    the page at ``gpa``'s offset with -EINVAL before mapping anything, and
-    ``kvm_gpc_check()`` then stays false, so ``kvm_setup_guest_pvclock()`` writes nothing:
-    a pvclock at an in-page offset above ``PAGE_SIZE - 32`` is never written.
-    """
-    fn = "kvm_gpc_refresh"
-    if (gpa & (PAGE_SIZE - 1)) + PVCLOCK_SIZE > PAGE_SIZE:
-        m.trace.emit(fn, "pfncache_fail", -1, {"gpa": gpa, "err": "EINVAL"})
-        return -EINVAL
-    pfn = yield from _hva_to_pfn(m, vcpu, gpa, fn, "pfncache_fail")
-    if pfn < 0:
-        return pfn
-    # gpc->khva is the page's kernel mapping: the direct map.
-    yield from kernel_access(m, pfn, "kvm_setup_guest_pvclock", write=True)
-    m.mem.write(pfn, gpa & (PAGE_SIZE - 1), bytes(PVCLOCK_SIZE), secret=False)
-    m.trace.emit(fn, "pvclock_write", pfn, {"gpa": gpa})
-    yield from folio_put(m, pfn)
-    return 0

@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 
 from gmemlab.model.designs.unmapped_alloc import AS_MERMAP_STALE, PAGEBLOCK_ORDER
 from gmemlab.model.kvm.guest_memfd import GMEM_AOPS, KVM_GMEM_FOLIO_NO_DIRECT_MAP
+from gmemlab.model.kvm.pfncache import gpc_in_hva_range
 from gmemlab.model.kvm.tdx import is_td
 from gmemlab.model.mm.direct_map import LEVEL_4K
 from gmemlab.model.mm.filemap import mapping_no_direct_map
@@ -116,8 +117,10 @@ def _drop(column: NDArray[np.int32], pfns: Arr) -> None:
 
 
 def _quiet(vma: Vma) -> bool:
-    """Would zapping this VMA's PTEs notify no KVM (no memslot backed by its addresses)?"""
-    return not any(kvm.hva_range_gfns(vma.start, vma.end) for kvm in vma.mm.notifiers)
+    """Would zapping this VMA's PTEs notify no KVM (no memslot backed by its addresses, no
+    pfncache mapping one of them)?"""
+    return not any(kvm.hva_range_gfns(vma.start, vma.end) or gpc_in_hva_range(kvm, vma.start, vma.end)
+                   for kvm in vma.mm.notifiers)
 
 
 # --- truncate_inode_pages_range() ----------------------------------------------------------------
