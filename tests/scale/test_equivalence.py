@@ -322,6 +322,16 @@ CASES: dict[str, tuple[Callable[[Host], None], dict[str, object]]] = {
     "zap2m-tlb-full": (tlb_full, {"design": "zap2m", "tlb_entries": 8}),
     "zap2m-trace-ring": (punch_refault_release(NDM), {"design": "zap2m", "trace": "ring",
                                                       "trace_ring": 300}),
+    # The kernels VMMs run: v6.18 prepares only a folio not yet uptodate; Firecracker's port
+    # prepares, then zaps, with no flush (0039) and its pfncache patches.
+    "6.18-guest-touch": (guest_touch(SHARED), {"design": "6.18", "profile": "x86_64-kvm_pvm-6.18"}),
+    "6.18-vmm-then-guest": (vmm_then_guest(SHARED), {"design": "6.18",
+                                                      "profile": "x86_64-kvm_pvm-6.18"}),
+    "6.18-punch-refault-release": (punch_refault_release(SHARED), {"design": "6.18"}),
+    "fc-6.18-guest-touch": (guest_touch(NDM), {"design": "fc-6.18"}),
+    "fc-6.18-vmm-then-guest": (vmm_then_guest(NDM), {"design": "fc-6.18", "ncpus": 3}),
+    "fc-6.18-punch-refault-release": (punch_refault_release(NDM), {"design": "fc-6.18"}),
+    "fc-6.18-two-vmas-two-vms": (two_vmas_two_vms, {"design": "fc-6.18"}),
     # v7: never marked, so every fault zaps again and every free leaks an unmapped frame.
     "v7-guest-touch": (guest_touch(NDM), {"design": "v7"}),
     "v7-vmm-then-guest": (vmm_then_guest(NDM), {"design": "v7"}),

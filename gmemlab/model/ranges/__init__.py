@@ -30,7 +30,7 @@ vectorised versions of the ``Invariants.on_*`` hooks, at the same points.
 They run only where they can be shown to follow the code in front of them
 (:mod:`.gate`): the machine's design and the shared kernel code must be,
 function for function, the code ``tests/scale`` held them to (that of a design
-in :data:`MIRRORS`: v12, mainline, noflush, filemap, unmapped, v9, v7, batch, zap2m); any
+in :data:`MIRRORS`: v12, mainline, noflush, filemap, unmapped, v9, v7, batch, zap2m, 6.18, fc-6.18); any
 other design, a subclass that overrides anything, a ``--design-file``, a test's
 monkeypatch, runs every page through its per-page
 path, and ``Machine.gate`` says why.  Then, per call, only when nothing can
@@ -110,10 +110,13 @@ class Mirror:
     # (already out of the direct map), are zeroed through the mermap, and go back to that
     # list on free, never restored (designs.unmapped_alloc).
     unmapped_alloc: bool = False
-    # The v7..v9 bases: the guest fault zeroes and prepares a folio that is not uptodate
-    # (kvm_gmem_prepare_folio()), then zaps; the marker is set before the zap; ->free_folio
-    # restores, then invalidates (v9 01/13 and 07/13, bugs 3, 4 and 13).
+    # The guest fault zeroes and prepares a folio that is not uptodate, then zaps
+    # (kvm_gmem_prepare_folio() of the v7..v9 bases and of v6.18; bugs 3 and 13).
     prepare_first: bool = False
+    # The marker is set before the zap (v9 bug 4).
+    marker_first: bool = False
+    # ->free_folio restores, then invalidates (v7..v9, bug 13).
+    restore_first: bool = False
     # v7: the marker is "set" with '&' (never set), the flush follows it in
     # kvm_gmem_folio_zap_direct_map(), and nothing is ever restored (v7 06/12, bug 1).
     marker_and: bool = False
@@ -132,8 +135,10 @@ MIRRORS: dict[str, Mirror] = {
     "noflush": Mirror("noflush", zaps=True, flushes=False),
     "filemap": Mirror("filemap", zaps=True, in_page_cache=True),
     "unmapped": Mirror("unmapped", zaps=True, in_page_cache=True, unmapped_alloc=True),
-    "v9": Mirror("v9", zaps=True, prepare_first=True),
-    "v7": Mirror("v7", zaps=True, prepare_first=True, marker_and=True),
+    "v9": Mirror("v9", zaps=True, prepare_first=True, marker_first=True, restore_first=True),
+    "v7": Mirror("v7", zaps=True, prepare_first=True, restore_first=True, marker_and=True),
+    "6.18": Mirror("6.18", zaps=False, prepare_first=True),
+    "fc-6.18": Mirror("fc-6.18", zaps=True, flushes=False, prepare_first=True),
     "batch": Mirror("batch", zaps=True, flushes=False, deferred_flush=True),
     "zap2m": Mirror("zap2m", zaps=True, fault_around=True),
 }

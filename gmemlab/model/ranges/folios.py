@@ -754,7 +754,7 @@ def _zap(m: Machine, r: FolioRun, ev: Events, zero_fn: str, fn: str,
     trace.count("flush_tlb_all", nsplits)
     if ipis:
         trace.count("ipi", ipis * (zap_flushes + nsplits))
-    marker_first = marker and mirror(m).prepare_first  # v9: the marker before the zap (bug 4)
+    marker_first = marker and mirror(m).marker_first  # v9: the marker before the zap (bug 4)
     if marker_first:
         ev.add(fn, "marker_set", zap)
     ev.add(fn, "zap", zap)

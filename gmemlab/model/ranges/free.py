@@ -137,7 +137,7 @@ def truncate(m: Machine, mapping: AddressSpace, start: int, end: int | None) -> 
     # leaves; v12's ->free_folio restores the marked ones.
     on_removal = zaps(m) and mirror(m).in_page_cache and mapping_no_direct_map(mapping)
     on_free = zaps(m) and not mirror(m).in_page_cache
-    restore_first = mirror(m).prepare_first
+    restore_first = mirror(m).restore_first
     # With ALLOC_UNMAPPED the folio is neither restored nor zeroed: it goes back to the
     # unmapped free list as it is.
     unmapped = on_removal and mirror(m).unmapped_alloc
@@ -241,11 +241,11 @@ def _truncate_batch(m: Machine, mapping: AddressSpace, vmas: list[Vma], idx: Arr
     # RMP-assigned frames to the per-page path), then (v12) the restore of a marked folio;
     # v9 restores first.
     restores = zaps(m) and not mirror(m).in_page_cache
-    if restores and mirror(m).prepare_first:
+    if restores and mirror(m).restore_first:
         _restore_marked(m, pfn, ev)
     v.invalidated[pfn] = 1
     ev.add("kvm_arch_gmem_invalidate", "invalidate", None, lambda i: {"rmp_reclaim": False})
-    if restores and not mirror(m).prepare_first:
+    if restores and not mirror(m).restore_first:
         _restore_marked(m, pfn, ev)
     # references: truncation's +1, each PTE's, the page cache's, truncation's own put
     v.refcount[pfn] -= (ptes + 1).astype(np.int32)
