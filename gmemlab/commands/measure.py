@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from gmemlab.cli import host_cpu, int_in, output_file
@@ -62,16 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if not ok:
         print(f"gmemlab measure: {reason}", file=sys.stderr)
         return 1
-    result = run_measurement(config, progress=say)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-    if args.json:
-        dump_json(result)
-    else:
-        print(format_report(result))
-    return 0
+    return _emit(args, run_measurement(config, progress=say), format_report)
 
 
 def _primitives(args: argparse.Namespace, config: Any, say: Any) -> int:
@@ -81,6 +73,11 @@ def _primitives(args: argparse.Namespace, config: Any, say: Any) -> int:
 
     result = with_provenance(measure_primitives(reps=config.reps, cpu=config.cpu, progress=say),
                              "gmemlab measure --primitives")
+    return _emit(args, result, format_primitives)
+
+
+def _emit(args: argparse.Namespace, result: Any, fmt: Callable[[Any], str]) -> int:
+    """Write ``result`` to ``--out`` if asked, and print it as JSON or as ``fmt`` renders it."""
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -88,5 +85,5 @@ def _primitives(args: argparse.Namespace, config: Any, say: Any) -> int:
     if args.json:
         dump_json(result)
     else:
-        print(format_primitives(result))
+        print(fmt(result))
     return 0

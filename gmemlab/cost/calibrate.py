@@ -247,28 +247,27 @@ class Primitives:
                    provenance=dict(provenance) if isinstance(provenance, Mapping) else {})
 
 
-def load_primitives(path: str | Path | None = None) -> Primitives:
-    """Primitives from ``path``, or the ones committed for this machine (:data:`PRIMITIVES_FILE`)."""
+def _load_json(path: str | Path | None, committed: str) -> tuple[Any, str]:
+    """The JSON document at ``path``, or the one committed as ``cost/data/<committed>``, and
+    where it came from; an unreadable file is a :class:`CalibrationError`."""
     if path is None:
-        text = resources.files("gmemlab.cost").joinpath("data").joinpath(PRIMITIVES_FILE).read_text()
-        return Primitives.from_json(json.loads(text), f"gmemlab/cost/data/{PRIMITIVES_FILE}")
+        text = resources.files("gmemlab.cost").joinpath("data").joinpath(committed).read_text()
+        return json.loads(text), f"gmemlab/cost/data/{committed}"
     p = Path(path)
     try:
-        return Primitives.from_json(json.loads(p.read_text(encoding="utf-8")), str(p))
+        return json.loads(p.read_text(encoding="utf-8")), str(p)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CalibrationError(f"{p}: {e}") from e
+
+
+def load_primitives(path: str | Path | None = None) -> Primitives:
+    """Primitives from ``path``, or the ones committed for this machine (:data:`PRIMITIVES_FILE`)."""
+    return Primitives.from_json(*_load_json(path, PRIMITIVES_FILE))
 
 
 def load_measurement(path: str | Path | None = None) -> Measurement:
     """A measurement from ``path``, or the one committed for this project's machines."""
-    if path is None:
-        text = resources.files("gmemlab.cost").joinpath("data").joinpath(DEFAULT_FILE).read_text()
-        return Measurement.from_json(json.loads(text), f"gmemlab/cost/data/{DEFAULT_FILE}")
-    p = Path(path)
-    try:
-        return Measurement.from_json(json.loads(p.read_text(encoding="utf-8")), str(p))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CalibrationError(f"{p}: {e}") from e
+    return Measurement.from_json(*_load_json(path, DEFAULT_FILE))
 
 
 def with_provenance(result: dict[str, Any], command: str) -> dict[str, Any]:
