@@ -76,7 +76,7 @@ def guest_access(m: Machine, vcpu: Vcpu, op: Touch | Fill | Check) -> bool:
         n = min(last - gfn0 + 1, window)
         mapped = kvm.spte.load_range(gfn0, n)
         r = folios.plan(m, file.inode, gfn0 - slot.base_gfn + slot.gmem_pgoff, mapped == EMPTY,
-                        hwpoison=True)
+                        hwpoison=True, arch_prepare=True)
         if isinstance(op, Check) and r.n:
             r.prefix(_first_failed_check(m, r, mapped, gpa, end, op.value))
         if r.n:

@@ -157,10 +157,11 @@ def _assign(m: Machine, stream: Arr, wanted: int) -> tuple[Arr, Arr, Arr, Arr]:
 
 
 def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
-         prepare: bool = True) -> FolioRun:
+         prepare: bool = True, arch_prepare: bool = False) -> FolioRun:
     """What faulting the pages ``fault`` marks, of indices ``index0 + i``, would do.
 
     ``hwpoison``: the path refuses hwpoisoned folios (``__kvm_gmem_get_pfn()``).
+    ``arch_prepare``: ``kvm_arch_gmem_prepare()`` follows (the guest fault).
     ``prepare``: the folios are zeroed and zapped as a fault does; else only looked
     up or created, and unlocked again (``kvm_gmem_allocate()``).
     """
@@ -251,7 +252,7 @@ def plan(m: Machine, inode: Inode, index0: int, fault: Mask, *, hwpoison: bool,
                    pt2m[:n], taken[:n], unmapped, None if flip is None else flip[:n])
     if not ndm:
         return run
-    if mirror(m).prepare_first and not m.inv.only_counts("zap-before-prepare"):
+    if arch_prepare and mirror(m).prepare_first and not m.inv.only_counts("zap-before-prepare"):
         run.prefix(first(run.zero & run.zap))  # prepared while mapped: its first ones per page
     if mirror(m).marker_and and not m.inv.only_counts("marker-matches-direct-map"):
         run.prefix(first(run.zap))  # unlocked unmarked but zapped: its first ones per page
