@@ -539,6 +539,17 @@ UserOp = Callable[[int, int, int, int], None]  # (pfn, offset in page, offset in
 BulkOp = Callable[[NDArray[np.int64], int], None]  # (whole pages, offset in buffer of the first)
 
 
+def _vma_for(proc: Process, a: int, write: bool) -> Vma | int:
+    """The VMA of user address ``a``, or the fault an access there takes: -EFAULT for no
+    VMA, ``-VM_FAULT_SIGSEGV`` for one whose protection refuses it (``access_error()``)."""
+    vma = proc.mm.find_vma(a)
+    if vma is None:
+        return -EFAULT
+    if access_error(vma, write):
+        return -VM_FAULT_SIGSEGV
+    return vma
+
+
 def walk_user(m: Machine, proc: Process, addr: int, length: int, write: bool,
               op: UserOp, bulk: BulkOp | None = None) -> KGen[int]:
     """Apply ``op`` to each page-piece of [addr, addr+length) through the PTEs.
@@ -551,23 +562,18 @@ def walk_user(m: Machine, proc: Process, addr: int, length: int, write: bool,
     """
     done = 0
     while done < length:
-        a = addr + done
-        vma = proc.mm.find_vma(a)
-        if vma is None:
-            return -EFAULT
-        if access_error(vma, write):
-            return -VM_FAULT_SIGSEGV
+        vma = _vma_for(proc, addr + done, write)
+        if isinstance(vma, int):
+            return vma
         batch, again = m.ranges.user_access(m, proc, addr, length, done, write, op, bulk)
         done += batch
         if again:
             continue
-        if batch:
-            a = addr + done
-            vma = proc.mm.find_vma(a)
-            if vma is None:
-                return -EFAULT
-            if access_error(vma, write):
-                return -VM_FAULT_SIGSEGV
+        if batch:  # the batch stopped at a page it could not take: look at that page's VMA
+            vma = _vma_for(proc, addr + done, write)
+            if isinstance(vma, int):
+                return vma
+        a = addr + done
         pfn = yield from get_pte_or_fault(m, vma, a, write=write)
         if pfn < 0:
             return pfn
